@@ -1,0 +1,215 @@
+"""Exact per-channel statistics of every tap's input over a calibration set.
+
+Moments are merged batch by batch with Chan et al.'s parallel update in float64, so the result is
+the mean and (population) standard deviation over all positions of the whole set, not an average
+of per-batch figures. Positions are batch and spatial positions for (N,C,H,W) features, batch and
+token positions for channel-last features.
+
+File format (``torch.save`` of plain containers, loadable with ``torch.load(weights_only=True)``)::
+
+    {"format": "meansparse-statistics", "version": 1,
+     "meta": {str: str | int | float},            # e.g. model, data, n_images
+     "taps": [{"name": str, "kind": "function" | "module" | "robustbench",
+               "channel_dim": int, "count": int,  # positions seen per channel
+               "mean": float64 tensor (C,), "std": float64 tensor (C,)}, ...]}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .placement import Tap, find_taps, route_taps
+
+FORMAT = "meansparse-statistics"
+VERSION = 1
+
+Progress = Callable[[int, int], None]
+
+
+class RunningMoments:
+    """Streaming per-channel count, mean and sum of squared deviations, merged exactly in float64."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64)
+        self.m2 = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, channel_dim: int) -> None:
+        values = x.detach().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+        values = values.to(device="cpu", dtype=torch.float64)
+        n_b = values.shape[1]
+        if n_b == 0:
+            return
+        mean_b = values.mean(dim=1)
+        m2_b = (values - mean_b[:, None]).square().sum(dim=1)
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * (n_b / n)
+        self.m2 += m2_b + delta.square() * (n_a * n_b / n)
+        self.count = n
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / max(self.count, 1)).clamp_min(0).sqrt()
+
+
+@dataclass
+class TapStatistics:
+    """Mean and standard deviation of one tap's input, per channel."""
+
+    tap: Tap
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+
+
+@dataclass
+class Statistics:
+    """Statistics for every tap of a model, in forward order, plus free-form metadata."""
+
+    taps: list[TapStatistics]
+    meta: dict[str, str | int | float] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> TapStatistics:
+        for tap_stats in self.taps:
+            if tap_stats.tap.name == name:
+                return tap_stats
+        raise KeyError(name)
+
+    @property
+    def tap_list(self) -> list[Tap]:
+        return [t.tap for t in self.taps]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file, then rename), so a reader never sees half a file."""
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "meta": dict(self.meta),
+            "taps": [
+                {
+                    "name": t.tap.name,
+                    "kind": t.tap.kind,
+                    "channel_dim": t.tap.channel_dim,
+                    "channels": t.tap.channels,
+                    "count": t.count,
+                    "mean": t.mean.double().cpu(),
+                    "std": t.std.double().cpu(),
+                }
+                for t in self.taps
+            ],
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Statistics":
+        """Read a statistics file; refuses anything that is not one, with a readable message."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable MeanSparse statistics file ({exc}).") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a MeanSparse statistics file.")
+        if payload.get("version") != VERSION:
+            raise ValueError(
+                f"{path} has statistics format version {payload.get('version')}; "
+                f"this version reads {VERSION}. Recalibrate to rebuild it."
+            )
+        taps = [
+            TapStatistics(
+                tap=Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]),
+                mean=t["mean"],
+                std=t["std"],
+                count=t["count"],
+            )
+            for t in payload["taps"]
+        ]
+        return cls(taps=taps, meta=payload["meta"])
+
+
+def _inputs_of(batch) -> torch.Tensor:
+    """Accept bare tensors or (inputs, labels, ...) tuples, as DataLoaders yield them."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    progress: Progress | None = None,
+    total: int | None = None,
+    device: torch.device | str | None = None,
+    meta: dict[str, str | int | float] | None = None,
+) -> Statistics:
+    """Exact per-channel mean and std of every tap's input over all ``batches``, model in eval mode.
+
+    ``batches`` yields input tensors or (inputs, labels) pairs; ``progress(done, total)`` is called
+    after each batch with the number of items seen (``total`` defaults to ``len(batches.dataset)``).
+    The model's train/eval mode is restored afterwards. Example::
+
+        stats = calibrate(model, DataLoader(train_set, batch_size=256))
+    """
+    if total is None:
+        total = len(getattr(batches, "dataset", ())) or 0
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    taps: list[Tap] | None = None
+    moments: dict[str, RunningMoments] = {}
+
+    def record(tap: Tap, x: torch.Tensor) -> torch.Tensor:
+        moments[tap.name].update(x, tap.channel_dim)
+        return x
+
+    seen = 0
+    try:
+        for batch in batches:
+            x = _inputs_of(batch).to(device)
+            if taps is None:
+                taps = find_taps(model, x[:1])
+                moments = {t.name: RunningMoments(t.channels) for t in taps}
+            route_taps(model, taps, record, x)
+            seen += x.shape[0]
+            if progress is not None:
+                progress(seen, max(total, seen))
+    finally:
+        model.train(was_training)
+    if taps is None:
+        raise ValueError("The calibration set is empty: give it at least one image.")
+    stats = [TapStatistics(t, moments[t.name].mean, moments[t.name].std, moments[t.name].count) for t in taps]
+    return Statistics(stats, {"n_images": seen, **(meta or {})})
+
+
+@torch.no_grad()
+def embedded_statistics(model: nn.Module, example: torch.Tensor) -> Statistics:
+    """Statistics stored in a model's own RobustBench MeanSparse layers (``Amini2024MeanSparse_*``).
+
+    Those layers keep ``running_mean`` and ``running_var`` buffers; no calibration is needed.
+    """
+    taps = find_taps(model, example)
+    layers = dict(model.named_modules())
+    stats = []
+    for tap in taps:
+        if tap.kind != "robustbench":
+            raise ValueError(f"{type(model).__name__} has no RobustBench MeanSparse layers; calibrate it instead.")
+        layer = layers[tap.name.split("#")[0]]
+        stats.append(TapStatistics(tap, layer.running_mean.double().cpu(), layer.running_var.double().clamp_min(0).sqrt().cpu(), 0))
+    return Statistics(stats, {"source": "embedded MeanSparse layers"})

@@ -1,0 +1,173 @@
+"""The MeanSparse operator against a NumPy reference, its properties, gradients and RobustBench's layer."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from meansparse_core import MeanSparse, sparsify
+from meansparse_core.robustbench_compat import import_robustbench
+
+LAYOUTS = {  # shape, channel axis
+    "NCHW": ((3, 5, 4, 6), 1),
+    "NC": ((7, 5), 1),
+    "NLC": ((2, 9, 5), -1),
+    "NHWC": ((2, 4, 3, 5), -1),
+}
+
+
+def numpy_sparsify(x, mean, std, alpha, axis):
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    mean, std = mean.reshape(shape), std.reshape(shape)
+    return np.where(np.abs(x - mean) < alpha * std, np.broadcast_to(mean, x.shape), x)
+
+
+def random_case(shape, axis, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    channels = shape[axis]
+    mean = torch.randn(channels, generator=gen) * 0.3
+    std = torch.rand(channels, generator=gen) + 0.1
+    return x, mean, std
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 3.0])
+def test_matches_numpy(layout, alpha):
+    shape, axis = LAYOUTS[layout]
+    x, mean, std = random_case(shape, axis)
+    expected = numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), np.float32(alpha), axis)
+    got = sparsify(x, mean, std, alpha, channel_dim=axis)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert (got != x).any(), "a test case that clamps nothing proves nothing"
+
+
+def test_alpha_zero_returns_input_itself():
+    x, mean, std = random_case((2, 5, 3, 3), 1)
+    assert sparsify(x, mean, std, 0.0) is x
+    assert MeanSparse(mean, std)(x, alpha=0.0) is x
+
+
+def test_zero_std_channels_are_never_clamped_and_no_nan_appears():
+    x, mean, std = random_case((4, 5, 3, 3), 1)
+    std[2] = 0.0
+    x[:, 2] = mean[2]  # even values exactly at the mean stay as they are
+    for alpha in [0.5, 1e30, float("inf")]:
+        y = sparsify(x, mean, std, alpha)
+        assert not torch.isnan(y).any()
+        assert torch.equal(y[:, 2], x[:, 2])
+    y = sparsify(x, mean, std, float("inf"))
+    others = [c for c in range(5) if c != 2]
+    assert torch.equal(y[:, others], mean[others].view(1, -1, 1, 1).expand_as(y[:, others]))
+
+
+def test_nan_input_passes_through_without_spreading():
+    x, mean, std = random_case((2, 5, 3, 3), 1)
+    x[0, 1, 0, 0] = float("nan")
+    y = sparsify(x, mean, std, 1.0)
+    assert torch.isnan(y).sum() == 1 and torch.isnan(y[0, 1, 0, 0])
+
+
+def test_bad_arguments_are_refused():
+    x, mean, std = random_case((2, 5, 3, 3), 1)
+    with pytest.raises(ValueError, match="alpha"):
+        sparsify(x, mean, std, -0.1)
+    with pytest.raises(ValueError, match="channels"):
+        sparsify(x, mean[:4], std[:4], 0.5)
+    with pytest.raises(ValueError, match="grad"):
+        sparsify(x, mean, std, 0.5, grad="bogus")
+
+
+def test_exact_gradient_is_zero_inside_the_band_and_straight_through_is_identity():
+    x, mean, std = random_case((3, 5, 4, 4), 1)
+    inside = (x - mean.view(1, -1, 1, 1)).abs() < 0.7 * std.view(1, -1, 1, 1)
+    assert inside.any() and (~inside).any()
+    grads = {}
+    for mode in ["exact", "straight-through"]:
+        xg = x.clone().requires_grad_(True)
+        sparsify(xg, mean, std, 0.7, grad=mode).sum().backward()
+        grads[mode] = xg.grad
+    assert torch.equal(grads["exact"], (~inside).float())
+    assert torch.equal(grads["straight-through"], torch.ones_like(x))
+
+
+def test_straight_through_forward_equals_exact_forward():
+    x, mean, std = random_case((2, 9, 5), -1)
+    exact = sparsify(x, mean, std, 0.6, channel_dim=-1)
+    bpda = sparsify(x, mean, std, 0.6, channel_dim=-1, grad="straight-through")
+    assert torch.equal(exact, bpda)
+
+
+def _robustbench_layer(module_path, channels, mean, var, threshold):
+    import_robustbench()
+    import importlib
+
+    layer = importlib.import_module(module_path).MeanSparse(channels)
+    layer.running_mean.copy_(mean)
+    layer.running_var.copy_(var)
+    layer.threshold.fill_(threshold)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(
+    "module_path, shape, axis",
+    [
+        ("robustbench.model_zoo.architectures.Meansparse_wrn_70_16", (4, 6, 5, 5), 1),
+        ("robustbench.model_zoo.architectures.Meansparse_swin_L", (2, 11, 6), -1),
+    ],
+)
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.25, 0.8, 2.0])
+def test_same_outputs_as_robustbench_meansparse(module_path, shape, axis, threshold):
+    x, mean, _ = random_case(shape, axis, seed=3)
+    var = torch.rand(shape[axis]) * 2
+    theirs = _robustbench_layer(module_path, shape[axis], mean, var, threshold)(x)
+    ours = sparsify(x, mean, var.sqrt(), threshold, channel_dim=axis)
+    assert torch.equal(ours, theirs)
+
+
+# Property tests: any features, any statistics, any alpha.
+channels = st.integers(1, 6)
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@st.composite
+def cases(draw):
+    c = draw(channels)
+    x = draw(arrays(np.float32, (draw(st.integers(1, 3)), c, draw(st.integers(1, 4))), elements=finite))
+    mean = draw(arrays(np.float32, (c,), elements=finite))
+    std = draw(arrays(np.float32, (c,), elements=st.floats(0, 1e3, width=32)))
+    alpha = draw(st.floats(0, 10, allow_nan=False))
+    return torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(std), alpha
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_every_output_is_the_input_or_the_channel_mean(case):
+    x, mean, std, alpha = case
+    y = sparsify(x, mean, std, alpha)
+    m = mean.view(1, -1, 1).expand_as(x)
+    assert torch.all((y == x) | (y == m))
+    clamped = y != x
+    assert torch.all(((x - m).abs() < alpha * std.view(1, -1, 1))[clamped])
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.floats(0, 10, allow_nan=False))
+def test_a_wider_band_clamps_a_superset(case, other_alpha):
+    x, mean, std, alpha = case
+    low, high = sorted([alpha, other_alpha])
+    m = mean.view(1, -1, 1).expand_as(x)
+    clamped_low = (sparsify(x, mean, std, low) == m) & (x != m)
+    clamped_high = (sparsify(x, mean, std, high) == m) & (x != m)
+    assert torch.all(clamped_high | ~clamped_low)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_sparsify_is_idempotent(case):
+    x, mean, std, alpha = case
+    once = sparsify(x, mean, std, alpha)
+    assert torch.equal(sparsify(once, mean, std, alpha), once)
