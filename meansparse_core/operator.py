@@ -12,13 +12,13 @@ an attacker; the straight-through mode uses the identity in the backward pass in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 GradMode = Literal["exact", "straight-through"]
-GRAD_MODES: tuple[str, ...] = ("exact", "straight-through")
+GRAD_MODES: tuple[str, ...] = get_args(GradMode)
 
 
 def _channel_view(stat: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -67,7 +67,7 @@ class TapStatistics:
     tap: Tap
     mean: torch.Tensor
     std: torch.Tensor
-    count: int
+    count: int  # positions seen per channel; 0 when unknown (statistics read from a model)
 
 
 @dataclass
@@ -205,11 +205,12 @@ def embedded_statistics(model: nn.Module, example: torch.Tensor) -> Statistics:
     Those layers keep ``running_mean`` and ``running_var`` buffers; no calibration is needed.
     """
     taps = find_taps(model, example)
+    if taps[0].kind != "robustbench":
+        raise ValueError(f"{type(model).__name__} has no RobustBench MeanSparse layers; calibrate it instead.")
     layers = dict(model.named_modules())
     stats = []
     for tap in taps:
-        if tap.kind != "robustbench":
-            raise ValueError(f"{type(model).__name__} has no RobustBench MeanSparse layers; calibrate it instead.")
         layer = layers[tap.name.split("#")[0]]
-        stats.append(TapStatistics(tap, layer.running_mean.double().cpu(), layer.running_var.double().clamp_min(0).sqrt().cpu(), 0))
+        std = layer.running_var.double().clamp_min(0).sqrt().cpu()
+        stats.append(TapStatistics(tap, layer.running_mean.double().cpu(), std, count=0))  # count unknown
     return Statistics(stats, {"source": "embedded MeanSparse layers"})

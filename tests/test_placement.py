@@ -259,3 +259,8 @@ def test_robustbench_meansparse_layers_become_the_taps_and_follow_our_alpha():
             set_thresholds(model, alpha)
             assert torch.equal(ours, model(images)), f"alpha={alpha}"
             set_thresholds(model, 0.7)
+
+
+def test_embedded_statistics_are_refused_for_models_without_meansparse_layers():
+    with pytest.raises(ValueError, match="calibrate it instead"):
+        embedded_statistics(FunctionalNet().eval(), torch.rand(1, 3, 8, 8))
