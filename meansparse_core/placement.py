@@ -234,7 +234,8 @@ def _routing(model: nn.Module) -> Iterator[_Router]:
             router.users -= 1
             if router.users == 0:
                 router.remove()
-                del _routers[model]
+                # pop, not del: when a SparseModel is garbage-collected its model may be gone already.
+                _routers.pop(model, None)
 
 
 def _run(router: _Router, state: _Pass, model: nn.Module, args: tuple, kwargs: dict, functional: bool):

@@ -51,5 +51,7 @@ def import_robustbench() -> types.ModuleType:
         with warnings.catch_warnings():
             # A real pkg_resources warns that it is deprecated each time robustbench imports it.
             warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            # Deprecation notices raised by torch and timm internals while robustbench imports them.
+            warnings.simplefilter("ignore", FutureWarning)
             importlib.import_module("robustbench")
     return sys.modules["robustbench"]

@@ -16,6 +16,7 @@ File format (``torch.save`` of plain containers, loadable with ``torch.load(weig
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -86,6 +87,15 @@ class Statistics:
     @property
     def tap_list(self) -> list[Tap]:
         return [t.tap for t in self.taps]
+
+    def fingerprint(self) -> str:
+        """A short hash of the taps and values, to key caches of results that depend on them."""
+        digest = hashlib.sha256()
+        for t in self.taps:
+            digest.update(repr(t.tap).encode())
+            digest.update(t.mean.double().cpu().numpy().tobytes())
+            digest.update(t.std.double().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file, then rename), so a reader never sees half a file."""

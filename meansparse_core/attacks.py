@@ -1,0 +1,247 @@
+"""Adversarial attacks behind one small interface: ``attack(images, labels) -> adversarial images``.
+
+Inputs and outputs are images in [0, 1]. ``eps`` is in user units: /255 for Linf (``eps=8`` means
+8/255), plain L2 norm for L2. FGSM and PGD are implemented here; APGD, Square and AutoAttack are
+the reference implementations by Croce and Hein (``pyautoattack``, installed with robustbench).
+
+Attack a sparsified model with exact or straight-through (BPDA) gradients by passing
+``sparse.at(alpha, grad=...)`` as the model. Attacks never change the model's weights, mode or
+``requires_grad``: they differentiate with respect to the input only. Example::
+
+    attack = make_attack("pgd", model, eps=8, steps=10, seed=0)
+    adversarial = attack(images, labels)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Attack:
+    """Base class. Subclasses implement ``_perturb(images, labels, targets)``.
+
+    Args:
+        model: maps (N, C, H, W) images in [0, 1] to logits (N, K).
+        eps: budget in user units (Linf: /255; L2: norm).
+        steps: iterations (queries for Square).
+        targeted: push each image towards a random other class (seeded) instead of away from its label.
+        seed: makes random starts, targets and Square's search repeatable.
+    """
+
+    name = "attack"
+    norm = "Linf"
+    gradient_free = False
+
+    def __init__(self, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False, seed: int = 0) -> None:
+        if eps < 0 or steps < 1:
+            raise ValueError(f"{self.name} needs eps >= 0 and steps >= 1 (got eps={eps}, steps={steps}).")
+        self.model = model
+        self.eps_user = eps
+        self.eps = eps / 255 if self.norm == "Linf" else float(eps)
+        self.steps = int(steps)
+        self.targeted = targeted
+        self.seed = seed
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if len(images) == 0 or self.eps == 0:
+            return images.clone()
+        with _eval_mode(self.model):
+            targets = self._random_targets(images, labels) if self.targeted else None
+            adversarial = self._perturb(images.detach(), labels, targets)
+        return adversarial.detach().clamp(0, 1)
+
+    def _random_targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A uniformly random class different from each label, fixed by the seed."""
+        with torch.no_grad():
+            num_classes = self.model(images[:1]).shape[1]
+        generator = torch.Generator().manual_seed(self.seed)
+        shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+        return (labels + shift) % num_classes
+
+    def _perturb(self, images, labels, targets):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _GradientAttack(Attack):
+    """Shared loop of FGSM and PGD: signed (Linf) or normalised (L2) gradient steps, projected."""
+
+    random_start = True
+
+    def step_size(self) -> float:
+        return 2.5 * self.eps / self.steps
+
+    def _loss_gradient(self, x: torch.Tensor, labels, targets) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        logits = self.model(x)
+        loss = -F.cross_entropy(logits, targets, reduction="sum") if targets is not None \
+            else F.cross_entropy(logits, labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, [x])
+        return grad
+
+    def _ascend(self, x: torch.Tensor, grad: torch.Tensor, step: float) -> torch.Tensor:
+        if self.norm == "Linf":
+            return x + step * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+        return x + step * grad / norms
+
+    def _project(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        delta = x - images
+        if self.norm == "Linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.dim() - 1))
+            delta = delta * (self.eps / norms.clamp_min(1e-12)).clamp(max=1.0)
+        return (images + delta).clamp(0, 1)
+
+    def _start(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.random_start:
+            return images
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(images.shape, generator=generator).to(images) * 2 - 1
+        if self.norm == "L2":
+            noise = noise / noise.flatten(1).norm(dim=1).view(-1, *[1] * (noise.dim() - 1)) * self.eps * 0.5
+        else:
+            noise = noise * self.eps
+        return self._project(images + noise, images)
+
+    def _perturb(self, images, labels, targets):
+        x = self._start(images)
+        for _ in range(self.steps):
+            x = self._project(self._ascend(x, self._loss_gradient(x, labels, targets), self.step_size()), images)
+        return x
+
+
+class FGSM(_GradientAttack):
+    """FGSM (Goodfellow et al., 2015), Linf: one signed-gradient step of size eps from the clean image."""
+
+    name = "fgsm"
+    random_start = False
+
+    def __init__(self, model: nn.Module, eps: float, steps: int = 1, targeted: bool = False, seed: int = 0) -> None:
+        super().__init__(model, eps, 1, targeted, seed)
+
+    def step_size(self) -> float:
+        return self.eps
+
+
+class PGD(_GradientAttack):
+    """PGD (Madry et al., 2018), Linf: random start, ``steps`` signed steps of ``step`` /255 (default 2.5*eps/steps)."""
+
+    name = "pgd"
+
+    def __init__(self, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False, seed: int = 0,
+                 step: float | None = None) -> None:
+        super().__init__(model, eps, steps, targeted, seed)
+        self._step = None if step is None else (step / 255 if self.norm == "Linf" else float(step))
+
+    def step_size(self) -> float:
+        return self._step if self._step is not None else super().step_size()
+
+
+class PGDL2(PGD):
+    """PGD (Madry et al., 2018), L2: normalised-gradient steps projected on the L2 ball of radius eps."""
+
+    name = "pgd-l2"
+    norm = "L2"
+
+
+class _Reference(Attack):
+    """Attacks run by pyautoattack; ``make`` builds the reference object for the current model."""
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def make(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _perturb(self, images, labels, targets):
+        return self.make().perturb(images, targets if targets is not None else labels)
+
+
+class APGD(_Reference):
+    """APGD (Croce and Hein, 2020), Linf, with cross-entropy loss; step size adapted on the fly.
+
+    Targeted, it runs APGD-T, which picks the target class from the logits (the best runner-up).
+    """
+
+    name = "apgd-ce"
+    loss = "ce"
+
+    def make(self):
+        from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+        if self.targeted:
+            attack = APGDAttack_targeted(self.model, n_iter=self.steps, norm=self.norm, eps=self.eps,
+                                         seed=self.seed, device=self._device())
+            attack.n_target_classes = 1
+            return attack
+        return APGDAttack(self.model, n_iter=self.steps, norm=self.norm, eps=self.eps, seed=self.seed,
+                          loss=self.loss, device=self._device())
+
+    def _perturb(self, images, labels, targets):
+        return self.make().perturb(images, labels)
+
+
+class APGDDLR(APGD):
+    """APGD (Croce and Hein, 2020), Linf, with the difference-of-logits-ratio loss (scale invariant)."""
+
+    name = "apgd-dlr"
+    loss = "dlr"
+
+
+class Square(_Reference):
+    """Square (Andriushchenko et al., 2020), Linf: random square updates, no gradients; ``steps`` = queries."""
+
+    name = "square"
+    gradient_free = True
+
+    def make(self):
+        from pyautoattack.square import SquareAttack
+
+        return SquareAttack(self.model, norm=self.norm, n_queries=self.steps, eps=self.eps, p_init=0.8,
+                            seed=self.seed, targeted=self.targeted, loss="ce" if self.targeted else "margin",
+                            device=self._device())
+
+
+class AutoAttack(_Reference):
+    """AutoAttack standard (Croce and Hein, 2020): APGD-CE, APGD-T, FAB-T, Square; ``steps`` unused."""
+
+    name = "autoattack"
+
+    def make(self):
+        from pyautoattack import AutoAttack as Reference
+
+        reference = Reference(self.model, norm=self.norm, eps=self.eps, seed=self.seed, version="standard",
+                              device=self._device())
+        reference.verbose = False
+        return reference
+
+    def _perturb(self, images, labels, targets):
+        if targets is not None:
+            raise ValueError("AutoAttack standard already includes targeted attacks; run it untargeted.")
+        adversarial, _ = self.make().run_standard_evaluation(images, labels, batch_size=len(images))
+        return adversarial
+
+
+ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (FGSM, PGD, PGDL2, APGD, APGDDLR, Square, AutoAttack)}
+
+
+def make_attack(name: str, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False,
+                seed: int = 0) -> Attack:
+    """An attack by name (see ``ATTACKS``) against ``model``."""
+    if name not in ATTACKS:
+        raise KeyError(f"Unknown attack {name!r}; choose one of {', '.join(ATTACKS)}.")
+    return ATTACKS[name](model, eps, steps, targeted, seed)

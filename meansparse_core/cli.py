@@ -1,0 +1,264 @@
+"""Command line: ``python -m meansparse_core {models,calibrate,evaluate,sweep,export} ...``.
+
+Long work shows tqdm progress bars on stderr; ``--json`` prints machine-readable results on stdout.
+Bad arguments, unknown models and missing data end with a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import attach, calibrate
+from .attacks import ATTACKS
+from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
+from .evaluation import EvalSettings, ResultCache, evaluate, sweep
+from .models import (ModelSpec, ModelUnavailable, all_models, bundled_statistics_path, find_model, is_local,
+                     load_checkpoint, load_model)
+from .operator import GRAD_MODES
+from .statistics import Statistics, embedded_statistics
+
+CACHE = Path(".cache")
+
+
+@contextmanager
+def progress_bar(description: str, unit: str = "img"):
+    """A tqdm bar driven by the library's ``progress(done, total)`` callbacks."""
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def default_stats_path(spec: ModelSpec, data: str) -> Path:
+    return CACHE / "stats" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec.key)}__{data}.pt"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    return torch.device(name)
+
+
+def _model(args) -> tuple[ModelSpec, torch.nn.Module]:
+    spec = find_model(args.model)
+    with progress_bar(f"weights of {spec.name}", "B") as update:
+        model = load_checkpoint(spec, args.checkpoint) if args.checkpoint else load_model(spec, args.model_dir, update)
+    return spec, model.to(_device(args.device))
+
+
+def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    data = args.data or spec.dataset
+    if DATASETS[data].image_size != spec.input_size:
+        raise ValueError(f"{spec.name} takes {spec.dataset} images, not {data}; pick --data {spec.dataset}.")
+    with progress_bar(f"{data} download", "B") as update:
+        dataset = load_dataset(data, split, args.data_dir, update)
+    indices = sample_indices(len(dataset), n if n else len(dataset), args.seed)
+    images, labels = load_items(dataset, indices)
+    return images.to(_device(args.device)), labels.to(_device(args.device))
+
+
+def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
+    if args.stats:
+        return Statistics.load(args.stats)
+    data = args.data or spec.dataset
+    for path in (default_stats_path(spec, data), bundled_statistics_path(spec) if spec.source == "bundled" else None):
+        if path is not None and path.exists():
+            return Statistics.load(path)
+    try:
+        example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
+        return embedded_statistics(model, example)
+    except ValueError:
+        raise ValueError(
+            f"No statistics for {spec.key} on {data}: run `python -m meansparse_core calibrate "
+            f"--model {spec.key}` first, or pass --stats FILE."
+        ) from None
+
+
+def _file_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _settings(args, alpha: float = 0.0) -> EvalSettings:
+    return EvalSettings(alpha=alpha, attack=args.attack, eps=args.eps, steps=args.steps, grad=args.grad,
+                        targeted=args.targeted, seed=args.seed, batch_size=args.batch_size)
+
+
+def _emit(records: list[dict] | dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+    for r in records if isinstance(records, list) else [records]:
+        print(f"alpha={r['alpha']:<6g} clean={r['clean_acc']:.2%}  robust={r['robust_acc']:.2%}  "
+              f"({r['attack']}, eps={r['eps']:g}, steps={r['steps']}, grad={r['grad']}, n={r['n']}, {r['seconds']:.1f}s)")
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_models(args) -> None:
+    specs = [s for s in all_models()
+             if (not args.dataset or s.dataset == args.dataset)
+             and (not args.threat or s.threat_model == args.threat)
+             and args.search.lower() in s.key.lower()]
+    rows = [{"key": s.key, "label": s.label, "dataset": s.dataset, "threat_model": s.threat_model,
+             "local": is_local(s, args.model_dir)} for s in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{'*' if r['local'] else ' '} {r['key']}")
+        print(f"{len(rows)} models; * = weights on this machine", file=sys.stderr)
+
+
+def cmd_calibrate(args) -> None:
+    spec, model = _model(args)
+    images, _ = _items(args, spec, "train", args.n)
+    with progress_bar("calibration") as update:
+        stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
+                          meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed})
+    out = Path(args.out) if args.out else default_stats_path(spec, args.data or spec.dataset)
+    stats.save(out)
+    summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
+               "statistics": str(out)}
+    print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps over {len(images)} images -> {out}")
+
+
+def _evaluation_run(args, alphas: list[float]) -> list[dict]:
+    spec, model = _model(args)
+    stats = _statistics(args, spec, model)
+    sparse = attach(model, stats)
+    images, labels = _items(args, spec, "test", args.n)
+    context = {"model": spec.key, "data": args.data or spec.dataset}
+    cache_key = {**context, "weights": _file_hash(args.checkpoint) if args.checkpoint else spec.key,
+                 "stats": stats.fingerprint(), "data_dir": args.data_dir, "n": len(labels)}
+    with progress_bar("alphas", "alpha") as update:
+        results = sweep(sparse, images, labels, _settings(args), alphas, progress=update,
+                        cache=None if args.no_cache else ResultCache(CACHE / "results"), cache_key=cache_key)
+    return [r.as_record(**context) for r in results]
+
+
+def cmd_evaluate(args) -> None:
+    _emit(_evaluation_run(args, [args.alpha])[0], args.json)
+
+
+def cmd_sweep(args) -> None:
+    _emit(_evaluation_run(args, args.alphas), args.json)
+
+
+def cmd_export(args) -> None:
+    from .export import save_sparsified
+
+    spec, model = _model(args)
+    stats = _statistics(args, spec, model)
+    save_sparsified(args.out, model.cpu(), stats, args.alpha, architecture={"key": spec.key})
+    print(json.dumps({"model": spec.key, "alpha": args.alpha, "file": args.out}) if args.json else f"wrote {args.out}")
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alphas must be comma-separated numbers, got {text!r}") from None
+    if not values or any(a < 0 for a in values):
+        raise argparse.ArgumentTypeError("give at least one alpha, all >= 0")
+    return values
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m meansparse_core", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--model-dir", default=None, help="RobustBench model folder (<dir>/<dataset>/<threat>/<name>.pt)")
+
+    models = commands.add_parser("models", parents=[common], help="list bundled and RobustBench models")
+    models.add_argument("--dataset", choices=sorted(DATASETS))
+    models.add_argument("--threat", choices=["Linf", "L2", "corruptions"])
+    models.add_argument("--search", default="", help="case-insensitive part of the name")
+    models.set_defaults(run=cmd_models)
+
+    with_model = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_model.add_argument("--model", required=True, help="a key from `models`, e.g. robustbench/cifar10/Linf/Standard")
+    with_model.add_argument("--checkpoint", help="your own weights for the model's architecture (state dict)")
+    with_model.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: the model's)")
+    with_model.add_argument("--data-dir", help="folder with the dataset (python batches or ImageFolder tree)")
+    with_model.add_argument("--n", type=int, default=None, help="number of items sampled by --seed (default: all)")
+    with_model.add_argument("--seed", type=int, default=0)
+    with_model.add_argument("--batch-size", type=int, default=100)
+    with_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    cal = commands.add_parser("calibrate", parents=[with_model], help="exact statistics over the training split")
+    cal.add_argument("--out", help="statistics file (default: .cache/stats/<model>__<data>.pt)")
+    cal.set_defaults(run=cmd_calibrate)
+
+    with_stats = argparse.ArgumentParser(add_help=False, parents=[with_model])
+    with_stats.add_argument("--stats", help="statistics file (default: calibrated, bundled or embedded ones)")
+
+    attacked = argparse.ArgumentParser(add_help=False, parents=[with_stats])
+    attacked.add_argument("--attack", choices=sorted(ATTACKS), default="pgd")
+    attacked.add_argument("--eps", type=_non_negative, default=8.0, help="budget: /255 for Linf attacks, norm for L2")
+    attacked.add_argument("--steps", type=int, default=10, help="iterations (queries for square)")
+    attacked.add_argument("--grad", choices=GRAD_MODES, default="exact", help="gradients through MeanSparse")
+    attacked.add_argument("--targeted", action="store_true")
+    attacked.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+
+    ev = commands.add_parser("evaluate", parents=[attacked], help="clean and robust accuracy at one alpha")
+    ev.add_argument("--alpha", type=_non_negative, default=0.0)
+    ev.set_defaults(run=cmd_evaluate)
+
+    sw = commands.add_parser("sweep", parents=[attacked], help="clean and robust accuracy for several alphas")
+    sw.add_argument("--alphas", type=_alphas, required=True, help="comma-separated, e.g. 0,0.1,0.2")
+    sw.set_defaults(run=cmd_sweep)
+
+    ex = commands.add_parser("export", parents=[with_stats], help="write the sparsified model to one file")
+    ex.add_argument("--alpha", type=_non_negative, required=True)
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "n", None) is not None and args.n < 1:
+        print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        args.run(args)
+    except (KeyError, ValueError, FileNotFoundError, DataUnavailable, ModelUnavailable) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0

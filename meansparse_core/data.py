@@ -1,0 +1,266 @@
+"""Data sources: one registry of labelled image sets, plus single uploaded images.
+
+Every dataset yields ``(image, label)`` with ``image`` a float32 tensor in [0, 1], shaped
+(C, H, W) as the matching models expect; normalisation belongs to the model. Sources:
+
+- ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images), shipped inside the installed
+  scikit-learn package, so it works with no network and no download at all;
+- ``cifar10`` / ``cifar100``: a local folder holding the official python batches or an
+  ImageFolder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``), else a download;
+- ``imagenet``: a local ImageFolder tree of the validation set (``val/<wnid>/*.JPEG``).
+
+Example::
+
+    test_set = load_dataset("cifar10", "test", root="~/data")
+    images, labels = load_items(test_set, sample_indices(len(test_set), n=100, seed=0))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+DOWNLOAD_TIMEOUT_S = 15
+DEFAULT_ROOT = Path(os.environ.get("MEANSPARSE_DATA", "data"))
+Progress = Callable[[int, int], None]
+
+
+class DataUnavailable(RuntimeError):
+    """The data is neither on disk nor downloadable; the message says what to put where."""
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W, C), converted to [0, 1] tensors on access."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> None:
+        self.images = images
+        self.labels = [int(y) for y in labels]
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        return image.float().div_(255), self.labels[index]
+
+
+class FolderDataset(Dataset):
+    """An ImageFolder tree (``<root>/<class>/<image>``), decoded and fitted to ``size`` on access."""
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, root: Path, size: tuple[int, int, int]) -> None:
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in self.EXTENSIONS
+        ]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return fit_image(image, self.size), label
+
+
+def fit_image(image: Image.Image, size: tuple[int, int, int]) -> torch.Tensor:
+    """Any PIL image as a (C, H, W) tensor in [0, 1]: upright, C channels, centre-cropped to H x W."""
+    channels, height, width = size
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("P", "LA", "PA", "RGBA") or "transparency" in image.info:
+        # Transparent pixels over white, as an image viewer shows them.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (width, height):
+        image = ImageOps.fit(image, (width, height), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000_000) -> torch.Tensor:
+    """An uploaded image file (PNG, JPEG, WebP, ...) as a model input; ValueError if unusable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(
+                    f"The image is {image.width}x{image.height} pixels; upload one under "
+                    f"{max_pixels // 1_000_000} megapixels."
+                )
+            image.load()
+            return fit_image(image, size)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"This file could not be read as an image ({exc}); upload a PNG, JPEG or WebP.") from exc
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def _digits(split: str, root: Path | None, progress: Progress | None) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    # A fixed split: 500 test images, the rest for training; same on every machine.
+    order = np.random.default_rng(0).permutation(len(images))
+    chosen = order[:500] if split == "test" else order[500:]
+    return ArrayDataset(images[chosen], digits.target[chosen], [str(d) for d in range(10)])
+
+
+@dataclass(frozen=True)
+class _Cifar:
+    folder: str  # inside the official archive
+    train_files: str  # glob of the training batches in that folder
+    test_files: str
+    url: str
+    md5: str
+    label_key: bytes
+    names_file: str
+    names_key: bytes
+
+    def __call__(self, split: str, root: Path | None, progress: Progress | None) -> Dataset:
+        root = Path(root or DEFAULT_ROOT).expanduser()
+        for candidate in (root / split, root / "cifar10-jpeg" / split, root / "cifar100-jpeg" / split):
+            if candidate.is_dir():
+                return FolderDataset(candidate, (3, 32, 32))
+        batches = root if (root / self.names_file).exists() else root / self.folder
+        if not (batches / self.names_file).exists():
+            extract(download(self.url, root / Path(self.url).name, self.md5, progress), root)
+            batches = root / self.folder
+        return self._read_batches(batches, split)
+
+    def _read_batches(self, folder: Path, split: str) -> ArrayDataset:
+        files = sorted(folder.glob(self.test_files if split == "test" else self.train_files))
+        images, labels = [], []
+        for file in files:
+            with open(file, "rb") as f:
+                # The official CIFAR batches are pickles of arrays and lists; they carry no code.
+                batch = pickle.load(f, encoding="bytes")
+            images.append(batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.extend(batch[self.label_key])
+        with open(folder / self.names_file, "rb") as f:
+            names = [n.decode() for n in pickle.load(f, encoding="bytes")[self.names_key]]
+        return ArrayDataset(np.concatenate(images), labels, names)
+
+
+def _imagenet(split: str, root: Path | None, progress: Progress | None) -> Dataset:
+    root = Path(root or DEFAULT_ROOT / "imagenet").expanduser()
+    folder = root / "val" if (root / "val").is_dir() else root
+    if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+        raise DataUnavailable(
+            f"No ImageNet validation images in {folder}: put them there as val/<wnid>/<image>.JPEG "
+            "(ImageNet cannot be downloaded automatically)."
+        )
+    return FolderDataset(folder, (3, 224, 224))
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A labelled image set: how to get it and what its images look like."""
+
+    key: str
+    label: str
+    num_classes: int
+    image_size: tuple[int, int, int]
+    load: Callable[[str, Path | None, Progress | None], Dataset]
+    needs_network: bool  # when not found on disk
+
+
+DATASETS: dict[str, DataSource] = {
+    source.key: source
+    for source in [
+        DataSource("digits", "Digits 8x8 (offline, ships with scikit-learn)", 10, (1, 8, 8), _digits, False),
+        DataSource(
+            "cifar10", "CIFAR-10", 10, (3, 32, 32),
+            _Cifar("cifar-10-batches-py", "data_batch_*", "test_batch", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                   "c58f30108f718f92721af3b95e74349a", b"labels", "batches.meta", b"label_names"),
+            True,
+        ),
+        DataSource(
+            "cifar100", "CIFAR-100", 100, (3, 32, 32),
+            _Cifar("cifar-100-python", "train", "test", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                   "eb9058c3a382ffc7106e4002c42a8d85", b"fine_labels", "meta", b"fine_label_names"),
+            True,
+        ),
+        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet, False),
+    ]
+}
+
+
+def load_dataset(key: str, split: str = "test", root: str | os.PathLike | None = None,
+                 progress: Progress | None = None) -> Dataset:
+    """The ``split`` ("train" or "test") of data source ``key``, from ``root`` or downloaded."""
+    if key not in DATASETS:
+        raise KeyError(f"Unknown dataset {key!r}; choose one of {', '.join(DATASETS)}.")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    return DATASETS[key].load(split, Path(root) if root else None, progress)
+
+
+def sample_indices(total: int, n: int, seed: int) -> list[int]:
+    """``n`` distinct indices out of ``total``, the same for the same seed on every machine."""
+    n = min(n, total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the chosen items into an image batch and a label vector."""
+    items = [dataset[i] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def download(url: str, dest: Path, md5: str | None = None, progress: Progress | None = None,
+             timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch ``url`` to ``dest`` atomically; DataUnavailable (naming ``dest``) when it cannot."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            digest, done = hashlib.md5(), 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, max(total, done))
+        if md5 is not None and digest.hexdigest() != md5:
+            raise DataUnavailable(f"The download of {url} was corrupted; put the file at {dest} by hand.")
+        os.replace(tmp, dest)
+        return dest
+    except (OSError, ValueError) as exc:
+        raise DataUnavailable(
+            f"Could not download {url} ({exc}); with no network, put that file at {dest} "
+            f"or point the data folder at a copy you already have."
+        ) from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Unpack a tar archive into ``dest`` (used for local archives such as cifar10-jpeg.tar.gz)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+

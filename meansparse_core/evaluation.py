@@ -1,0 +1,130 @@
+"""Clean and robust accuracy of a model with and without MeanSparse, and sweeps over alpha.
+
+Robust accuracy attacks only the items the evaluated model still classifies correctly: a wrong
+clean prediction already counts as a robust failure, so attacking it wastes time. Results are
+cached on disk by everything that determines them. Example::
+
+    result = evaluate(sparse, images, labels, EvalSettings(alpha=0.25, attack="pgd", eps=8, steps=10))
+    table = sweep(sparse, images, labels, EvalSettings(attack="pgd"), alphas=[0, 0.1, 0.2])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .attacks import make_attack
+from .operator import GradMode
+from .placement import SparseModel
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything besides the model and the items that decides an evaluation's result."""
+
+    alpha: float = 0.0
+    attack: str = "pgd"
+    eps: float = 8.0  # /255 for Linf attacks
+    steps: int = 10
+    grad: GradMode = "exact"  # gradients the attacker sees through MeanSparse
+    targeted: bool = False
+    seed: int = 0
+    batch_size: int = 100
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    clean_acc: float
+    robust_acc: float
+    n: int
+    seconds: float
+    settings: EvalSettings
+
+    def as_record(self, **context) -> dict:
+        """A flat dict for JSON/CSV output: context (model, data) first, then settings and figures."""
+        settings = asdict(self.settings)
+        settings.pop("batch_size")
+        return {**context, "n": self.n, **settings, "clean_acc": self.clean_acc,
+                "robust_acc": self.robust_acc, "seconds": round(self.seconds, 3)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Predicted classes, batch by batch."""
+    return torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
+
+
+def _classifier(sparse: SparseModel | nn.Module, settings: EvalSettings) -> nn.Module:
+    """The module to evaluate and attack: the sparsified model at alpha, or a plain model."""
+    return sparse.at(settings.alpha, settings.grad) if isinstance(sparse, SparseModel) else sparse
+
+
+def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             settings: EvalSettings, progress: Progress | None = None) -> EvalResult:
+    """Clean and robust accuracy (fractions) on ``images`` for one setting."""
+    start = time.perf_counter()
+    classifier = _classifier(model, settings)
+    correct = predict(classifier, images, settings.batch_size) == labels
+    still_correct = correct.nonzero().flatten()
+    attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed)
+    robust = 0
+    for done, chunk in enumerate(still_correct.split(settings.batch_size), start=1):
+        adversarial = attack(images[chunk], labels[chunk])
+        robust += int((predict(classifier, adversarial, settings.batch_size) == labels[chunk]).sum())
+        if progress is not None:
+            progress(min(done * settings.batch_size, len(still_correct)), len(still_correct))
+    n = len(labels)
+    return EvalResult(float(correct.sum()) / n, robust / n, n, time.perf_counter() - start, settings)
+
+
+def sweep(model: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
+          alphas: Sequence[float], progress: Progress | None = None,
+          cache: "ResultCache | None" = None, cache_key: dict | None = None) -> list[EvalResult]:
+    """One evaluation per alpha on the same items and seed; ``progress(done, total)`` per alpha."""
+    results = []
+    for i, alpha in enumerate(alphas):
+        one = replace(settings, alpha=float(alpha))
+        results.append(cache.get_or_run(cache_key or {}, one, lambda: evaluate(model, images, labels, one))
+                       if cache is not None else evaluate(model, images, labels, one))
+        if progress is not None:
+            progress(i + 1, len(alphas))
+    return results
+
+
+class ResultCache:
+    """Evaluation results on disk, one JSON file per (context, settings); written atomically."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, context: dict, settings: EvalSettings) -> Path:
+        key = json.dumps({"context": context, "settings": asdict(settings)}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def get_or_run(self, context: dict, settings: EvalSettings, run: Callable[[], EvalResult]) -> EvalResult:
+        """``context`` names the model, statistics and items (e.g. model key, stats hash, data, n, seed)."""
+        path = self._path(context, settings)
+        try:
+            stored = json.loads(path.read_text())
+            return EvalResult(stored["clean_acc"], stored["robust_acc"], stored["n"], stored["seconds"], settings)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: recompute
+        result = run()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n,
+                       "seconds": result.seconds}, f)
+        os.replace(tmp, path)
+        return result

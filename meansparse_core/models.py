@@ -1,0 +1,219 @@
+"""Model sources behind one registry: bundled demo models, the RobustBench zoo, user checkpoints.
+
+Every model takes images in [0, 1] (normalisation lives inside the model, as in RobustBench) and
+is returned in eval mode. A ``ModelSpec`` says what a model expects; ``load_model`` builds it.
+
+- ``bundled/<name>``: the project's own models in ``assets/`` (``<name>.json`` describes each one),
+  usable with no network;
+- ``robustbench/<dataset>/<threat>/<name>``: any RobustBench entry, read from a local model folder
+  in RobustBench's layout (``<dir>/<dataset>/<threat>/<name>.pt``) or downloaded there first;
+- a user's checkpoint for a known architecture, loaded with ``weights_only=True``.
+
+Example::
+
+    spec = find_model("robustbench/cifar10/Linf/Standard")
+    model = load_model(spec, model_dir="models")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .data import DATASETS, DataUnavailable, Progress, download
+from .robustbench_compat import import_robustbench
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = Path(os.environ.get("MEANSPARSE_MODELS", "models"))
+GDRIVE_URL = "https://drive.google.com/uc?export=download&confirm=t&id={}"
+_ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+
+
+class ModelUnavailable(RuntimeError):
+    """The weights are neither on disk nor downloadable; the message says which file to put where."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is and what it expects."""
+
+    key: str
+    label: str
+    source: str  # "bundled" | "robustbench"
+    name: str
+    dataset: str  # key into meansparse_core.data.DATASETS
+    threat_model: str  # "Linf", "L2" or "corruptions"
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return DATASETS[self.dataset].image_size
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.dataset].num_classes
+
+
+# --- bundled ---------------------------------------------------------------------------------
+
+
+def _bundled_manifests() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(ASSETS.glob("*.json"))}
+
+
+def bundled_models() -> list[ModelSpec]:
+    """The demo models shipped in ``assets/``."""
+    return [
+        ModelSpec(f"bundled/{name}", m["label"], "bundled", name, m["dataset"], m["threat_model"])
+        for name, m in _bundled_manifests().items()
+    ]
+
+
+def bundled_statistics_path(spec: ModelSpec) -> Path | None:
+    """The statistics shipped with a bundled model, if any."""
+    stats = _bundled_manifests()[spec.name].get("statistics")
+    return ASSETS / stats if stats else None
+
+
+def _load_bundled(spec: ModelSpec) -> nn.Module:
+    from .architectures import build_architecture
+
+    manifest = _bundled_manifests()[spec.name]
+    model = build_architecture(manifest["architecture"])
+    state = torch.load(ASSETS / manifest["weights"], map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model
+
+
+# --- RobustBench -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _zoo() -> dict:
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+
+    return {(ds.value, tm.value): entries for ds, by_threat in model_dicts.items() for tm, entries in by_threat.items()}
+
+
+def robustbench_models(dataset: str | None = None, threat_model: str | None = None,
+                       search: str = "") -> list[ModelSpec]:
+    """The RobustBench zoo, filtered by dataset, threat model and a case-insensitive name search."""
+    specs = []
+    for (ds, tm), entries in _zoo().items():
+        if ds not in _ROBUSTBENCH_DATASETS or (dataset and ds != dataset) or (threat_model and tm != threat_model):
+            continue
+        specs.extend(
+            ModelSpec(f"robustbench/{ds}/{tm}/{name}", f"{name} ({ds}, {tm})", "robustbench", name, ds, tm)
+            for name in entries
+            if search.lower() in name.lower()
+        )
+    return specs
+
+
+def weight_files(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where RobustBench keeps this model's weights (one file, or one per ensemble member)."""
+    base = Path(model_dir or DEFAULT_MODEL_DIR) / spec.dataset / spec.threat_model / f"{spec.name}.pt"
+    ids = _zoo()[(spec.dataset, spec.threat_model)][spec.name]["gdrive_id"]
+    return [Path(f"{base}_m{i}.pt") for i in range(len(ids))] if isinstance(ids, list) else [base]
+
+
+def is_local(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> bool:
+    """True when every weight file of a RobustBench model is already on disk."""
+    return spec.source == "bundled" or all(p.exists() for p in weight_files(spec, model_dir))
+
+
+def _fetch_robustbench(spec: ModelSpec, model_dir: Path, progress: Progress | None) -> None:
+    entry = _zoo()[(spec.dataset, spec.threat_model)][spec.name]
+    ids = entry["gdrive_id"] if isinstance(entry["gdrive_id"], list) else [entry["gdrive_id"]]
+    for file, gdrive_id in zip(weight_files(spec, model_dir), ids):
+        if file.exists():
+            continue
+        if gdrive_id is None:
+            raise ModelUnavailable(f"RobustBench publishes no weights file for {spec.name}; it cannot be loaded here.")
+        try:
+            download(GDRIVE_URL.format(gdrive_id), file, progress=progress)
+        except DataUnavailable as exc:
+            raise ModelUnavailable(
+                f"The weights of {spec.name} are not in {file.parent} and could not be downloaded: "
+                f"put the file at {file} (RobustBench's layout)."
+            ) from exc
+
+
+def _load_robustbench(spec: ModelSpec, model_dir: Path, progress: Progress | None) -> nn.Module:
+    _fetch_robustbench(spec, model_dir, progress)
+    rb = import_robustbench()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rb.load_model(spec.name, model_dir=model_dir, dataset=spec.dataset, threat_model=spec.threat_model)
+
+
+# --- one entry point ---------------------------------------------------------------------------
+
+
+def all_models() -> list[ModelSpec]:
+    return bundled_models() + robustbench_models()
+
+
+def find_model(key: str) -> ModelSpec:
+    """The spec for ``key`` (``bundled/<name>`` or ``robustbench/<dataset>/<threat>/<name>``)."""
+    source = key.split("/", 1)[0]
+    candidates: Iterable[ModelSpec] = bundled_models() if source == "bundled" else robustbench_models()
+    for spec in candidates:
+        if spec.key == key:
+            return spec
+    raise KeyError(f"Unknown model {key!r}; `python -m meansparse_core models` lists them.")
+
+
+def load_model(spec: ModelSpec, model_dir: str | os.PathLike | None = None,
+               progress: Progress | None = None) -> nn.Module:
+    """The model in eval mode on the CPU, from assets, the local model folder, or a download."""
+    loaders: dict[str, Callable[[], nn.Module]] = {
+        "bundled": lambda: _load_bundled(spec),
+        "robustbench": lambda: _load_robustbench(spec, Path(model_dir or DEFAULT_MODEL_DIR), progress),
+    }
+    return loaders[spec.source]().eval()
+
+
+def load_checkpoint(spec: ModelSpec, path: str | os.PathLike) -> nn.Module:
+    """``spec``'s architecture with a user's weights (a state dict, possibly under "state_dict").
+
+    Loaded with ``weights_only=True``: a file that carries code is refused, never run.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{Path(path).name} is not a plain PyTorch weights file ({exc.__class__.__name__}).") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{Path(path).name} holds no state dict of tensors.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = build_random(spec)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{Path(path).name} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # same names, other shapes
+        raise ValueError(f"{Path(path).name} does not fit {spec.name}: {str(exc).splitlines()[-1].strip()}") from exc
+    return model.eval()
+
+
+def build_random(spec: ModelSpec) -> nn.Module:
+    """``spec``'s architecture with fresh random weights (no download)."""
+    if spec.source == "bundled":
+        from .architectures import build_architecture
+
+        return build_architecture(_bundled_manifests()[spec.name]["architecture"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _zoo()[(spec.dataset, spec.threat_model)][spec.name]["model"]()

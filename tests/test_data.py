@@ -1,0 +1,132 @@
+"""Data sources: the offline default, CIFAR in both local layouts, uploads, sampling, downloads."""
+
+import io
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meansparse_core.data import (DataUnavailable, download, extract, load_dataset, load_image, load_items,
+                                  sample_indices)
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def test_offline_digits_need_no_download_and_split_deterministically():
+    test, train = load_dataset("digits", "test"), load_dataset("digits", "train")
+    assert (len(test), len(train)) == (500, 1297)
+    image, label = test[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.5
+    assert set(train.labels) == set(range(10)) and test.classes == [str(d) for d in range(10)]
+    assert load_dataset("digits", "test").labels == test.labels
+
+
+def test_sampling_is_deterministic_distinct_and_bounded():
+    a, b = sample_indices(1000, 50, seed=3), sample_indices(1000, 50, seed=3)
+    assert a == b and len(set(a)) == 50 and max(a) < 1000
+    assert sample_indices(1000, 50, seed=4) != a
+    assert sorted(sample_indices(10, 99, seed=0)) == list(range(10))
+
+
+def _write_official_batches(folder: Path, n: int = 7) -> np.ndarray:
+    """Files in the official CIFAR-10 python layout, made from random pixels."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+    for name in ["data_batch_1", "test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": pixels, b"labels": list(range(n))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return pixels
+
+
+def test_cifar_official_python_batches(tmp_path):
+    pixels = _write_official_batches(tmp_path / "cifar-10-batches-py")
+    test = load_dataset("cifar10", "test", root=tmp_path)
+    assert len(test) == 7 and test.classes[3] == "c3"
+    image, label = test[2]
+    assert label == 2
+    expected = torch.from_numpy(pixels[2].reshape(3, 32, 32)).float() / 255
+    assert torch.equal(image, expected)
+
+
+def test_cifar_imagefolder_tree(tmp_path):
+    for split in ["train", "test"]:
+        for cls in ["airplane", "cat"]:
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (255, 0, 0) if cls == "cat" else (0, 0, 255)).save(folder / "0.png")
+    test = load_dataset("cifar10", "test", root=tmp_path)
+    images, labels = load_items(test, [0, 1])
+    assert test.classes == ["airplane", "cat"] and labels.tolist() == [0, 1]
+    assert images.shape == (2, 3, 32, 32) and images[1, 0].mean() == 1.0 and images[0, 2].mean() == 1.0
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="../shared/datasets/cifar10-jpeg.tar.gz is not here")
+def test_cifar10_from_the_shared_jpeg_archive(tmp_path_factory):
+    root = extract(SHARED_CIFAR, tmp_path_factory.mktemp("cifar"))
+    test = load_dataset("cifar10", "test", root=root / "cifar10-jpeg")
+    assert len(test) == 10_000 and test.classes[0] == "airplane" and test.classes[-1] == "truck"
+    images, labels = load_items(test, sample_indices(len(test), 200, seed=0))
+    means = images.mean(dim=(0, 2, 3))
+    assert torch.allclose(means, torch.tensor([0.494, 0.485, 0.450]), atol=0.03)
+    assert len(set(labels.tolist())) == 10
+
+
+def test_missing_data_without_network_fails_fast_and_names_the_file(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DataUnavailable, match=str(tmp_path / "x.tar.gz")):
+        download("http://127.0.0.1:9/x.tar.gz", tmp_path / "x.tar.gz", timeout=2)
+    assert time.monotonic() - start < 15
+    assert list(tmp_path.iterdir()) == [], "a failed download leaves no partial file"
+    with pytest.raises(DataUnavailable, match="ImageNet"):
+        load_dataset("imagenet", "test", root=tmp_path)
+
+
+def test_unknown_dataset_and_split_are_refused():
+    with pytest.raises(KeyError, match="Unknown dataset"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", "valid")
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP"), ("L", "PNG"),
+                                       ("P", "PNG"), ("RGBA", "PNG"), ("I;16", "PNG")])
+def test_uploaded_images_of_any_mode_fit_the_model(mode, fmt):
+    image = Image.new("RGB", (120, 80), (200, 100, 50)).convert(mode)
+    for size in [(3, 32, 32), (1, 8, 8)]:
+        tensor = load_image(_encoded(image, fmt), size)
+        assert tensor.shape == size and 0.0 <= tensor.min() and tensor.max() <= 1.0
+
+
+def test_transparent_pixels_become_white_and_exif_rotation_is_applied():
+    clear = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert load_image(_encoded(clear, "PNG"), (3, 8, 8)).min() == 1.0
+    tall = Image.new("RGB", (20, 40), (0, 0, 0))
+    tall.paste((255, 255, 255), (0, 0, 20, 20))  # white top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display after turning 90 degrees clockwise
+    buffer = io.BytesIO()
+    tall.save(buffer, "JPEG", exif=exif)
+    shown = load_image(buffer.getvalue(), (1, 20, 40))
+    assert shown[0, :, 20:].mean() > 0.9 and shown[0, :, :20].mean() < 0.1  # white half now on the right
+
+
+def test_files_that_are_not_images_are_refused_with_a_readable_message():
+    for data in [b"", b"hello", _encoded(Image.new("RGB", (64, 64)), "PNG")[:60]]:
+        with pytest.raises(ValueError, match="could not be read as an image"):
+            load_image(data, (3, 32, 32))
+    with pytest.raises(ValueError, match="megapixels"):
+        load_image(_encoded(Image.new("L", (300, 300)), "PNG"), (3, 32, 32), max_pixels=50_000)

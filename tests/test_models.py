@@ -1,0 +1,91 @@
+"""Model registry: zoo listing, local RobustBench folders, offline failures, user checkpoints."""
+
+import time
+
+import pytest
+import torch
+
+from meansparse_core.models import (ModelUnavailable, find_model, is_local, load_checkpoint, load_model,
+                                    robustbench_models, weight_files)
+
+R18 = "robustbench/cifar10/Linf/Sehwag2021Proxy_R18"
+
+
+def test_zoo_listing_is_complete_and_searchable():
+    everything = robustbench_models()
+    assert len(everything) > 100
+    assert {s.dataset for s in everything} == {"cifar10", "cifar100", "imagenet"}
+    cifar_linf = robustbench_models("cifar10", "Linf")
+    assert any(s.name == "Standard" for s in cifar_linf) and all(s.threat_model == "Linf" for s in cifar_linf)
+    found = robustbench_models(search="meansparse")
+    assert found and all("meansparse" in s.name.lower() for s in found)
+    spec = find_model(R18)
+    assert spec.input_size == (3, 32, 32) and spec.num_classes == 10
+    with pytest.raises(KeyError, match="Unknown model"):
+        find_model("robustbench/cifar10/Linf/NoSuchModel")
+
+
+def _write_random_checkpoint(spec, model_dir, **wrap):
+    torch.manual_seed(0)
+    from meansparse_core.models import build_random
+
+    source = build_random(spec).eval()
+    path = weight_files(spec, model_dir)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(source.state_dict(), path)
+    return source, path
+
+
+def test_robustbench_model_from_a_local_folder(tmp_path):
+    spec = find_model(R18)
+    assert not is_local(spec, tmp_path)
+    source, path = _write_random_checkpoint(spec, tmp_path)
+    assert path == tmp_path / "cifar10" / "Linf" / "Sehwag2021Proxy_R18.pt" and is_local(spec, tmp_path)
+    model = load_model(spec, model_dir=tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not model.training and torch.equal(model(x), source(x))
+
+
+def test_missing_weights_without_network_fail_fast_naming_the_file(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="Sehwag2021Proxy_R18.pt"):
+        load_model(find_model(R18), model_dir=tmp_path)
+    assert time.monotonic() - start < 20
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code in a checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_user_checkpoints_load_safely(tmp_path):
+    spec = find_model(R18)
+    source, path = _write_random_checkpoint(spec, tmp_path)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, wrapped)
+    model = load_checkpoint(spec, wrapped)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": Payload(marker)}, evil)
+    with pytest.raises(ValueError, match="not a plain PyTorch weights file"):
+        load_checkpoint(spec, evil)
+    assert not marker.exists()
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "extra.bias": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="missing .*unexpected .*extra.bias"):
+        load_checkpoint(spec, wrong)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError):
+        load_checkpoint(spec, empty)
