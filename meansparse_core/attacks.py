@@ -56,12 +56,16 @@ class Attack:
         self.seed = seed
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial images for ``images`` with true ``labels``, the model in eval mode."""
+        with _eval_mode(self.model):
+            return self.run(images, labels)
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The attack with the model in whatever mode it is in (adversarial training uses train mode)."""
         if len(images) == 0 or self.eps == 0:
             return images.clone()
-        with _eval_mode(self.model):
-            targets = self._random_targets(images, labels) if self.targeted else None
-            adversarial = self._perturb(images.detach(), labels, targets)
-        return adversarial.detach().clamp(0, 1)
+        targets = self._random_targets(images, labels) if self.targeted else None
+        return self._perturb(images.detach(), labels, targets).detach().clamp(0, 1)
 
     def _random_targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A uniformly random class different from each label, fixed by the seed."""

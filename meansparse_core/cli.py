@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from .attacks import ATTACKS
 from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
-from .evaluation import EvalSettings, ResultCache, evaluate, sweep
+from .evaluation import EvalSettings, ResultCache, sweep
 from .models import (ModelSpec, ModelUnavailable, all_models, bundled_statistics_path, find_model, is_local,
                      load_checkpoint, load_model)
 from .operator import GRAD_MODES

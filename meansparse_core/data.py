@@ -22,7 +22,6 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from .files import atomic_write
 
 DOWNLOAD_TIMEOUT_S = 15
 DEFAULT_ROOT = Path(os.environ.get("MEANSPARSE_DATA", "data"))
@@ -232,10 +233,9 @@ def download(url: str, dest: Path, md5: str | None = None, progress: Progress | 
              timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Fetch ``url`` to ``dest`` atomically; DataUnavailable (naming ``dest``) when it cannot."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(out) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
             digest, done = hashlib.md5(), 0
             while chunk := response.read(1 << 20):
@@ -246,15 +246,14 @@ def download(url: str, dest: Path, md5: str | None = None, progress: Progress | 
                     progress(done, max(total, done))
         if md5 is not None and digest.hexdigest() != md5:
             raise DataUnavailable(f"The download of {url} was corrupted; put the file at {dest} by hand.")
-        os.replace(tmp, dest)
-        return dest
+
+    try:
+        return atomic_write(dest, fetch)
     except (OSError, ValueError) as exc:
         raise DataUnavailable(
             f"Could not download {url} ({exc}); with no network, put that file at {dest} "
             f"or point the data folder at a copy you already have."
         ) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def extract(archive: Path, dest: Path) -> Path:

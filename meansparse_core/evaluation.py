@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .attacks import make_attack
+from .files import atomic_write
 from .operator import GradMode
 from .placement import SparseModel
 
@@ -62,7 +62,8 @@ class EvalResult:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
     """Predicted classes, batch by batch."""
-    return torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    return torch.cat([model(b).argmax(dim=1) for b in batches]) if batches else images.new_zeros(0, dtype=torch.long)
 
 
 def _classifier(sparse: SparseModel | nn.Module, settings: EvalSettings) -> nn.Module:
@@ -79,11 +80,12 @@ def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch
     still_correct = correct.nonzero().flatten()
     attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed)
     robust = 0
-    for done, chunk in enumerate(still_correct.split(settings.batch_size), start=1):
+    for start_at in range(0, len(still_correct), settings.batch_size):
+        chunk = still_correct[start_at:start_at + settings.batch_size]
         adversarial = attack(images[chunk], labels[chunk])
         robust += int((predict(classifier, adversarial, settings.batch_size) == labels[chunk]).sum())
         if progress is not None:
-            progress(min(done * settings.batch_size, len(still_correct)), len(still_correct))
+            progress(start_at + len(chunk), len(still_correct))
     n = len(labels)
     return EvalResult(float(correct.sum()) / n, robust / n, n, time.perf_counter() - start, settings)
 
@@ -121,10 +123,6 @@ class ResultCache:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # missing or unreadable: recompute
         result = run()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n,
-                       "seconds": result.seconds}, f)
-        os.replace(tmp, path)
+        record = {"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n, "seconds": result.seconds}
+        atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
         return result

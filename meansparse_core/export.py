@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .files import atomic_write, load_weights
 from .operator import GRAD_MODES, GradMode
 from .placement import FixedAlpha, SparseModel, Tap, attach
 from .statistics import Statistics
@@ -80,44 +80,8 @@ def _check_alpha(alpha: float, where: str) -> float:
     return alpha
 
 
-def _statistics_payload(stats: Statistics) -> dict:
-    # Statistics only serialises to a file, and statistics.py must stay untouched. Going through a
-    # temporary file (rather than rebuilding the dict from the public fields) keeps one single
-    # definition of the statistics format: the embedded payload carries Statistics' own format tag
-    # and version, and Statistics.load validates it on the way back. The file is a few kilobytes.
-    with tempfile.TemporaryDirectory(prefix="meansparse-export-") as folder:
-        path = Path(folder) / "statistics.pt"
-        stats.save(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _statistics_from_payload(payload: dict) -> Statistics:
-    # The mirror image of _statistics_payload: Statistics.load does the format and version checks.
-    with tempfile.TemporaryDirectory(prefix="meansparse-export-") as folder:
-        path = Path(folder) / "statistics.pt"
-        torch.save(payload, path)
-        return Statistics.load(path)
-
-
 def _tap_record(tap: Tap) -> dict:
     return {"name": tap.name, "kind": tap.kind, "channel_dim": tap.channel_dim, "channels": tap.channels}
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the destination folder, then rename over ``path``.
-
-    The rename is atomic on one file system, so a reader sees the old file or the new one, never
-    half a file, and a failed write leaves neither a partial file nor a stray temporary behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_sparsified(
@@ -159,12 +123,12 @@ def save_sparsified(
         "torch_version": str(torch.__version__),
         "architecture": dict(architecture),
         "state_dict": state_dict,
-        "statistics": _statistics_payload(stats),
+        "statistics": stats.to_payload(),
         "alpha": alpha,
         "layer_alphas": layer_alphas,
         "taps": [_tap_record(t) for t in stats.tap_list],
     }
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def _read_payload(path: str | os.PathLike) -> dict:
@@ -187,24 +151,6 @@ def _read_payload(path: str | os.PathLike) -> dict:
     return payload
 
 
-def _load_weights(model: nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
-    # Compare the key sets first so that the error names every missing and unexpected key on one
-    # line; load_state_dict(strict=True) then still catches shape mismatches.
-    expected = set(model.state_dict())
-    stored = set(state_dict)
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"The weights in {path} do not match the rebuilt {type(model).__name__}: "
-            f"missing keys {missing}, unexpected keys {unexpected}."
-        )
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"The weights in {path} do not fit the rebuilt {type(model).__name__}: {detail}") from exc
-
-
 def load_sparsified(path: str | os.PathLike, build: Build, grad: GradMode = "exact") -> LoadedSparsified:
     """Read a file written by ``save_sparsified`` and return the model sparsified at its alpha.
 
@@ -216,7 +162,7 @@ def load_sparsified(path: str | os.PathLike, build: Build, grad: GradMode = "exa
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     payload = _read_payload(path)
     architecture = payload["architecture"]
-    stats = _statistics_from_payload(payload["statistics"])
+    stats = Statistics.from_payload(payload["statistics"], f"the statistics in {path}")
     # The tap list is stored twice (placement and statistics); disagreement means a corrupt file.
     if [_tap_record(t) for t in stats.tap_list] != payload["taps"]:
         raise ValueError(f"{path} is inconsistent: its tap list does not match its statistics.")
@@ -224,7 +170,7 @@ def load_sparsified(path: str | os.PathLike, build: Build, grad: GradMode = "exa
     model = build(dict(architecture))
     if not isinstance(model, nn.Module):
         raise TypeError(f"build returned a {type(model).__name__}, not an nn.Module.")
-    _load_weights(model, payload["state_dict"], path)
+    load_weights(model, payload["state_dict"], str(path))
     model.eval()
 
     alpha = _check_alpha(payload["alpha"], "the stored alpha")
@@ -265,7 +211,7 @@ def export_program(
         got = program.module()(example)
     if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)):
         raise ValueError("this architecture cannot be exported as a standalone program: the traced program does not reproduce the model's output.")
-    _atomic_write(Path(path), lambda f: torch.export.save(program, f))
+    atomic_write(Path(path), lambda f: torch.export.save(program, f))
     return program
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .files import load_weights
 from .data import DATASETS, DataUnavailable, Progress, download
 from .robustbench_compat import import_robustbench
 
@@ -197,15 +198,13 @@ def load_checkpoint(spec: ModelSpec, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{Path(path).name} holds no state dict of tensors.")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = build_random(spec)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{Path(path).name} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # same names, other shapes
-        raise ValueError(f"{Path(path).name} does not fit {spec.name}: {str(exc).splitlines()[-1].strip()}") from exc
+    load_weights(model, state, Path(path).name)
     return model.eval()
+
+
+def rebuild(architecture: dict) -> nn.Module:
+    """The architecture an exported file names (``{"key": model key}``), for ``export.load_sparsified``."""
+    return build_random(find_model(architecture["key"]))
 
 
 def build_random(spec: ModelSpec) -> nn.Module:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .placement import Tap, find_taps, route_taps
 
 FORMAT = "meansparse-statistics"
@@ -97,9 +96,9 @@ class Statistics:
             digest.update(t.std.double().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename), so a reader never sees half a file."""
-        payload = {
+    def to_payload(self) -> dict:
+        """The file's content as plain containers (see the module docstring)."""
+        return {
             "format": FORMAT,
             "version": VERSION,
             "meta": dict(self.meta),
@@ -116,16 +115,27 @@ class Statistics:
                 for t in self.taps
             ],
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+    @classmethod
+    def from_payload(cls, payload: object, origin: str = "the statistics") -> "Statistics":
+        """Statistics from ``to_payload``'s containers; ValueError for anything else."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{origin} is not a MeanSparse statistics file.")
+        if payload.get("version") != VERSION:
+            raise ValueError(
+                f"{origin} has statistics format version {payload.get('version')}; "
+                f"this version reads {VERSION}. Recalibrate to rebuild it."
+            )
+        taps = [
+            TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"])
+            for t in payload["taps"]
+        ]
+        return cls(taps=taps, meta=payload["meta"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically, so a reader never sees half a file."""
+        payload = self.to_payload()
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Statistics":
@@ -136,23 +146,7 @@ class Statistics:
             raise
         except Exception as exc:
             raise ValueError(f"{path} is not a readable MeanSparse statistics file ({exc}).") from exc
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a MeanSparse statistics file.")
-        if payload.get("version") != VERSION:
-            raise ValueError(
-                f"{path} has statistics format version {payload.get('version')}; "
-                f"this version reads {VERSION}. Recalibrate to rebuild it."
-            )
-        taps = [
-            TapStatistics(
-                tap=Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]),
-                mean=t["mean"],
-                std=t["std"],
-                count=t["count"],
-            )
-            for t in payload["taps"]
-        ]
-        return cls(taps=taps, meta=payload["meta"])
+        return cls.from_payload(payload, str(path))
 
 
 def _inputs_of(batch) -> torch.Tensor:

@@ -73,8 +73,8 @@ def test_attacks_leave_the_model_untouched(digits_model):
 
 def test_autoattack_standard_runs(digits_model):
     model, _, images, labels = digits_model
-    adversarial = make_attack("autoattack", model, eps=24, seed=0)(images[:6], labels[:6])
-    assert (adversarial - images[:6]).abs().max() <= 24 / 255 + 1e-6
+    adversarial = make_attack("autoattack", model, eps=64, seed=0)(images[:6], labels[:6])
+    assert (adversarial - images[:6]).abs().max() <= 64 / 255 + 1e-6
     with pytest.raises(ValueError, match="untargeted"):
         make_attack("autoattack", model, eps=8, targeted=True)(images[:2], labels[:2])
 
@@ -180,3 +180,10 @@ def test_results_are_cached_by_everything_that_decides_them(digits_model, tmp_pa
     assert len(runs) == 3 and (again.clean_acc, again.robust_acc) == (first.clean_acc, first.robust_acc)
     next(tmp_path.glob("*.json")).write_text("{not json")
     assert cache.get_or_run({"model": "m"}, a, run(a)).robust_acc == first.robust_acc
+
+
+def test_evaluation_with_no_correct_item_attacks_nothing(digits_model):
+    model, _, images, labels = digits_model
+    wrong = (predict(model, images[:5]) + 1) % 10
+    result = evaluate(model, images[:5], wrong, EvalSettings(attack="pgd", eps=8, steps=2))
+    assert (result.clean_acc, result.robust_acc) == (0.0, 0.0)

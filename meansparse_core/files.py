@@ -1,0 +1,44 @@
+"""Small file helpers shared by the library: atomic writes and checked weight loading."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+from torch import nn
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through a temporary file in the destination folder, then rename over ``path``.
+
+    The rename is atomic on one file system, so a reader (another process, another session) sees
+    the old file or the new one, never half a file; a failed write leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """``model.load_state_dict`` that fails with one readable sentence naming what does not fit."""
+    expected, stored = set(model.state_dict()), set(state_dict)
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights in {source} do not fit {type(model).__name__}: "
+            f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}."
+        )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # same names, other shapes
+        raise ValueError(f"The weights in {source} do not fit {type(model).__name__}: {' '.join(str(exc).split())}") from exc

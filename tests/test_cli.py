@@ -1,0 +1,91 @@
+"""The command line, end to end on a RobustBench architecture in a local model folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from meansparse_core.cli import main
+from meansparse_core.models import build_random, find_model, weight_files
+
+R18 = "robustbench/cifar10/Linf/Sehwag2021Proxy_R18"
+RECORD_FIELDS = {"model", "data", "n", "seed", "alpha", "attack", "eps", "steps", "grad", "clean_acc",
+                 "robust_acc", "seconds"}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A local model folder with random R18 weights and a tiny CIFAR-style ImageFolder tree."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    path = weight_files(find_model(R18), tmp_path / "models")[0]
+    path.parent.mkdir(parents=True)
+    torch.save(build_random(find_model(R18)).state_dict(), path)
+    for split in ["train", "test"]:
+        for label, cls in enumerate(["airplane", "automobile"]):
+            folder = tmp_path / "cifar" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (60 * i, 100 * label, 30)).save(folder / f"{i}.png")
+    return ["--model", R18, "--model-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "cifar")]
+
+
+def run_json(capsys, argv):
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_calibrate_evaluate_sweep_export(workspace, capsys, tmp_path):
+    calibrated = run_json(capsys, ["calibrate", *workspace, "--n", "6"])
+    assert calibrated["taps"] == 17 and calibrated["n"] == 6
+    attack = ["--attack", "fgsm", "--eps", "8", "--steps", "1", "--n", "5"]
+    record = run_json(capsys, ["evaluate", *workspace, *attack, "--alpha", "0.3"])
+    assert RECORD_FIELDS <= set(record) and record["n"] == 5 and record["alpha"] == 0.3
+    assert 0 <= record["robust_acc"] <= record["clean_acc"] <= 1
+    table = run_json(capsys, ["sweep", *workspace, *attack, "--alphas", "0,0.2,0.4"])
+    assert [r["alpha"] for r in table] == [0.0, 0.2, 0.4] and all(RECORD_FIELDS <= set(r) for r in table)
+    out = tmp_path / "r18-sparse.pt"
+    exported = run_json(capsys, ["export", *workspace, "--alpha", "0.3", "--out", str(out)])
+    assert exported["file"] == str(out) and out.exists()
+
+
+def test_models_lists_the_zoo_and_marks_local_weights(workspace, capsys):
+    rows = run_json(capsys, ["models", "--search", "Proxy_R18", "--model-dir", workspace[3]])
+    assert {(r["key"], r["local"]) for r in rows} == {(R18, True), (R18.replace("Linf", "L2"), False)}
+    rows = run_json(capsys, ["models", "--dataset", "cifar10", "--threat", "Linf", "--search", "Proxy_R18"])
+    assert [r["key"] for r in rows] == [R18]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--model", "robustbench/cifar10/Linf/Nope"], "Unknown model"),
+    (["evaluate", "--model", R18, "--model-dir", "empty"], "put the file at"),
+    (["evaluate", "--model", R18, "--n", "0"], "--n must be at least 1"),
+])
+def test_errors_are_one_line_with_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+
+
+def test_missing_data_names_the_folder(workspace, capsys, tmp_path):
+    args = [a if a != str(tmp_path / "cifar") else str(tmp_path / "nothing-here") for a in workspace]
+    assert main(["calibrate", *args, "--n", "2"]) == 2
+    assert "put that file at" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2():
+    for argv in [["sweep", "--model", R18, "--alphas", "a,b"], ["evaluate", "--model", R18, "--eps", "-1"], []]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "meansparse_core", "models", "--search", "Standard", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "robustbench/cifar10/Linf/Standard" in {r["key"] for r in json.loads(result.stdout)}
