@@ -168,12 +168,18 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import save_sparsified
+    from .export import export_program, save_sparsified
 
     spec, model = _model(args)
+    model = model.cpu()
     stats = _statistics(args, spec, model)
-    save_sparsified(args.out, model.cpu(), stats, args.alpha, architecture={"key": spec.key})
-    print(json.dumps({"model": spec.key, "alpha": args.alpha, "file": args.out}) if args.json else f"wrote {args.out}")
+    save_sparsified(args.out, model, stats, args.alpha, architecture={"key": spec.key})
+    written = {"model": spec.key, "alpha": args.alpha, "file": args.out}
+    if args.program:
+        example = torch.rand(2, *spec.input_size, generator=torch.Generator().manual_seed(0))
+        export_program(attach(model, stats).at(args.alpha), example, args.program)
+        written["program"] = args.program
+    print(json.dumps(written) if args.json else "wrote " + ", ".join(str(v) for k, v in written.items() if k in ("file", "program")))
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -245,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = commands.add_parser("export", parents=[with_stats], help="write the sparsified model to one file")
     ex.add_argument("--alpha", type=_non_negative, required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="the file meansparse_core.export.load_sparsified reads")
+    ex.add_argument("--program", help="also write a torch.export program (.pt2) that needs only PyTorch")
     ex.set_defaults(run=cmd_export)
     return parser
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from meansparse_core import Statistics, attach
 from meansparse_core.cli import main
-from meansparse_core.models import build_random, find_model, weight_files
+from meansparse_core.export import load_sparsified
+from meansparse_core.models import build_random, find_model, load_model, rebuild, weight_files
 
 R18 = "robustbench/cifar10/Linf/Sehwag2021Proxy_R18"
 RECORD_FIELDS = {"model", "data", "n", "seed", "alpha", "attack", "eps", "steps", "grad", "clean_acc",
@@ -47,9 +49,16 @@ def test_calibrate_evaluate_sweep_export(workspace, capsys, tmp_path):
     assert 0 <= record["robust_acc"] <= record["clean_acc"] <= 1
     table = run_json(capsys, ["sweep", *workspace, *attack, "--alphas", "0,0.2,0.4"])
     assert [r["alpha"] for r in table] == [0.0, 0.2, 0.4] and all(RECORD_FIELDS <= set(r) for r in table)
-    out = tmp_path / "r18-sparse.pt"
-    exported = run_json(capsys, ["export", *workspace, "--alpha", "0.3", "--out", str(out)])
-    assert exported["file"] == str(out) and out.exists()
+    out, program = tmp_path / "r18-sparse.pt", tmp_path / "r18-sparse.pt2"
+    exported = run_json(capsys, ["export", *workspace, "--alpha", "0.3", "--out", str(out), "--program", str(program)])
+    assert exported == {"model": R18, "alpha": 0.3, "file": str(out), "program": str(program)}
+    loaded = load_sparsified(out, rebuild)
+    reference = attach(load_model(find_model(R18), workspace[3]), Statistics.load(calibrated["statistics"]))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(x, alpha=0.3)
+        assert torch.equal(loaded.module(x), expected)
+        assert torch.allclose(torch.export.load(program).module()(x), expected, atol=1e-5)
 
 
 def test_models_lists_the_zoo_and_marks_local_weights(workspace, capsys):

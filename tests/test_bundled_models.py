@@ -1,0 +1,34 @@
+"""The bundled demo models load through the registry, with their statistics, and perform as measured."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from meansparse_core import Statistics, attach
+from meansparse_core.data import load_dataset, load_items
+from meansparse_core.evaluation import predict
+from meansparse_core.models import ASSETS, bundled_models, bundled_statistics_path, load_model
+
+
+def test_every_manifest_in_assets_is_listed_and_loads_with_statistics():
+    specs = {s.name: s for s in bundled_models()}
+    assert set(specs) == {p.stem for p in ASSETS.glob("*.json")} and "digits-cnn" in specs
+    for spec in specs.values():
+        model = load_model(spec)
+        stats = Statistics.load(bundled_statistics_path(spec))
+        x = torch.rand(2, *spec.input_size)
+        with torch.no_grad():
+            assert torch.equal(attach(model, stats)(x, alpha=0.0), model(x))
+        assert stats.meta["model"] == spec.key
+
+
+def test_offline_digits_model_is_as_accurate_as_measured():
+    spec = next(s for s in bundled_models() if s.name == "digits-cnn")
+    model = load_model(spec)
+    test = load_dataset("digits", "test")
+    images, labels = load_items(test, range(len(test)))
+    accuracy = (predict(model, images) == labels).float().mean().item()
+    assert abs(accuracy - 0.988) <= 0.02, f"clean accuracy {accuracy:.3f}; measured 0.988 when it was trained"
+    manifest = json.loads(Path(ASSETS / "digits-cnn.json").read_text())
+    assert manifest["training"]["eps"] == 32.0 and manifest["threat_model"] == "Linf"
