@@ -61,6 +61,14 @@ class ModelSpec:
     def num_classes(self) -> int:
         return DATASETS[self.dataset].num_classes
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the output classes, or ``class k`` where the dataset must be loaded to know them."""
+        return DATASETS[self.dataset].class_names or tuple(f"class {k}" for k in range(self.num_classes))
+
+    #: Every model takes [0, 1] images: its normalisation is part of the model, as in RobustBench.
+    normalization = "inside the model"
+
 
 # --- bundled ---------------------------------------------------------------------------------
 

@@ -130,3 +130,18 @@ def test_files_that_are_not_images_are_refused_with_a_readable_message():
             load_image(data, (3, 32, 32))
     with pytest.raises(ValueError, match="megapixels"):
         load_image(_encoded(Image.new("L", (300, 300)), "PNG"), (3, 32, 32), max_pixels=50_000)
+
+
+def test_download_writes_the_file_checks_its_md5_and_reports_progress(file_server, tmp_path):
+    import hashlib
+
+    folder, url = file_server
+    payload = bytes(range(256)) * 5000
+    (folder / "blob.bin").write_bytes(payload)
+    calls = []
+    dest = download(f"{url}/blob.bin", tmp_path / "out" / "blob.bin", hashlib.md5(payload).hexdigest(),
+                    progress=lambda done, total: calls.append((done, total)))
+    assert dest.read_bytes() == payload and calls[-1] == (len(payload), len(payload))
+    with pytest.raises(DataUnavailable, match="corrupted"):
+        download(f"{url}/blob.bin", tmp_path / "bad.bin", md5="0" * 32)
+    assert not (tmp_path / "bad.bin").exists()

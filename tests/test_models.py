@@ -89,3 +89,26 @@ def test_user_checkpoints_load_safely(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError):
         load_checkpoint(spec, empty)
+
+
+def test_robustbench_weights_are_downloaded_into_the_model_folder(file_server, tmp_path, monkeypatch):
+    """The download path, served locally: RobustBench's file lands in its layout and loads."""
+    import meansparse_core.models as models
+
+    folder, url = file_server
+    spec = find_model(R18)
+    source, path = _write_random_checkpoint(spec, tmp_path / "written")
+    path.rename(folder / models._zoo()[("cifar10", "Linf")][spec.name]["gdrive_id"])
+    monkeypatch.setattr(models, "GDRIVE_URL", url + "/{}")
+    model = load_model(spec, model_dir=tmp_path / "models")
+    assert is_local(spec, tmp_path / "models")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_specs_say_what_the_model_expects():
+    spec = find_model(R18)
+    assert spec.class_names[0] == "airplane" and len(spec.class_names) == 10
+    assert find_model("robustbench/cifar100/Linf/" + robustbench_models("cifar100", "Linf")[0].name).num_classes == 100
+    assert spec.normalization == "inside the model"
