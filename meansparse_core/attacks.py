@@ -14,20 +14,11 @@ Attack a sparsified model with exact or straight-through (BPDA) gradients by pas
 
 from __future__ import annotations
 
-import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from .placement import eval_mode
 
 
 class Attack:
@@ -57,7 +48,7 @@ class Attack:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Adversarial images for ``images`` with true ``labels``, the model in eval mode."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self.run(images, labels)
 
     def run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ GradMode = Literal["exact", "straight-through"]
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
 
 
-def _channel_view(stat: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def channel_view(stat: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Reshape a per-channel vector so that it broadcasts against ``x`` along ``channel_dim``."""
     shape = [1] * x.dim()
     shape[channel_dim] = -1
@@ -79,8 +79,8 @@ def sparsify(
             f"features have {x.shape[channel_dim]} channels on axis {channel_dim} "
             f"but the statistics have {mean.numel()} means and {std.numel()} stds."
         )
-    mean_b = _channel_view(mean, x, channel_dim)
-    band = _channel_view(std, x, channel_dim) * alpha
+    mean_b = channel_view(mean, x, channel_dim)
+    band = channel_view(std, x, channel_dim) * alpha
     if grad == "straight-through":
         return _StraightThrough.apply(x, mean_b, band)
     return _sparsify_forward(x, mean_b, band)

@@ -217,6 +217,22 @@ class _Router:
             state.width_hint = hint
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode, then give every submodule back its own mode.
+
+    Per module rather than ``model.train(was_training)``: a shared model whose parts are in mixed
+    modes gets exactly its modes back, and a wrapper's flag can never switch the model it wraps.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 _routers: "weakref.WeakKeyDictionary[nn.Module, _Router]" = weakref.WeakKeyDictionary()
 _routers_lock = threading.Lock()
 
@@ -250,14 +266,9 @@ def _run(router: _Router, state: _Pass, model: nn.Module, args: tuple, kwargs: d
 @torch.no_grad()
 def find_taps(model: nn.Module, example: torch.Tensor) -> list[Tap]:
     """List the taps of ``model`` in forward order, from one forward pass on ``example`` (eval mode)."""
-    was_training = model.training
-    model.eval()
     state = _Pass(handler=None, taps=None)
-    try:
-        with _routing(model) as router:
-            _run(router, state, model, (example,), {}, functional=True)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _routing(model) as router:
+        _run(router, state, model, (example,), {}, functional=True)
     robustbench_taps = [t for t in state.found if t.kind == "robustbench"]
     taps = robustbench_taps or state.found
     if not taps:
@@ -297,6 +308,7 @@ class SparseModel(nn.Module):
         self._functional = any(t.kind == "function" for t in self.taps)
         self._attachment = _routing(model)
         self._router = self._attachment.__enter__()
+        self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
 
     def forward(
         self,
@@ -339,6 +351,7 @@ class FixedAlpha(nn.Module):
         self.alpha = float(alpha)
         self.grad = grad
         self.layer_alphas = dict(layer_alphas or {})
+        self.train(sparse.training)  # mirror the wrapped model's mode instead of nn.Module's default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sparse(x, self.alpha, self.grad, self.layer_alphas)

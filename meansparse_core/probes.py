@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .operator import _channel_view, sparsify
-from .placement import Tap, route_taps
+from .operator import channel_view, sparsify
+from .placement import Tap, eval_mode, route_taps
 from .statistics import Statistics
 
 
@@ -179,7 +179,7 @@ def probe(
         s, a, c, axis = by_name[tap.name], alphas[tap.name], channels[tap.name], tap.channel_dim
         y = sparsify(x, s.mean, s.std, a, axis)
         # The operator's own test, so that the fraction counts exactly the values it replaced.
-        clamped = ((x - _channel_view(s.mean, x, axis)).abs() < _channel_view(s.std, x, axis) * a).reshape(2, -1)
+        clamped = ((x - channel_view(s.mean, x, axis)).abs() < channel_view(s.std, x, axis) * a).reshape(2, -1)
         half = clamped.shape[1]
         fraction_clean, fraction_adv = (clamped.sum(dim=1).double() / half).tolist()
 
@@ -203,14 +203,7 @@ def probe(
 
     device = next(model.parameters(), clean).device
     batch = torch.cat([clean, adversarial]).to(device)
-    # Per module, so that a model with some submodules in eval mode gets exactly its modes back.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            route_taps(model, taps, record_base, batch)
-            route_taps(model, taps, record_sparse, batch)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        route_taps(model, taps, record_base, batch)
+        route_taps(model, taps, record_sparse, batch)
     return probes

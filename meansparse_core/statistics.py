@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write
-from .placement import Tap, find_taps, route_taps
+from .placement import Tap, eval_mode, find_taps, route_taps
 
 FORMAT = "meansparse-statistics"
 VERSION = 1
@@ -174,8 +174,6 @@ def calibrate(
     if total is None:
         total = len(getattr(batches, "dataset", ())) or 0
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     taps: list[Tap] | None = None
     moments: dict[str, RunningMoments] = {}
 
@@ -184,7 +182,7 @@ def calibrate(
         return x
 
     seen = 0
-    try:
+    with eval_mode(model):
         for batch in batches:
             x = _inputs_of(batch).to(device)
             if taps is None:
@@ -194,8 +192,6 @@ def calibrate(
             seen += x.shape[0]
             if progress is not None:
                 progress(seen, max(total, seen))
-    finally:
-        model.train(was_training)
     if taps is None:
         raise ValueError("The calibration set is empty: give it at least one image.")
     stats = [TapStatistics(t, moments[t.name].mean, moments[t.name].std, moments[t.name].count) for t in taps]

@@ -187,3 +187,21 @@ def test_evaluation_with_no_correct_item_attacks_nothing(digits_model):
     wrong = (predict(model, images[:5]) + 1) % 10
     result = evaluate(model, images[:5], wrong, EvalSettings(attack="pgd", eps=8, steps=2))
     assert (result.clean_acc, result.robust_acc) == (0.0, 0.0)
+
+
+def test_attacking_a_view_never_switches_the_shared_model_to_training():
+    """Regression: a fresh wrapper reports training=True; restoring that must not reach the model."""
+    from meansparse_core import Statistics
+    from meansparse_core.models import bundled_statistics_path, find_model, load_model
+
+    spec = find_model("bundled/digits-cnn")
+    model = load_model(spec)  # has batch norm: train mode would change its outputs and buffers
+    sparse = attach(model, Statistics.load(bundled_statistics_path(spec)))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    images, labels = load_items(load_dataset("digits", "test"), range(60))
+    settings = EvalSettings(attack="pgd", eps=32, steps=5)
+    alone = sweep(sparse, images, labels, settings, alphas=[0.4])[0]
+    after_base = sweep(sparse, images, labels, settings, alphas=[0.0, 0.4])[1]
+    assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert (alone.clean_acc, alone.robust_acc) == (after_base.clean_acc, after_base.robust_acc)
