@@ -33,27 +33,36 @@ def test_sampling_is_deterministic_distinct_and_bounded():
     assert sorted(sample_indices(10, 99, seed=0)) == list(range(10))
 
 
-def _write_official_batches(folder: Path, n: int = 7) -> np.ndarray:
-    """Files in the official CIFAR-10 python layout, made from random pixels."""
+# Official layouts: folder, (train file, test file), label key, names file, names key.
+OFFICIAL = {
+    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "test_batch"), b"labels", "batches.meta", b"label_names"),
+    "cifar100": ("cifar-100-python", ("train", "test"), b"fine_labels", "meta", b"fine_label_names"),
+}
+
+
+def _write_official_batches(root: Path, dataset: str, n: int = 7) -> np.ndarray:
+    """Files in the official CIFAR python layout, made from random pixels."""
+    folder_name, files, label_key, names_file, names_key = OFFICIAL[dataset]
+    folder = root / folder_name
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
-    for name in ["data_batch_1", "test_batch"]:
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+    for name in files:
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": pixels, b"labels": list(range(n))}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+            pickle.dump({b"data": pixels, label_key: list(range(n))}, f)
+    with open(folder / names_file, "wb") as f:
+        pickle.dump({names_key: [f"c{i}".encode() for i in range(100)]}, f)
     return pixels
 
 
-def test_cifar_official_python_batches(tmp_path):
-    pixels = _write_official_batches(tmp_path / "cifar-10-batches-py")
-    test = load_dataset("cifar10", "test", root=tmp_path)
-    assert len(test) == 7 and test.classes[3] == "c3"
-    image, label = test[2]
-    assert label == 2
-    expected = torch.from_numpy(pixels[2].reshape(3, 32, 32)).float() / 255
-    assert torch.equal(image, expected)
+@pytest.mark.parametrize("dataset", OFFICIAL)
+def test_cifar_official_python_batches(tmp_path, dataset):
+    pixels = _write_official_batches(tmp_path, dataset)
+    for split in ["train", "test"]:
+        data = load_dataset(dataset, split, root=tmp_path)
+        assert len(data) == 7 and data.classes[3] == "c3"
+        image, label = data[2]
+        assert label == 2
+        assert torch.equal(image, torch.from_numpy(pixels[2].reshape(3, 32, 32)).float() / 255)
 
 
 def test_cifar_imagefolder_tree(tmp_path):
