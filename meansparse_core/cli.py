@@ -7,7 +7,6 @@ Bad arguments, unknown models and missing data end with a one-line error and exi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from .attacks import ATTACKS
 from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
+from .files import file_digest
 from .evaluation import EvalSettings, ResultCache, sweep
 from .models import (ModelSpec, ModelUnavailable, all_models, bundled_statistics_path, find_model, is_local,
                      load_checkpoint, load_model)
@@ -45,8 +45,11 @@ def progress_bar(description: str, unit: str = "img"):
         bar.close()
 
 
-def default_stats_path(spec: ModelSpec, data: str) -> Path:
-    return CACHE / "stats" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec.key)}__{data}.pt"
+def default_stats_path(args, spec: ModelSpec) -> Path:
+    """Where `calibrate` caches statistics: per model (and user checkpoint) and dataset."""
+    weights = f"__{file_digest(args.checkpoint)}" if args.checkpoint else ""
+    name = f"{spec.key}{weights}__{args.data or spec.dataset}"
+    return CACHE / "stats" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt"
 
 
 def _device(name: str) -> torch.device:
@@ -79,7 +82,7 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
     if args.stats:
         return Statistics.load(args.stats)
     data = args.data or spec.dataset
-    for path in (default_stats_path(spec, data), bundled_statistics_path(spec) if spec.source == "bundled" else None):
+    for path in (default_stats_path(args, spec), bundled_statistics_path(spec) if spec.source == "bundled" else None):
         if path is not None and path.exists():
             return Statistics.load(path)
     try:
@@ -92,16 +95,8 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
         ) from None
 
 
-def _file_hash(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def _settings(args, alpha: float = 0.0) -> EvalSettings:
-    return EvalSettings(alpha=alpha, attack=args.attack, eps=args.eps, steps=args.steps, grad=args.grad,
+def _settings(args) -> EvalSettings:
+    return EvalSettings(attack=args.attack, eps=args.eps, steps=args.steps, grad=args.grad,
                         targeted=args.targeted, seed=args.seed, batch_size=args.batch_size)
 
 
@@ -138,7 +133,7 @@ def cmd_calibrate(args) -> None:
     with progress_bar("calibration") as update:
         stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
                           meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed})
-    out = Path(args.out) if args.out else default_stats_path(spec, args.data or spec.dataset)
+    out = Path(args.out) if args.out else default_stats_path(args, spec)
     stats.save(out)
     summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
                "statistics": str(out)}
@@ -151,7 +146,7 @@ def _evaluation_run(args, alphas: list[float]) -> list[dict]:
     sparse = attach(model, stats)
     images, labels = _items(args, spec, "test", args.n)
     context = {"model": spec.key, "data": args.data or spec.dataset}
-    cache_key = {**context, "weights": _file_hash(args.checkpoint) if args.checkpoint else spec.key,
+    cache_key = {**context, "weights": file_digest(args.checkpoint) if args.checkpoint else spec.key,
                  "stats": stats.fingerprint(), "data_dir": args.data_dir, "n": len(labels)}
     with progress_bar("alphas", "alpha") as update:
         results = sweep(sparse, images, labels, _settings(args), alphas, progress=update,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,12 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # same names, other shapes
         raise ValueError(f"The weights in {source} do not fit {type(model).__name__}: {' '.join(str(exc).split())}") from exc
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A short SHA-256 of a file's content, to key caches by what a file holds rather than its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

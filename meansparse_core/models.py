@@ -97,7 +97,7 @@ def _load_bundled(spec: ModelSpec) -> nn.Module:
     manifest = _bundled_manifests()[spec.name]
     model = build_architecture(manifest["architecture"])
     state = torch.load(ASSETS / manifest["weights"], map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, manifest["weights"])
     return model
 
 

@@ -98,3 +98,16 @@ def test_python_dash_m_entry_point():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "robustbench/cifar10/Linf/Standard" in {r["key"] for r in json.loads(result.stdout)}
+
+
+def test_user_checkpoint_gets_its_own_statistics(workspace, capsys, tmp_path):
+    torch.manual_seed(1)
+    checkpoint = tmp_path / "mine.pt"
+    torch.save(build_random(find_model(R18)).state_dict(), checkpoint)
+    base = run_json(capsys, ["calibrate", *workspace, "--n", "4"])
+    mine = run_json(capsys, ["calibrate", *workspace, "--n", "4", "--checkpoint", str(checkpoint)])
+    assert mine["statistics"] != base["statistics"]
+    assert Statistics.load(mine["statistics"]).fingerprint() != Statistics.load(base["statistics"]).fingerprint()
+    record = run_json(capsys, ["evaluate", *workspace, "--checkpoint", str(checkpoint), "--n", "3",
+                               "--attack", "fgsm", "--alpha", "0.2"])
+    assert record["n"] == 3
