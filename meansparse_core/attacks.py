@@ -235,8 +235,11 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (FGSM, PGD, PGDL2, APGD, 
 
 
 def make_attack(name: str, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False,
-                seed: int = 0) -> Attack:
-    """An attack by name (see ``ATTACKS``) against ``model``."""
+                seed: int = 0, step: float | None = None) -> Attack:
+    """An attack by name (see ``ATTACKS``) against ``model``; ``step`` (user units) is PGD's only."""
     if name not in ATTACKS:
         raise KeyError(f"Unknown attack {name!r}; choose one of {', '.join(ATTACKS)}.")
-    return ATTACKS[name](model, eps, steps, targeted, seed)
+    if step is not None and not issubclass(ATTACKS[name], PGD):
+        raise ValueError(f"{name} chooses its own step size; --step applies to pgd and pgd-l2 only.")
+    extra = {"step": step} if step is not None else {}
+    return ATTACKS[name](model, eps, steps, targeted, seed, **extra)

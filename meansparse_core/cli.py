@@ -96,7 +96,7 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
 
 
 def _settings(args) -> EvalSettings:
-    return EvalSettings(attack=args.attack, eps=args.eps, steps=args.steps, grad=args.grad,
+    return EvalSettings(attack=args.attack, eps=args.eps, steps=args.steps, step=args.step, grad=args.grad,
                         targeted=args.targeted, seed=args.seed, batch_size=args.batch_size)
 
 
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     attacked.add_argument("--attack", choices=sorted(ATTACKS), default="pgd")
     attacked.add_argument("--eps", type=_non_negative, default=8.0, help="budget: /255 for Linf attacks, norm for L2")
     attacked.add_argument("--steps", type=int, default=10, help="iterations (queries for square)")
+    attacked.add_argument("--step", type=_non_negative, default=None, help="PGD step size in eps units (default 2.5*eps/steps)")
     attacked.add_argument("--grad", choices=GRAD_MODES, default="exact", help="gradients through MeanSparse")
     attacked.add_argument("--targeted", action="store_true")
     attacked.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")

@@ -37,6 +37,7 @@ class EvalSettings:
     attack: str = "pgd"
     eps: float = 8.0  # /255 for Linf attacks
     steps: int = 10
+    step: float | None = None  # PGD's step size in the units of eps; None: 2.5 * eps / steps
     grad: GradMode = "exact"  # gradients the attacker sees through MeanSparse
     targeted: bool = False
     seed: int = 0
@@ -78,7 +79,8 @@ def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch
     classifier = _classifier(model, settings)
     correct = predict(classifier, images, settings.batch_size) == labels
     still_correct = correct.nonzero().flatten()
-    attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed)
+    attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed,
+                         settings.step)
     robust = 0
     for start_at in range(0, len(still_correct), settings.batch_size):
         chunk = still_correct[start_at:start_at + settings.batch_size]

@@ -205,3 +205,14 @@ def test_attacking_a_view_never_switches_the_shared_model_to_training():
     assert not model.training and not any(m.training for m in model.modules())
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
     assert (alone.clean_acc, alone.robust_acc) == (after_base.clean_acc, after_base.robust_acc)
+
+
+def test_pgd_step_size_is_in_user_units_and_only_for_pgd(digits_model):
+    model, _, images, labels = digits_model
+    one_step = make_attack("pgd", model, eps=16, steps=1, step=4, seed=0)
+    one_step.random_start = False
+    delta = one_step(images[:4], labels[:4]) - images[:4]
+    moved = delta[delta != 0].abs()
+    assert torch.allclose(moved, torch.full_like(moved, 4 / 255), atol=1e-6)
+    with pytest.raises(ValueError, match="own step size"):
+        make_attack("apgd-ce", model, eps=8, step=2)

@@ -154,3 +154,13 @@ def test_download_writes_the_file_checks_its_md5_and_reports_progress(file_serve
     with pytest.raises(DataUnavailable, match="corrupted"):
         download(f"{url}/blob.bin", tmp_path / "bad.bin", md5="0" * 32)
     assert not (tmp_path / "bad.bin").exists()
+
+
+def test_imagenet_validation_folder(tmp_path):
+    for wnid in ["n01440764", "n01443537"]:
+        folder = tmp_path / "val" / wnid
+        folder.mkdir(parents=True)
+        Image.new("RGB", (500, 375), (10, 200, 30)).save(folder / "a.JPEG")
+    val = load_dataset("imagenet", "test", root=tmp_path)
+    image, label = val[1]
+    assert val.classes == ["n01440764", "n01443537"] and label == 1 and image.shape == (3, 224, 224)
