@@ -183,29 +183,26 @@ class DataSource:
     num_classes: int
     image_size: tuple[int, int, int]
     load: Callable[[str, Path | None, Progress | None], Dataset]
-    needs_network: bool  # when not found on disk
     class_names: tuple[str, ...] = ()  # known without loading; else the loaded dataset's .classes
 
 
 DATASETS: dict[str, DataSource] = {
     source.key: source
     for source in [
-        DataSource("digits", "Digits 8x8 (offline, ships with scikit-learn)", 10, (1, 8, 8), _digits, False,
+        DataSource("digits", "Digits 8x8 (offline, ships with scikit-learn)", 10, (1, 8, 8), _digits,
                    tuple(str(d) for d in range(10))),
         DataSource(
             "cifar10", "CIFAR-10", 10, (3, 32, 32),
             _Cifar("cifar-10-batches-py", "data_batch_*", "test_batch", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                    "c58f30108f718f92721af3b95e74349a", b"labels", "batches.meta", b"label_names"),
-            True,
             ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         ),
         DataSource(
             "cifar100", "CIFAR-100", 100, (3, 32, 32),
             _Cifar("cifar-100-python", "train", "test", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                    "eb9058c3a382ffc7106e4002c42a8d85", b"fine_labels", "meta", b"fine_label_names"),
-            True,
         ),
-        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet, False),
+        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet),
     ]
 }
 

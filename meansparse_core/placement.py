@@ -305,6 +305,7 @@ class SparseModel(nn.Module):
             MeanSparse(s.mean, s.std, s.tap.channel_dim) for s in stats.taps
         )
         self._index = {t.name: i for i, t in enumerate(self.taps)}
+        self._by_name = {t.name: t for t in self.taps}  # built once: forward runs on every slider move
         self._functional = any(t.kind == "function" for t in self.taps)
         self._attachment = _routing(model)
         self._router = self._attachment.__enter__()
@@ -327,7 +328,7 @@ class SparseModel(nn.Module):
             operator = self.operators[self._index[tap.name]]
             return operator(features, layer_alphas.get(tap.name, alpha), grad)
 
-        state = _Pass(handler, {t.name: t for t in self.taps})
+        state = _Pass(handler, self._by_name)
         return _run(self._router, state, self.model, (x,), {}, self._functional)
 
     def at(self, alpha: float, grad: GradMode = "exact", layer_alphas: Mapping[str, float] | None = None) -> "FixedAlpha":
