@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,10 @@ from .attacks import ATTACKS
 from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
 from .files import file_digest
 from .evaluation import EvalSettings, ResultCache, sweep
-from .models import (ModelSpec, ModelUnavailable, all_models, bundled_statistics_path, find_model, is_local,
-                     load_checkpoint, load_model)
+from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
 from .operator import GRAD_MODES
-from .statistics import Statistics, embedded_statistics
+from .statistics import Statistics
+from .workbench import find_statistics, statistics_path
 
 CACHE = Path(".cache")
 
@@ -45,11 +44,8 @@ def progress_bar(description: str, unit: str = "img"):
         bar.close()
 
 
-def default_stats_path(args, spec: ModelSpec) -> Path:
-    """Where `calibrate` caches statistics: per model (and user checkpoint) and dataset."""
-    weights = f"__{file_digest(args.checkpoint)}" if args.checkpoint else ""
-    name = f"{spec.key}{weights}__{args.data or spec.dataset}"
-    return CACHE / "stats" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt"
+def _weights_digest(args) -> str | None:
+    return file_digest(args.checkpoint) if args.checkpoint else None
 
 
 def _device(name: str) -> torch.device:
@@ -82,17 +78,13 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
     if args.stats:
         return Statistics.load(args.stats)
     data = args.data or spec.dataset
-    for path in (default_stats_path(args, spec), bundled_statistics_path(spec) if spec.source == "bundled" else None):
-        if path is not None and path.exists():
-            return Statistics.load(path)
-    try:
-        example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
-        return embedded_statistics(model, example)
-    except ValueError:
+    found = find_statistics(spec, model, data, _weights_digest(args))
+    if found is None:
         raise ValueError(
             f"No statistics for {spec.key} on {data}: run `python -m meansparse_core calibrate "
             f"--model {spec.key}` first, or pass --stats FILE."
-        ) from None
+        )
+    return found[0]
 
 
 def _settings(args) -> EvalSettings:
@@ -133,7 +125,7 @@ def cmd_calibrate(args) -> None:
     with progress_bar("calibration") as update:
         stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
                           meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed})
-    out = Path(args.out) if args.out else default_stats_path(args, spec)
+    out = Path(args.out) if args.out else statistics_path(spec, args.data or spec.dataset, _weights_digest(args))
     stats.save(out)
     summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
                "statistics": str(out)}
@@ -146,7 +138,7 @@ def _evaluation_run(args, alphas: list[float]) -> list[dict]:
     sparse = attach(model, stats)
     images, labels = _items(args, spec, "test", args.n)
     context = {"model": spec.key, "data": args.data or spec.dataset}
-    cache_key = {**context, "weights": file_digest(args.checkpoint) if args.checkpoint else spec.key,
+    cache_key = {**context, "weights": _weights_digest(args) or spec.key,
                  "stats": stats.fingerprint(), "data_dir": args.data_dir, "n": len(labels)}
     with progress_bar("alphas", "alpha") as update:
         results = sweep(sparse, images, labels, _settings(args), alphas, progress=update,

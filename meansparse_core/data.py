@@ -116,7 +116,7 @@ def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000
 # --- sources -------------------------------------------------------------------------------
 
 
-def _digits(split: str, root: Path | None, progress: Progress | None) -> Dataset:
+def _digits(split: str, root: Path | None, progress: Progress | None, fetch: bool) -> Dataset:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -138,13 +138,15 @@ class _Cifar:
     names_file: str
     names_key: bytes
 
-    def __call__(self, split: str, root: Path | None, progress: Progress | None) -> Dataset:
+    def __call__(self, split: str, root: Path | None, progress: Progress | None, fetch: bool) -> Dataset:
         root = Path(root or DEFAULT_ROOT).expanduser()
         for candidate in (root / split, root / "cifar10-jpeg" / split, root / "cifar100-jpeg" / split):
             if candidate.is_dir():
                 return FolderDataset(candidate, (3, 32, 32))
         batches = root if (root / self.names_file).exists() else root / self.folder
         if not (batches / self.names_file).exists():
+            if not fetch:
+                raise DataUnavailable(f"No {self.folder} in {root}; download it or point the data folder at a copy.")
             extract(download(self.url, root / Path(self.url).name, self.md5, progress), root)
             batches = root / self.folder
         return self._read_batches(batches, split)
@@ -163,7 +165,7 @@ class _Cifar:
         return ArrayDataset(np.concatenate(images), labels, names)
 
 
-def _imagenet(split: str, root: Path | None, progress: Progress | None) -> Dataset:
+def _imagenet(split: str, root: Path | None, progress: Progress | None, fetch: bool) -> Dataset:
     root = Path(root or DEFAULT_ROOT / "imagenet").expanduser()
     folder = root / "val" if (root / "val").is_dir() else root
     if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
@@ -182,15 +184,16 @@ class DataSource:
     label: str
     num_classes: int
     image_size: tuple[int, int, int]
-    load: Callable[[str, Path | None, Progress | None], Dataset]
+    load: Callable[[str, Path | None, Progress | None, bool], Dataset]  # (split, root, progress, fetch)
     class_names: tuple[str, ...] = ()  # known without loading; else the loaded dataset's .classes
+    linf_eps: float = 8.0  # the usual Linf budget for this data, in /255 (RobustBench's for its datasets)
 
 
 DATASETS: dict[str, DataSource] = {
     source.key: source
     for source in [
         DataSource("digits", "Digits 8x8 (offline, ships with scikit-learn)", 10, (1, 8, 8), _digits,
-                   tuple(str(d) for d in range(10))),
+                   tuple(str(d) for d in range(10)), linf_eps=32.0),
         DataSource(
             "cifar10", "CIFAR-10", 10, (3, 32, 32),
             _Cifar("cifar-10-batches-py", "data_batch_*", "test_batch", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -202,19 +205,22 @@ DATASETS: dict[str, DataSource] = {
             _Cifar("cifar-100-python", "train", "test", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                    "eb9058c3a382ffc7106e4002c42a8d85", b"fine_labels", "meta", b"fine_label_names"),
         ),
-        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet),
+        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet, linf_eps=4.0),
     ]
 }
 
 
 def load_dataset(key: str, split: str = "test", root: str | os.PathLike | None = None,
-                 progress: Progress | None = None) -> Dataset:
-    """The ``split`` ("train" or "test") of data source ``key``, from ``root`` or downloaded."""
+                 progress: Progress | None = None, fetch: bool = True) -> Dataset:
+    """The ``split`` ("train" or "test") of data source ``key``, from ``root`` or downloaded.
+
+    With ``fetch=False`` nothing is downloaded: DataUnavailable when the data is not on disk.
+    """
     if key not in DATASETS:
         raise KeyError(f"Unknown dataset {key!r}; choose one of {', '.join(DATASETS)}.")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-    return DATASETS[key].load(split, Path(root) if root else None, progress)
+    return DATASETS[key].load(split, Path(root) if root else None, progress, fetch)
 
 
 def sample_indices(total: int, n: int, seed: int) -> list[int]:

@@ -300,6 +300,7 @@ class SparseModel(nn.Module):
     def __init__(self, model: nn.Module, stats: "Statistics") -> None:
         super().__init__()
         self.model = model
+        self.stats = stats
         self.taps = stats.tap_list
         self.operators = nn.ModuleList(
             MeanSparse(s.mean, s.std, s.tap.channel_dim) for s in stats.taps

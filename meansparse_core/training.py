@@ -46,7 +46,8 @@ def train(args: argparse.Namespace) -> nn.Module:
     device = torch.device(args.device)
     train_set = load_dataset(args.data, "train", args.data_dir)
     images, labels = load_items(train_set, range(len(train_set)))
-    model = build_architecture(args.arch).to(device)
+    # channels-last convolutions run about 1.4x faster on CPU (oneDNN)
+    model = build_architecture(args.arch).to(device, memory_format=torch.channels_last)
     steps_per_epoch = -(-len(labels) // args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -66,7 +67,7 @@ def train(args: argparse.Namespace) -> nn.Module:
         start, correct, seen = time.time(), 0, 0
         model.train()
         for batch in torch.randperm(len(labels), generator=generator).split(args.batch_size):
-            x = augment(images[batch], generator, flip).to(device)
+            x = augment(images[batch], generator, flip).to(device, memory_format=torch.channels_last)
             y = labels[batch].to(device)
             attack = PGD(model, args.eps, args.attack_steps, seed=int(torch.randint(0, 2**31, (1,), generator=generator)),
                          step=args.step_size or 1.25 * args.eps / args.attack_steps)
@@ -89,7 +90,7 @@ def train(args: argparse.Namespace) -> nn.Module:
 def write_bundle(model: nn.Module, args: argparse.Namespace) -> None:
     """fp16 weights plus the manifest (``<out>.json``) that ``meansparse_core.models`` reads."""
     out = Path(args.out)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out.with_suffix(".pt"), lambda f: torch.save(state, f))
     manifest = {
         "label": args.label or f"{args.arch} ({args.data}, Linf PGD-AT eps {args.eps:g}/255)",

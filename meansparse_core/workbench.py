@@ -1,0 +1,252 @@
+"""What the app and the command line share: statistics found for a model, one image attacked and
+compared, and the live accuracy figures that follow the threshold.
+
+Everything here takes the shared model read-only and gets alpha per call, so one loaded model
+serves many users at once. Example::
+
+    stats, origin = find_statistics(spec, model, "digits")
+    sparse = attach(model, stats)
+    adversarial = attack_image(sparse, image, label, AttackChoice(attack="pgd", eps=8), alpha=0.2)
+    comparison = compare(sparse, image, adversarial, label, alpha=0.2, class_names=spec.class_names)
+    print(comparison.verdict)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .attacks import make_attack
+from .evaluation import EvalSettings, ResultCache, evaluate, predict
+from .models import ModelSpec, bundled_statistics_path
+from .operator import GradMode
+from .placement import SparseModel
+from .statistics import Statistics, embedded_statistics
+
+STATS_CACHE = Path(".cache") / "stats"
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def statistics_path(spec: ModelSpec, data: str, weights_digest: str | None = None,
+                    cache: Path = STATS_CACHE) -> Path:
+    """Where calibrated statistics are cached: per model (and user checkpoint) and dataset."""
+    weights = f"__{weights_digest}" if weights_digest else ""
+    return cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{spec.key}{weights}__{data}')}.pt"
+
+
+def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest: str | None = None,
+                    cache: Path = STATS_CACHE) -> tuple[Statistics, str] | None:
+    """Statistics for ``model`` without calibrating, and where they came from; None if there are none.
+
+    Looked up in order: a calibration cached for this model and data, the statistics shipped with a
+    bundled model, and the buffers of MeanSparse layers already inside the model (RobustBench's
+    sparsified models).
+    """
+    cached = statistics_path(spec, data, weights_digest, cache)
+    if cached.exists():
+        stats = Statistics.load(cached)
+        return stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)"
+    bundled = bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest else None
+    if bundled is not None and bundled.exists():
+        stats = Statistics.load(bundled)
+        return stats, f"shipped with the model ({stats.meta.get('n_images', '?')} {spec.dataset} training images)"
+    try:
+        example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
+        return embedded_statistics(model, example), "the model's own MeanSparse layers"
+    except ValueError:
+        return None
+
+
+# --- one image -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackChoice:
+    """An attack on one image as the user sets it up; ``target`` is the model the attacker sees."""
+
+    attack: str = "pgd"
+    eps: float = 8.0  # /255 for Linf attacks, the L2 norm for pgd-l2
+    steps: int = 10
+    target: Literal["base", "sparse"] = "sparse"
+    grad: GradMode = "exact"
+    targeted: bool = False
+    seed: int = 0
+
+
+def classifier(sparse: SparseModel, alpha: float, grad: GradMode = "exact",
+               layer_alphas: Mapping[str, float] | None = None) -> nn.Module:
+    """The model at ``alpha`` (the plain base model when alpha is 0 and no layer overrides it)."""
+    if alpha == 0 and not any(layer_alphas.values() if layer_alphas else ()):
+        return sparse.model
+    return sparse.at(alpha, grad, layer_alphas)
+
+
+def attack_image(sparse: SparseModel, image: torch.Tensor, label: int, choice: AttackChoice,
+                 alpha: float = 0.0, layer_alphas: Mapping[str, float] | None = None) -> torch.Tensor:
+    """The adversarial version of one (C, H, W) image, crafted against the base or the sparsified model."""
+    target = (sparse.model if choice.target == "base"
+              else classifier(sparse, alpha, choice.grad, layer_alphas))
+    attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed)
+    device = next(sparse.model.parameters()).device
+    return attack(image[None].to(device), torch.tensor([label], device=device))[0].cpu()
+
+
+def amplified(perturbation: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The perturbation scaled to fill [0, 1] around mid-grey, and the factor used (1 if it is zero)."""
+    peak = float(perturbation.abs().max())
+    scale = 0.5 / peak if peak > 0 else 1.0
+    return (0.5 + perturbation * scale).clamp(0, 1), scale
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k most probable classes of one prediction, most probable first."""
+
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    @property
+    def best(self) -> str:
+        return self.classes[0]
+
+
+@torch.no_grad()
+def top_k(model: nn.Module, image: torch.Tensor, class_names: Sequence[str], k: int = 5) -> TopK:
+    """Top-k softmax probabilities of ``model`` for one (C, H, W) image."""
+    device = next(model.parameters()).device
+    probabilities = model(image[None].to(device)).float().softmax(dim=1)[0].cpu()
+    values, indices = probabilities.topk(min(k, len(probabilities)))
+    return TopK(tuple(class_names[i] for i in indices.tolist()), tuple(values.tolist()))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Base and sparsified predictions on the clean image and, when there is one, the adversarial one."""
+
+    label: str
+    alpha: float
+    base_clean: TopK
+    sparse_clean: TopK
+    base_adv: TopK | None
+    sparse_adv: TopK | None
+
+    @property
+    def verdict(self) -> str:
+        """One sentence on what the attack did to each model."""
+        if self.base_adv is None or self.sparse_adv is None:
+            return (f"Clean image of a {self.label}: the base model says {self.base_clean.best}, "
+                    f"MeanSparse at alpha {self.alpha:g} says {self.sparse_clean.best}. Run an attack to compare.")
+        base_ok, sparse_ok = self.base_adv.best == self.label, self.sparse_adv.best == self.label
+        outcome = {
+            (True, True): "both models still see the true class",
+            (False, True): f"the attack fools the base model ({self.base_adv.best}) but not MeanSparse",
+            (True, False): f"the attack fools MeanSparse ({self.sparse_adv.best}) but not the base model",
+            (False, False): (f"the attack fools both models (base: {self.base_adv.best}, "
+                             f"MeanSparse: {self.sparse_adv.best})"),
+        }[(base_ok, sparse_ok)]
+        return f"True class {self.label}, alpha {self.alpha:g}: {outcome}."
+
+
+def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor | None, label: int,
+            alpha: float, class_names: Sequence[str], layer_alphas: Mapping[str, float] | None = None,
+            k: int = 5) -> Comparison:
+    """Top-k of the base and the sparsified model on a clean image and its adversarial version."""
+    sparsified = classifier(sparse, alpha, layer_alphas=layer_alphas)
+    adv = (lambda m: top_k(m, adversarial, class_names, k)) if adversarial is not None else (lambda m: None)
+    return Comparison(class_names[label], alpha, top_k(sparse.model, clean, class_names, k),
+                      top_k(sparsified, clean, class_names, k), adv(sparse.model), adv(sparsified))
+
+
+# --- accuracy that follows the slider --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveAccuracy:
+    """A fixed evaluation set with adversarial examples crafted once against the base model.
+
+    Re-scoring it at a new alpha costs two forward passes, so it can follow the slider. Its robust
+    figure is *transfer* accuracy (the attacker never saw MeanSparse), which is not the adaptive
+    robust accuracy of a sweep.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    adversarial: torch.Tensor
+    attack: str
+
+    @classmethod
+    def craft(cls, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, choice: AttackChoice,
+              batch_size: int = 100) -> "LiveAccuracy":
+        attack = make_attack(choice.attack, model, choice.eps, choice.steps, choice.targeted, choice.seed)
+        adversarial = torch.cat([attack(images[i:i + batch_size], labels[i:i + batch_size])
+                                 for i in range(0, len(labels), batch_size)])
+        return cls(images, labels, adversarial, f"{choice.attack} eps {choice.eps:g}, {choice.steps} steps")
+
+    def at(self, sparse: SparseModel, alpha: float,
+           layer_alphas: Mapping[str, float] | None = None) -> tuple[float, float]:
+        """(clean accuracy, transfer robust accuracy) of the model at ``alpha``."""
+        model = classifier(sparse, alpha, layer_alphas=layer_alphas)
+        both = predict(model, torch.cat([self.images, self.adversarial]))
+        clean, adv = (both == torch.cat([self.labels, self.labels])).float().split(len(self.labels))
+        return float(clean.mean()), float(adv.mean())
+
+
+def nearest(rows: Sequence[dict], alpha: float) -> dict | None:
+    """The row of an accuracy table (see ``accuracy_table``) whose alpha is closest to ``alpha``."""
+    return min(rows, key=lambda r: abs(r["alpha"] - alpha), default=None)
+
+
+# --- accuracy against alpha ------------------------------------------------------------------
+
+#: Optional second opinions on each robust figure: the attack with straight-through gradients
+#: (BPDA), and Square, which needs no gradient at all (``square_queries`` queries).
+SECOND_OPINIONS = ("bpda", "square")
+
+
+def second_opinion(settings: EvalSettings, which: str, square_queries: int = 1000) -> EvalSettings:
+    """The settings of a second opinion on ``settings``' robust accuracy."""
+    if which == "bpda":
+        return replace(settings, grad="straight-through")
+    if which == "square":
+        return replace(settings, attack="square", steps=square_queries, step=None, grad="exact")
+    raise KeyError(f"Unknown second opinion {which!r}; choose from {', '.join(SECOND_OPINIONS)}.")
+
+
+def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
+                   alphas: Sequence[float], opinions: Sequence[str] = (), square_queries: int = 1000,
+                   progress: Callable[[int, int, str], None] | None = None,
+                   cache: ResultCache | None = None, cache_key: dict | None = None) -> list[dict]:
+    """Clean and robust accuracy at each alpha (alpha 0 is the base model), one row per alpha.
+
+    Each row has ``alpha``, ``clean``, ``robust`` and one ``robust_<opinion>`` column per second
+    opinion (BPDA is skipped at alpha 0, where it equals the plain attack). ``progress(done, total,
+    what)`` follows every evaluation.
+    """
+    jobs = [(a, "robust", replace(settings, alpha=float(a))) for a in sorted(set(alphas) | {0.0})]
+    jobs += [(a, f"robust_{o}", second_opinion(one, o, square_queries))
+             for a, _, one in list(jobs) for o in opinions if not (o == "bpda" and a == 0)]
+    rows: dict[float, dict] = {}
+    for done, (alpha, column, one) in enumerate(jobs):
+        if progress is not None:
+            progress(done, len(jobs), f"{column.replace('_', ' ')} at alpha {alpha:g}")
+        run = lambda: evaluate(sparse, images, labels, one)  # noqa: E731 - deferred for the cache
+        result = cache.get_or_run(cache_key or {}, one, run) if cache is not None else run()
+        row = rows.setdefault(alpha, {"alpha": alpha, "clean": result.clean_acc})
+        row[column] = result.robust_acc
+    if progress is not None:
+        progress(len(jobs), len(jobs), "done")
+    return [rows[a] for a in sorted(rows)]
+
+
+def best_alpha(rows: Sequence[dict], max_clean_drop: float = 0.01) -> float:
+    """The alpha with the best robust accuracy whose clean accuracy is within ``max_clean_drop`` of the base."""
+    base = next(r for r in rows if r["alpha"] == 0)
+    allowed = [r for r in rows if r["clean"] >= base["clean"] - max_clean_drop]
+    return max(allowed, key=lambda r: (r["robust"], -r["alpha"]))["alpha"]

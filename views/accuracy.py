@@ -1,0 +1,136 @@
+"""Accuracy: clean and robust accuracy on N test images for a range of alphas, and the export."""
+
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from meansparse_core.data import load_items, sample_indices
+from meansparse_core.evaluation import EvalSettings, ResultCache
+from meansparse_core.export import save_sparsified
+from meansparse_core.workbench import accuracy_table, best_alpha
+
+ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
+MAX_ITEMS = 1000
+RESULTS = ResultCache(".cache/results")
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    n: int
+    settings: EvalSettings
+    alphas: tuple[float, ...]
+    opinions: tuple[str, ...]
+    square_queries: int
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(sorted({float(a) for a in text.replace(";", ",").split(",") if a.strip()}))
+    except ValueError:
+        raise ValueError(f"Alphas must be numbers separated by commas, e.g. 0.1, 0.2; got {text!r}.") from None
+    if not values or any(a < 0 or a > 10 for a in values):
+        raise ValueError("Give at least one alpha, each between 0 and 10.")
+    return values
+
+
+def sweep_ui(current: ui.Setup) -> SweepRequest | None:
+    """The sweep's settings; returned when Run is pressed."""
+    with st.form("sweep"):
+        columns = st.columns(4)
+        available = len(current.test_set)
+        n = columns[0].number_input("Test images (N)", 10, min(MAX_ITEMS, available), min(200, available), 10)
+        attack = columns[1].selectbox("Attack", ATTACKS)
+        l2 = attack == "pgd-l2"
+        eps = columns[2].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
+                                      0.5 if l2 else current.eps, 0.05 if l2 else 0.5)
+        steps = columns[3].number_input("Steps", 1, 100, 10)
+        alphas = st.text_input("Alphas to sweep (alpha 0, the base model, is always included)",
+                               "0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4")
+        columns = st.columns(3)
+        bpda = columns[0].checkbox("Also with BPDA (straight-through gradients)", True)
+        square = columns[1].checkbox("Also with Square (no gradients)")
+        queries = columns[2].number_input("Square queries", 100, 5000, 1000, 100)
+        pressed = st.form_submit_button("Run", type="primary")
+    if not pressed:
+        return None
+    settings = EvalSettings(attack=attack, eps=float(eps), steps=int(steps), seed=0)
+    opinions = tuple(o for o, on in (("bpda", bpda), ("square", square)) if on)
+    return SweepRequest(int(n), settings, parse_alphas(alphas), opinions, int(queries))
+
+
+def run_sweep(current: ui.Setup, request: SweepRequest) -> dict:
+    """Run (or read from the result cache) every evaluation, with a progress bar."""
+    indices = sample_indices(len(current.test_set), request.n, seed=0)
+    images, labels = load_items(current.test_set, indices)
+    device = current.model.device
+    bar = st.progress(0.0, "Starting...")
+    key = {"model": current.model_id, "stats": current.sparse.stats.fingerprint(), "data": current.data,
+           "data_dir": current.data_root, "n": request.n}
+    rows = accuracy_table(current.sparse, images.to(device), labels.to(device), request.settings, request.alphas,
+                          request.opinions, request.square_queries,
+                          progress=lambda done, total, what: bar.progress(done / total, f"{done}/{total}: {what}"),
+                          cache=RESULTS, cache_key=key)
+    bar.empty()
+    s = request.settings
+    return {"rows": rows, "n": request.n, "attack": f"{s.attack} eps {s.eps:g}, {s.steps} steps"}
+
+
+def results_ui(sweep: dict, chosen: float) -> None:
+    rows = sweep["rows"]
+    suggested = best_alpha(rows)
+    table = pd.DataFrame(rows).set_index("alpha")
+    st.dataframe(table.style.format("{:.1%}"), key="sweep_table")
+    figure = go.Figure()
+    names = {"clean": "clean", "robust": "robust", "robust_bpda": "robust, BPDA", "robust_square": "robust, Square"}
+    for column in table.columns:
+        figure.add_trace(go.Scatter(x=table.index, y=table[column], name=names[column], mode="lines+markers"))
+    figure.add_vline(x=chosen, line_dash="dash", annotation_text=f"sidebar alpha {chosen:g}")
+    figure.add_vline(x=suggested, line_dash="dot", line_color="green", annotation_text=f"best robust {suggested:g}",
+                     annotation_position="bottom right")
+    figure.update_layout(xaxis_title="alpha (0 = base model)", yaxis_title="accuracy", yaxis_tickformat=".0%",
+                         height=380, margin=dict(t=20, b=10))
+    st.plotly_chart(figure, key="sweep_chart")
+    st.caption(f"{sweep['attack']} on {sweep['n']} test images. Only images still classified correctly are "
+               "attacked. If the robust line rises but the BPDA or Square line does not, the gain is gradient "
+               "masking, not robustness. Best robust: the alpha with the highest robust accuracy whose clean "
+               "accuracy is within 1 point of the base model.")
+
+
+
+def export_ui(current: ui.Setup) -> None:
+    st.subheader("Export")
+    st.markdown(f"The sparsified model at the sidebar's alpha **{current.alpha:g}** (with its statistics and any "
+                "per-layer alphas) as one file that `meansparse_core.export.load_sparsified` reads with "
+                "`weights_only=True`.")
+    if st.button("Prepare the file", key="prepare_export"):
+        model = current.sparse.model
+        st.session_state["export"] = ui.bytes_of(lambda path: save_sparsified(
+            path, model, current.sparse.stats, current.alpha, current.layer_alphas,
+            architecture={"key": current.model.key}))
+    if "export" in st.session_state:
+        st.download_button("Download the sparsified model", st.session_state["export"],
+                           file_name=f"{current.spec.name}-meansparse-{current.alpha:g}.pt", key="download_export")
+
+
+def main() -> None:
+    current = ui.setup()
+    ui.require_sparse(current)
+    st.title("Accuracy")
+    st.markdown("Clean and robust accuracy against alpha. The attack runs against MeanSparse itself at each "
+                "alpha (adaptive), so each point costs one full attack on N images.")
+    if current.test_set is None:
+        st.info("This page needs labelled test data: see Data in the sidebar.")
+        return
+    request = sweep_ui(current)
+    sweeps = st.session_state.setdefault("sweep", {})
+    if request is not None:
+        sweeps[current.model_id] = run_sweep(current, request)
+    if current.model_id in sweeps:
+        results_ui(sweeps[current.model_id], current.alpha)
+    export_ui(current)
+
+
+main()

@@ -1,0 +1,75 @@
+"""Learn: what MeanSparse does, and how to read what this app shows."""
+
+import streamlit as st
+
+st.title("How MeanSparse works")
+
+st.markdown(
+    r"""
+**The operator.** For a tapped layer, channel $c$ has mean $\mu_c$ and standard deviation
+$\sigma_c$, measured once over a calibration set (the training set) with the model in eval mode.
+Each feature $x$ of that channel becomes
+
+$$
+y = \begin{cases} \mu_c & \text{if } |x - \mu_c| < \alpha\,\sigma_c \\ x & \text{otherwise.} \end{cases}
+$$
+
+With $\alpha = 0$ nothing changes. As $\alpha$ grows, more and more small, common variations
+around the mean are erased, while large, informative deviations pass untouched.
+
+**Where it goes.** In front of every activation (ReLU, SiLU, GELU, ...) of an adversarially
+trained network, including the last one before the classifier. Nothing is retrained: only the
+statistics are measured and one global $\alpha$ is chosen.
+
+**Why it can help.** An adversarial perturbation is a small change spread over many features.
+Much of it moves features that sit near their channel mean; those moves are clamped away, so less
+of the perturbation reaches the next layer.
+
+**Why to stay sceptical: gradient masking.** Inside the band the operator's gradient is exactly
+zero. A gradient-based attacker therefore sees flat regions and can fail for the wrong reason:
+not because the model is robust, but because the gradient no longer points anywhere. Two checks
+keep the numbers honest:
+
+- **BPDA (straight-through)**: attack with the identity as the operator's backward pass, so the
+  gradient flows as if MeanSparse were absent while the forward pass still sparsifies.
+- **Square**: a score-based attack that needs no gradient at all.
+
+RobustBench's own evaluation of the published models shows why this matters: for CIFAR-10 Linf,
+RaWRN-70-16 with MeanSparse scores 72.08% under AutoAttack but 68.94% under APGD with BPDA, below
+the 71.07% of the same model without MeanSparse.
+"""
+)
+
+st.subheader("Reading the pages")
+st.markdown(
+    r"""
+**Sidebar.** The model, the data, where the statistics come from, and the threshold. Alpha is yours
+alone: other people on the same server have their own.
+
+**Explore.** The clean image, the perturbation (scaled up until visible; the caption gives the
+factor and its $L_\infty$ size) and the adversarial image. The four bar charts are the top-5
+classes of the base and the sparsified model on the clean and the adversarial image; green is the
+true class. The adversarial example is crafted when you press *Attack* and then stays fixed, so
+moving alpha shows what MeanSparse does to *that* perturbation. To see an adaptive attacker, attack
+again after moving alpha (target: MeanSparse).
+
+**Layers.** For the chosen layer, histograms of the features before and after the operator, for
+the clean and the adversarial image. The grey band is $\mu \pm \alpha\sigma$: every value inside it
+becomes $\mu$, which shows up as a spike at the mean in the *after* panel. The whole-layer view
+standardises each channel, $(x-\mu_c)/\sigma_c$, so that one band $\pm\alpha$ fits all channels.
+Below: the fraction of values clamped per layer, and the relative change
+$\lVert f(x+\delta)-f(x)\rVert / \lVert f(x)\rVert$ that the perturbation causes in each layer, with and
+without MeanSparse: where the second line stays lower, the operator has removed part of the
+perturbation by that depth.
+
+**Accuracy figures next to the views.** *Clean* accuracy on a fixed set of test images and *transfer*
+robust accuracy on adversarial examples crafted once against the base model are recomputed live
+as alpha moves. Transfer accuracy overstates robustness: the attacker never saw MeanSparse. The
+third figure is the *adaptive* robust accuracy from your last sweep on the Accuracy page, at the
+swept alpha nearest to yours.
+
+**Accuracy.** Clean and robust accuracy for each alpha, the attack run against the sparsified
+model at that alpha. BPDA and Square are second opinions: if the plain attack's line rises with
+alpha but theirs do not, the gain comes from gradient masking.
+"""
+)
