@@ -439,7 +439,7 @@ def accuracy_panel_ui(current: Setup) -> None:
     middle.metric("Transfer robust accuracy (live)", f"{transfer:.0%}",
                   help=f"Adversarial examples crafted once against the base model ({live.attack}); "
                        "the attacker never saw MeanSparse, so this is not adaptive robustness.")
-    rows = st.session_state.get("sweep", {}).get(current.model_id)
+    rows = st.session_state.get("sweeps", {}).get(current.model_id)
     row = nearest(rows["rows"], current.alpha) if rows else None
     if row is None:
         right.metric("Adaptive robust accuracy", "—", help="Run a sweep on the Accuracy page.")

@@ -1,22 +1,130 @@
-"""The start page and the Learn page, driven headless with Streamlit's AppTest."""
+"""The app driven headless with Streamlit's AppTest, on the offline default model (digits)."""
 
-from streamlit.testing.v1 import AppTest
+from __future__ import annotations
 
+import json
 
-def test_start_page_slider_changes_the_clamped_fraction():
-    app = AppTest.from_file("../app.py").run(timeout=60)
-    assert not app.exception
-    at_default = app.metric[0].value
-    app.slider[0].set_value(1.0).run()
-    assert not app.exception
-    at_one = app.metric[0].value
-    app.slider[0].set_value(0.0).run()
-    assert app.metric[0].value == "0.0%"
-    assert float(at_one.rstrip("%")) > float(at_default.rstrip("%")) > 0
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+TIMEOUT = 120
 
 
-def test_learn_page_explains_bpda_and_square():
-    page = AppTest.from_file("../pages/1_Learn.py").run(timeout=30)
-    assert not page.exception
-    text = " ".join(m.value for m in page.markdown)
-    assert "BPDA" in text and "Square" in text and "68.94%" in text
+def start() -> AppTest:
+    app = AppTest.from_file("../app.py", default_timeout=TIMEOUT).run()
+    assert not app.exception, app.exception
+    return app
+
+
+def chart(app: AppTest, key: str) -> dict:
+    """The plotly figure a page drew under ``key``."""
+    for element in app.get("plotly_chart"):
+        if element.proto.id and key in element.proto.id:
+            return json.loads(element.proto.spec)
+    raise AssertionError(f"no chart {key!r}")
+
+
+def texts(app: AppTest) -> str:
+    return "\n".join(e.value for e in [*app.markdown, *app.caption, *app.info, *app.warning, *app.error])
+
+
+def check_clean(app: AppTest) -> None:
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+
+
+@pytest.fixture(scope="module")
+def explore() -> AppTest:
+    return start()
+
+
+def test_opens_on_the_offline_model_with_statistics(explore):
+    check_clean(explore)
+    sidebar = "\n".join(c.value for c in explore.sidebar.caption)
+    assert "digits-cnn" in sidebar and "shipped with the model" in sidebar
+    assert "Run an attack to compare" in texts(explore)
+    assert [m.value.endswith("%") for m in explore.metric][:2] == [True, True]
+
+
+def test_alpha_changes_the_sparsified_predictions_only():
+    app = start()
+    before = chart(app, "predictions")["data"]
+    app.sidebar.slider(key="alpha").set_value(1.5).run()
+    check_clean(app)
+    after = chart(app, "predictions")["data"]
+    assert after[0]["x"] == before[0]["x"]  # the base model ignores alpha
+    assert after[1]["x"] != before[1]["x"]
+    assert "alpha 1.5" in texts(app)
+
+
+def test_attack_adds_adversarial_predictions_and_a_verdict():
+    app = start()
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    check_clean(app)
+    assert len(chart(app, "predictions")["data"]) == 4
+    assert "True class" in texts(app) and "Adversarial example: pgd eps 32/255" in texts(app)
+    crafted = app.session_state["adversarial"].image.clone()
+    app.sidebar.slider(key="alpha").set_value(0.5).run()  # the adversarial example stays put
+    assert app.session_state["adversarial"].image.equal(crafted)
+
+
+def test_picking_another_gallery_image():
+    app = start()
+    first = app.session_state["picked"].key
+    app.button(key=[b.key for b in app.button if b.key and b.key.startswith("pick_")][3]).click().run()
+    check_clean(app)
+    assert app.session_state["picked"].key != first
+
+
+def test_layers_page_updates_with_alpha():
+    app = start()
+    app.switch_page("views/layers.py").run()
+    check_clean(app)
+    for key in ("channel_histogram", "layer_histogram", "attenuation"):
+        assert chart(app, key)["data"]
+    clamped = chart(app, "clamped")["data"][0]["y"]
+    app.sidebar.slider(key="alpha").set_value(0.8).run()
+    check_clean(app)
+    assert all(after > before for before, after in zip(clamped, chart(app, "clamped")["data"][0]["y"]))
+    app.selectbox(key="layer").select_index(2).run()
+    check_clean(app)
+    assert app.subheader[0].value == f"Layer {app.selectbox(key='layer').value.name}"
+
+
+def test_accuracy_page_sweeps_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the result cache goes to ./.cache
+    app = start()
+    app.switch_page("views/accuracy.py").run()
+    check_clean(app)
+    number = {n.label: n for n in app.number_input}
+    number["Test images (N)"].set_value(20)
+    number["Steps"].set_value(3)
+    next(t for t in app.text_input if t.label.startswith("Alphas")).set_value("0.1, 0.3")
+    app.button(key="FormSubmitter:sweep-Run").click().run()
+    check_clean(app)
+    table = app.dataframe[0].value
+    assert list(table.index) == [0.0, 0.1, 0.3]
+    assert {"clean", "robust", "robust_bpda"} <= set(table.columns)
+    assert "sweep_chart" in str([e.proto.id for e in app.get("plotly_chart")])
+    app.button(key="prepare_export").click().run()
+    check_clean(app)
+    assert app.session_state["export"][:2] == b"PK"  # a torch.save zip archive
+
+
+def test_learn_page():
+    app = start()
+    app.switch_page("views/learn.py").run()
+    check_clean(app)
+    assert "gradient masking" in texts(app).lower()
+
+
+def test_two_sessions_keep_their_own_alpha_and_results():
+    first, second = start(), start()
+    first.sidebar.slider(key="alpha").set_value(0.0).run()
+    second.sidebar.slider(key="alpha").set_value(2.0).run()
+    first.run()
+    assert first.sidebar.slider(key="alpha").value == 0.0
+    assert chart(first, "predictions")["data"][0]["x"] == chart(first, "predictions")["data"][1]["x"]
+    assert chart(second, "predictions")["data"][0]["x"] != chart(second, "predictions")["data"][1]["x"]

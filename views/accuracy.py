@@ -125,7 +125,7 @@ def main() -> None:
         st.info("This page needs labelled test data: see Data in the sidebar.")
         return
     request = sweep_ui(current)
-    sweeps = st.session_state.setdefault("sweep", {})
+    sweeps = st.session_state.setdefault("sweeps", {})
     if request is not None:
         sweeps[current.model_id] = run_sweep(current, request)
     if current.model_id in sweeps:

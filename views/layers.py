@@ -65,15 +65,17 @@ def depth_ui(probes: list[TapProbe]) -> None:
     names = [p.name for p in probes]
     left, right = st.columns(2)
     clamped = go.Figure([
-        go.Bar(x=names, y=[p.fraction_clamped_clean for p in probes], name="clean"),
-        go.Bar(x=names, y=[p.fraction_clamped_adv for p in probes], name="adversarial"),
+        go.Bar(x=names, y=[p.fraction_clamped_clean for p in probes], name="clean", marker_color="#1f77b4"),
+        go.Bar(x=names, y=[p.fraction_clamped_adv for p in probes], name="adversarial", marker_color="#d62728"),
     ])
     clamped.update_layout(title="Fraction of values clamped, per layer", yaxis_tickformat=".0%", height=320,
                           margin=dict(t=40, b=10), legend=dict(orientation="h", y=-0.3))
     left.plotly_chart(clamped, key="clamped")
     attenuation = go.Figure([
-        go.Scatter(x=names, y=[p.attenuation_base for p in probes], name="without MeanSparse", mode="lines+markers"),
-        go.Scatter(x=names, y=[p.attenuation_sparse for p in probes], name="with MeanSparse", mode="lines+markers"),
+        go.Scatter(x=names, y=[p.attenuation_base for p in probes], name="without MeanSparse", mode="lines+markers",
+                   line_color="#1f77b4"),
+        go.Scatter(x=names, y=[p.attenuation_sparse for p in probes], name="with MeanSparse", mode="lines+markers",
+                   line_color="#ff7f0e"),
     ])
     attenuation.update_layout(title="Perturbation across depth: ‖f(x+δ) − f(x)‖ / ‖f(x)‖", height=320,
                               margin=dict(t=40, b=10), legend=dict(orientation="h", y=-0.3))

@@ -1,0 +1,105 @@
+"""End to end in a real browser: the app served by ``streamlit run``, driven by Playwright in Chromium.
+
+Needs Debian's chromium (``apt-get install -y chromium``; ``.ci/run`` installs it) and the
+``playwright`` Python package; Playwright's own browser download is not used. Screenshots of each
+step go to ``artifacts/screenshots/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("MEANSPARSE_CHROMIUM", "/usr/bin/chromium")
+SHOTS = ROOT / "artifacts" / "screenshots"
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``streamlit run app.py`` on a free local port, in a scratch folder with no data (offline default)."""
+    folder = tmp_path_factory.mktemp("served")
+    port = free_port()
+    env = {**os.environ, "MEANSPARSE_DATA": str(folder / "data"), "MEANSPARSE_MODELS": str(folder / "models")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"streamlit exited: {process.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("streamlit did not answer within 90 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(90_000)
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def text_of(page) -> str:
+    return page.locator("[data-testid='stMain']").inner_text()
+
+
+def test_opens_slides_attacks_and_shows_layers(page):
+    expect = sync_api.expect
+    expect.set_options(timeout=90_000)  # the first page load reads the model and crafts the live set
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    expect(page.get_by_text("alpha 0.2 says")).to_be_visible()
+    page.screenshot(path=SHOTS / "1-explore.png", full_page=True)
+
+    slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").first
+    slider.locator("input[type=range]").focus()
+    for _ in range(10):
+        page.keyboard.press("ArrowRight")
+    expect(page.get_by_text("alpha 0.3 says")).to_be_visible()
+    page.screenshot(path=SHOTS / "2-slider.png", full_page=True)
+
+    page.get_by_role("button", name="Attack").click()
+    expect(page.get_by_text("True class")).to_be_visible()
+    expect(page.get_by_text("Adversarial example: pgd eps 32/255")).to_be_visible()
+    assert "Traceback" not in text_of(page)
+    page.screenshot(path=SHOTS / "3-attack.png", full_page=True)
+
+    page.get_by_role("link", name="Layers").click()
+    expect(page.get_by_text("Fraction of values clamped").first).to_be_visible()
+    expect(page.get_by_text("of the adversarial values clamped")).to_be_visible()
+    assert "Traceback" not in text_of(page)
+    page.screenshot(path=SHOTS / "4-layers.png", full_page=True)
