@@ -1,0 +1,124 @@
+"""B5: what the app recomputes when the slider moves, and one live attack, on the bundled demo models (CPU).
+
+For each demo model, medians over ``--rounds`` repeats of:
+
+* ``explore``: what the Explore view recomputes for a new alpha: top-5 of the base and the
+  sparsified model on the clean and the adversarial image, plus the live accuracy panel (clean and
+  transfer accuracy of the sparsified model on its 100-image set);
+* ``layers``: what the Layers view recomputes: probes of every tap (summaries and histogram samples)
+  and the histograms of the shown tap, plus the same accuracy panel;
+* ``pgd10``: one PGD-10 attack on one image against the sparsified model;
+* ``app_rerun_explore`` / ``app_rerun_layers``: a slider move in the real app (Streamlit's AppTest:
+  the whole script rerun, server side, charts serialised), so Streamlit's own cost is included.
+
+Test images are random (timings do not depend on content; no dataset is needed).
+
+    python benchmarks/interactivity.py [--rounds 20] [--out benchmarks/results/b5.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meansparse_core import attach
+from meansparse_core.models import bundled_models, bundled_statistics_path, load_model
+from meansparse_core.probes import probe
+from meansparse_core.statistics import Statistics
+from meansparse_core.workbench import AttackChoice, LiveAccuracy, attack_image, compare
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def median_seconds(fn, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def library_timings(spec, rounds: int) -> dict:
+    model = load_model(spec)
+    sparse = attach(model, Statistics.load(bundled_statistics_path(spec)))
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(spec.input_size, generator=generator)
+    live_images = torch.rand(100, *spec.input_size, generator=generator)
+    live_labels = torch.randint(0, spec.num_classes, (100,), generator=generator)
+    live = LiveAccuracy(live_images, live_labels, live_images.flip(-1), "random")
+    adversarial = attack_image(sparse, image, 0, AttackChoice(steps=10, target="base"))
+    alphas = iter(np.linspace(0.05, 1.0, 10_000))
+
+    def explore():
+        alpha = float(next(alphas))
+        compare(sparse, image, adversarial, 0, alpha, spec.class_names)
+        live.at(sparse, alpha)
+
+    def layers():
+        alpha = float(next(alphas))
+        probes = probe(model, sparse.stats, image[None], adversarial[None], alpha)
+        for sample in (probes[0].channel_values, probes[0].standardized):
+            edges = sample.edges(60)
+            for values in sample.arrays():
+                np.histogram(values, edges)
+        live.at(sparse, alpha)
+
+    pgd = AttackChoice(attack="pgd", eps=8, steps=10, target="sparse")
+    return {
+        "explore": median_seconds(explore, rounds),
+        "layers": median_seconds(layers, rounds),
+        "pgd10": median_seconds(lambda: attack_image(sparse, image, 0, pgd, alpha=0.2), max(5, rounds // 4)),
+    }
+
+
+def app_rerun_timings(rounds: int) -> dict:
+    """Slider moves in the running app on its default (offline) model, page by page."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    timings = {}
+    for page, path in (("explore", None), ("layers", "views/layers.py")):
+        if path:
+            app.switch_page(path).run()
+        alphas = iter(np.round(np.linspace(0.05, 1.0, rounds + 1), 2))
+        timings[f"app_rerun_{page}"] = median_seconds(
+            lambda: app.sidebar.slider(key="alpha").set_value(float(next(alphas))).run(), rounds)
+        assert not app.exception, app.exception
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b5.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()},
+               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "models": {}}
+    for spec in bundled_models():
+        results["models"][spec.key] = library_timings(spec, args.rounds)
+    results["app_default_model"] = app_rerun_timings(min(args.rounds, 10))
+    print(f"{'model':28} {'explore':>10} {'layers':>10} {'pgd-10':>10}   (median seconds, server side)")
+    for key, t in results["models"].items():
+        print(f"{key:28} {t['explore']:10.4f} {t['layers']:10.4f} {t['pgd10']:10.4f}")
+    app = results["app_default_model"]
+    print(f"app slider rerun (default model): explore {app['app_rerun_explore']:.3f} s, "
+          f"layers {app['app_rerun_layers']:.3f} s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
