@@ -359,12 +359,17 @@ def upload_ui(current: Setup) -> None:
     if upload is None:
         return
     data = upload.getvalue()
-    image = load_image(data, current.spec.input_size, MAX_IMAGE_PIXELS)
+    try:
+        image = load_image(data, current.spec.input_size, MAX_IMAGE_PIXELS)
+    except ValueError as exc:  # the rest of the page keeps working on the previous image
+        st.error(str(exc))
+        return
     names = current.spec.class_names
     label = st.selectbox("True class of the upload", range(len(names)), format_func=lambda i: names[i],
                          key="upload_label")
     key = f"upload/{hashlib.sha256(data).hexdigest()[:16]}/{label}"
-    if st.session_state.get("picked") is None or st.session_state["picked"].key != key:
+    if st.session_state.get("last_upload") != key:  # a new file or label; gallery picks win otherwise
+        st.session_state["last_upload"] = key
         pick(Picked(key, image, label, f"{upload.name} (as {names[label]})"))
 
 

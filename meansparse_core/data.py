@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .files import atomic_write
@@ -109,8 +109,14 @@ def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000
                 )
             image.load()
             return fit_image(image, size)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"This file could not be read as an image ({exc}); upload a PNG, JPEG or WebP.") from exc
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"The image has too many pixels to open safely; upload one under "
+                         f"{max_pixels // 1_000_000} megapixels.") from exc
+    except UnidentifiedImageError as exc:
+        raise ValueError("This file could not be read as an image; upload a PNG, JPEG or WebP.") from exc
+    except (OSError, SyntaxError) as exc:  # truncated or damaged files
+        raise ValueError(f"This file is damaged or incomplete and could not be read as an image ({exc}); "
+                         "upload another copy.") from exc
 
 
 # --- sources -------------------------------------------------------------------------------

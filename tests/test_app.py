@@ -128,3 +128,39 @@ def test_two_sessions_keep_their_own_alpha_and_results():
     assert first.sidebar.slider(key="alpha").value == 0.0
     assert chart(first, "predictions")["data"][0]["x"] == chart(first, "predictions")["data"][1]["x"]
     assert chart(second, "predictions")["data"][0]["x"] != chart(second, "predictions")["data"][1]["x"]
+
+
+def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, monkeypatch):
+    import ui
+    import meansparse_core.workbench as workbench
+
+    monkeypatch.chdir(tmp_path)  # statistics are cached under ./.cache
+    monkeypatch.setattr(workbench, "bundled_statistics_path", lambda spec: None)
+    ui.cached_statistics.clear()
+    ui.cached_sparse.clear()
+    try:
+        app = start()
+        assert "no MeanSparse statistics" in "\n".join(w.value for w in app.sidebar.warning)
+        assert "calibrate them in the sidebar" in texts(app)
+        app.sidebar.slider(key="calibration_n").set_value(300)
+        app.sidebar.button(key="calibrate").click().run()
+        check_clean(app)
+        assert "calibrated on 300 digits training images (cached)" in "\n".join(c.value for c in app.sidebar.caption)
+        assert list((tmp_path / ".cache" / "stats").glob("*.pt"))
+        assert chart(app, "predictions")["data"]
+    finally:
+        ui.cached_statistics.clear()
+        ui.cached_sparse.clear()
+
+
+def test_zoo_lists_models_and_says_where_missing_weights_go(tmp_path):
+    app = start()
+    app.sidebar.text_input(key="model_dir").set_value(str(tmp_path))
+    app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    assert not app.exception, app.exception
+    models = app.sidebar.selectbox(key="zoo_model")
+    assert len(models.options) > 50 and models.value.key.startswith("robustbench/cifar10/Linf/")
+    warning = "\n".join(w.value for w in app.sidebar.warning)
+    assert "not on this machine" in warning and str(tmp_path / "cifar10" / "Linf") in warning
+    app.sidebar.text_input(key="zoo_search").set_value("MeanSparse").run()
+    assert all("MeanSparse" in o for o in app.sidebar.selectbox(key="zoo_model").options)

@@ -25,6 +25,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run"]
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
+sync_api.expect.set_options(timeout=90_000)  # the first page load reads the model and crafts the live set
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
 
 
@@ -80,7 +81,6 @@ def text_of(page) -> str:
 
 def test_opens_slides_attacks_and_shows_layers(page):
     expect = sync_api.expect
-    expect.set_options(timeout=90_000)  # the first page load reads the model and crafts the live set
     expect(page.get_by_text("Run an attack to compare")).to_be_visible()
     expect(page.get_by_text("alpha 0.2 says")).to_be_visible()
     page.screenshot(path=SHOTS / "1-explore.png", full_page=True)
@@ -103,3 +103,21 @@ def test_opens_slides_attacks_and_shows_layers(page):
     expect(page.get_by_text("of the adversarial values clamped")).to_be_visible()
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "4-layers.png", full_page=True)
+
+
+def test_uploads_are_used_or_refused_in_one_sentence(page, tmp_path):
+    from PIL import Image
+
+    expect = sync_api.expect
+    page.get_by_role("link", name="Explore").click()
+    picture, junk = tmp_path / "photo.png", tmp_path / "notes.png"
+    Image.radial_gradient("L").resize((64, 48)).save(picture)
+    junk.write_text("this is not an image")
+    uploader = page.locator("[data-testid='stFileUploader'] input[type=file]")
+    uploader.set_input_files(str(picture))
+    expect(page.get_by_text("clean: photo.png (as 0)")).to_be_visible()
+    uploader.set_input_files(str(junk))
+    expect(page.get_by_text("could not be read as an image")).to_be_visible()
+    expect(page.get_by_text("clean: photo.png (as 0)")).to_be_visible()  # the page keeps working
+    assert "Traceback" not in text_of(page)
+    page.screenshot(path=SHOTS / "5-bad-upload.png", full_page=True)
