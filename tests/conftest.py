@@ -3,8 +3,21 @@
 import functools
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def shared_cifar10(tmp_path_factory) -> Path:
+    """The shared CIFAR-10 JPEG archive, extracted once per test run (skips when it is not here)."""
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"{SHARED_CIFAR} is not here")
+    from meansparse_core.data import extract
+
+    return extract(SHARED_CIFAR, tmp_path_factory.mktemp("cifar")) / "cifar10-jpeg"
 
 
 @pytest.fixture

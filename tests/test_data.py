@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from meansparse_core.data import (DataUnavailable, download, extract, load_dataset, load_image, load_items,
+from meansparse_core.data import (DataUnavailable, download, load_dataset, load_image, load_items,
                                   sample_indices)
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
 def test_offline_digits_need_no_download_and_split_deterministically():
@@ -77,10 +76,8 @@ def test_cifar_imagefolder_tree(tmp_path):
     assert images.shape == (2, 3, 32, 32) and images[1, 0].mean() == 1.0 and images[0, 2].mean() == 1.0
 
 
-@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="../shared/datasets/cifar10-jpeg.tar.gz is not here")
-def test_cifar10_from_the_shared_jpeg_archive(tmp_path_factory):
-    root = extract(SHARED_CIFAR, tmp_path_factory.mktemp("cifar"))
-    test = load_dataset("cifar10", "test", root=root / "cifar10-jpeg")
+def test_cifar10_from_the_shared_jpeg_archive(shared_cifar10):
+    test = load_dataset("cifar10", "test", root=shared_cifar10)
     assert len(test) == 10_000 and test.classes[0] == "airplane" and test.classes[-1] == "truck"
     images, labels = load_items(test, sample_indices(len(test), 200, seed=0))
     means = images.mean(dim=(0, 2, 3))
