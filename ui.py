@@ -36,6 +36,7 @@ log = logging.getLogger("meansparse_explorer")
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DataUnavailable, ModelUnavailable)
 UPLOADS = Path(".cache") / "uploads"
 LIVE_SET_SIZE = 100
+DEFAULT_ALPHA = 0.2
 MAX_IMAGE_PIXELS = 40_000_000
 
 
@@ -68,7 +69,7 @@ class ModelChoice(NamedTuple):
 
     @property
     def weights_digest(self) -> str | None:
-        return file_digest(self.checkpoint) if self.checkpoint else None
+        return Path(self.checkpoint).stem if self.checkpoint else None  # uploads are named by their digest
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
@@ -141,20 +142,23 @@ def default_model() -> str:
     """The CIFAR-10 demo model when CIFAR-10 is on this machine, else the offline digits model."""
     bundled = {s.dataset: s.key for s in bundled_models()}
     try:
-        load_dataset("cifar10", "test", fetch=False)
+        cached_dataset("cifar10", str(DEFAULT_ROOT), "test")
         return bundled.get("cifar10", bundled["digits"])
     except (DataUnavailable, OSError):
         return bundled["digits"]
 
 
 def _saved_upload(upload) -> str:
-    """An uploaded checkpoint written once to disk (torch.load reads files), named by its content."""
-    data = upload.getvalue()
+    """An uploaded checkpoint written to disk once per upload (torch.load reads files), named by its digest."""
+    saved = st.session_state.get("saved_checkpoint")
+    if saved is not None and saved[0] == upload.file_id:
+        return saved[1]
     UPLOADS.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=UPLOADS, suffix=".pt", delete=False) as f:
-        f.write(data)
+        f.write(upload.getvalue())
     path = UPLOADS / f"{file_digest(f.name)}.pt"
     os.replace(f.name, path)
+    st.session_state["saved_checkpoint"] = (upload.file_id, str(path))
     return str(path)
 
 
@@ -185,7 +189,8 @@ def model_ui() -> tuple[str, str | None, str]:
 def zoo_ui(model_dir: str, with_demo_architectures: bool) -> ModelSpec:
     """Filters and a searchable list over the whole RobustBench zoo; local weights are marked."""
     left, right = st.columns(2)
-    dataset = left.selectbox("Dataset", ["cifar10", "cifar100", "imagenet"], key="zoo_dataset")
+    datasets = list(DATASETS) if with_demo_architectures else ["cifar10", "cifar100", "imagenet"]
+    dataset = left.selectbox("Dataset", datasets, index=datasets.index("cifar10"), key="zoo_dataset")
     threat = right.selectbox("Threat model", ["Linf", "L2", "corruptions"], key="zoo_threat")
     search = st.text_input("Search names", "", key="zoo_search")
     specs = cached_zoo(dataset, threat, search)
@@ -195,8 +200,8 @@ def zoo_ui(model_dir: str, with_demo_architectures: bool) -> ModelSpec:
         st.warning(f"No {dataset} {threat} model matches {search!r}.")
         st.stop()
     local = {s.key for s in specs if is_local(s, model_dir)}
-    st.caption(f"{len(specs)} models, {len(local)} with weights in {model_dir}")
-    return st.selectbox("Model", specs, key="zoo_model",
+    st.caption(f"{len(specs)} model{'' if len(specs) == 1 else 's'}, {len(local)} with weights in {model_dir}")
+    return st.selectbox("Architecture" if with_demo_architectures else "Model", specs, key="zoo_model",
                         format_func=lambda s: ("✓ " if s.key in local else "") + s.name)
 
 
@@ -258,26 +263,29 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
     return "none"
 
 
-def threshold_ui(sparse: SparseModel | None) -> tuple[float, dict[str, float]]:
-    """MeanSparse on/off, the global alpha and per-layer overrides."""
+def threshold_ui() -> tuple[bool, float]:
+    """MeanSparse on/off and the global alpha."""
     st.header("MeanSparse")
-    on = st.toggle("Sparsify", True, key="sparsify", disabled=sparse is None)
-    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, 0.2, 0.01, key="alpha",
-                      disabled=sparse is None or not on)
+    on = st.toggle("Sparsify", True, key="sparsify")
+    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, DEFAULT_ALPHA, 0.01, key="alpha")
+    return on, alpha
+
+
+def layer_alphas_ui(sparse: SparseModel, alpha: float) -> dict[str, float]:
+    """Per-layer alphas that override the global one, kept for the session."""
     overrides: dict[str, float] = st.session_state.setdefault("layer_alphas", {})
-    if sparse is not None:
-        with st.expander("Per-layer alpha"):
-            layer = st.selectbox("Layer", [t.name for t in sparse.taps], key="override_layer")
-            value = st.number_input("alpha for this layer", 0.0, 10.0, overrides.get(layer, alpha), 0.01,
-                                    key="override_value")
-            left, right = st.columns(2)
-            if left.button("Set", key="set_override"):
-                overrides[layer] = value
-            if right.button("Clear all", key="clear_overrides"):
-                overrides.clear()
-            st.caption(", ".join(f"{k}: {v:g}" for k, v in overrides.items()) or "No overrides: every layer uses alpha.")
-    overrides = {k: v for k, v in overrides.items() if sparse is not None and k in {t.name for t in sparse.taps}}
-    return (alpha, overrides) if on and sparse is not None else (0.0, {})
+    with st.expander("Per-layer alpha"):
+        layer = st.selectbox("Layer", [t.name for t in sparse.taps], key="override_layer")
+        value = st.number_input("alpha for this layer", 0.0, 10.0, overrides.get(layer, alpha), 0.01,
+                                key="override_value")
+        left, right = st.columns(2)
+        if left.button("Set", key="set_override"):
+            overrides[layer] = value
+        if right.button("Clear all", key="clear_overrides"):
+            overrides.clear()
+        st.caption(", ".join(f"{k}: {v:g}" for k, v in overrides.items()) or "No overrides: every layer uses alpha.")
+    names = {t.name for t in sparse.taps}
+    return {k: v for k, v in overrides.items() if k in names}
 
 
 def device_ui() -> str:
@@ -288,6 +296,13 @@ def device_ui() -> str:
 def sidebar_ui() -> Setup:
     """Draw the sidebar and return what it sets up; stops the page until a model is usable."""
     with st.sidebar:
+        model_box, threshold_box = st.container(), st.container()
+    # The threshold is drawn first, so that it is drawn in every run even when the model part stops
+    # early (waiting for an upload, or rerunning after a calibration): Streamlit forgets the value of
+    # a widget after a run that did not draw it.
+    with threshold_box:
+        on, alpha = threshold_ui()
+    with model_box:
         key, checkpoint, model_dir = model_ui()
         choice = ModelChoice(key, model_dir, checkpoint, device_ui())
         if choice.spec.source == "robustbench" and not checkpoint and not is_local(choice.spec, model_dir):
@@ -296,7 +311,10 @@ def sidebar_ui() -> Setup:
         data, root, test_set = data_ui(choice.spec)
         origin = statistics_ui(choice, data, root)
         sparse = cached_sparse(choice, data)
-        alpha, layer_alphas = threshold_ui(sparse)
+    with threshold_box:
+        layer_alphas = layer_alphas_ui(sparse, alpha) if sparse is not None else {}
+        if not on or sparse is None:
+            alpha, layer_alphas = 0.0, {}
         st.caption(f"**In use:** {choice.spec.label} · {DATASETS[data].label} · {choice.device}")
         with st.expander("Getting more models and data"):
             st.markdown(

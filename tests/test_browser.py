@@ -64,15 +64,32 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(90_000)
-        page.goto(server)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(server, browser, request):
+    """A fresh browser context, hence a fresh app session, per test; its last view is saved."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    page.goto(server)
+    yield page
+    page.screenshot(path=SHOTS / f"end-{request.node.name}.png", full_page=True)
+    context.close()
+
+
+def move_alpha(page, presses: int) -> None:
+    """Streamlit hides the slider's range input: focus it and press arrow keys (0.01 each)."""
+    slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").first
+    slider.locator("input[type=range]").focus()
+    for _ in range(presses):
+        page.keyboard.press("ArrowRight")
 
 
 def text_of(page) -> str:
@@ -85,10 +102,7 @@ def test_opens_slides_attacks_and_shows_layers(page):
     expect(page.get_by_text("alpha 0.2 says")).to_be_visible()
     page.screenshot(path=SHOTS / "1-explore.png", full_page=True)
 
-    slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").first
-    slider.locator("input[type=range]").focus()
-    for _ in range(10):
-        page.keyboard.press("ArrowRight")
+    move_alpha(page, 10)
     expect(page.get_by_text("alpha 0.3 says")).to_be_visible()
     page.screenshot(path=SHOTS / "2-slider.png", full_page=True)
 
@@ -109,7 +123,6 @@ def test_uploads_are_used_or_refused_in_one_sentence(page, tmp_path):
     from PIL import Image
 
     expect = sync_api.expect
-    page.get_by_role("link", name="Explore").click()
     picture, junk = tmp_path / "photo.png", tmp_path / "notes.png"
     Image.radial_gradient("L").resize((64, 48)).save(picture)
     junk.write_text("this is not an image")
@@ -121,3 +134,29 @@ def test_uploads_are_used_or_refused_in_one_sentence(page, tmp_path):
     expect(page.get_by_text("clean: photo.png (as 0)")).to_be_visible()  # the page keeps working
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "5-bad-upload.png", full_page=True)
+
+
+def test_own_checkpoint_is_calibrated_and_used(page, tmp_path):
+    import torch
+
+    from meansparse_core.models import find_model, load_model
+
+    expect = sync_api.expect
+    checkpoint = tmp_path / "my-digits.pt"
+    torch.save(load_model(find_model("bundled/digits-cnn")).state_dict(), checkpoint)
+    sidebar = page.locator("[data-testid='stSidebar']")
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    move_alpha(page, 5)
+    expect(page.get_by_text("alpha 0.25 says")).to_be_visible()
+    sidebar.get_by_text("Your checkpoint").click()
+    expect(sidebar.get_by_text("76 models")).to_be_visible()
+    sidebar.get_by_role("combobox", name="Dataset").first.click()
+    page.get_by_role("option", name="digits", exact=True).click()
+    expect(sidebar.get_by_text("1 model,")).to_be_visible()
+    sidebar.locator("[data-testid='stFileUploader'] input[type=file]").set_input_files(str(checkpoint))
+    expect(sidebar.get_by_text("no MeanSparse statistics")).to_be_visible()
+    sidebar.get_by_role("button", name="Calibrate").click()
+    expect(sidebar.get_by_text("calibrated on")).to_be_visible()
+    expect(page.get_by_text("alpha 0.25 says")).to_be_visible()  # the session kept its alpha
+    assert "Traceback" not in text_of(page)
+    page.screenshot(path=SHOTS / "6-checkpoint.png", full_page=True)
