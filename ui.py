@@ -436,7 +436,7 @@ def adversarial(current: Setup, picked: Picked) -> Crafted | None:
 def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted:
     """Run the attack on the picked image and remember the result for this session."""
     alpha = current.alpha if choice.target == "sparse" else 0.0
-    with st.spinner(f"Running {choice.attack}..."):
+    with st.spinner(f"Running {choice.attack} ({choice.steps} steps)...", show_time=True):
         image = attack_image(require_sparse(current), picked.image, picked.label, choice, alpha, current.layer_alphas)
     crafted = Crafted((current.model_id, picked.key), choice, alpha, image)
     st.session_state["adversarial"] = crafted
