@@ -3,13 +3,16 @@
 For each demo model, medians over ``--rounds`` repeats of:
 
 * ``explore``: what the Explore view recomputes for a new alpha: top-5 of the base and the
-  sparsified model on the clean and the adversarial image, plus the live accuracy panel (clean and
-  transfer accuracy of the sparsified model on its 100-image set);
+  sparsified model on the clean and the adversarial image;
 * ``layers``: what the Layers view recomputes: probes of every tap (summaries and histogram samples)
-  and the histograms of the shown tap, plus the same accuracy panel;
+  and the histograms of the shown tap;
+* ``live_panel``: the accuracy figures both views show (clean and transfer accuracy of the
+  sparsified model on its 100-image set);
 * ``pgd10``: one PGD-10 attack on one image against the sparsified model;
 * ``app_rerun_explore`` / ``app_rerun_layers``: a slider move in the real app (Streamlit's AppTest:
-  the whole script rerun, server side, charts serialised), so Streamlit's own cost is included.
+  the whole script rerun, server side, charts serialised), so Streamlit's own cost is included;
+* ``startup``: ``streamlit run app.py`` until a browser (Debian's chromium via Playwright, when
+  installed) shows the first interactive Explore page, and the server's peak memory (VmHWM) then.
 
 Test images are random (timings do not depend on content; no dataset is needed).
 
@@ -22,7 +25,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,9 +66,7 @@ def library_timings(spec, rounds: int) -> dict:
     alphas = iter(np.linspace(0.05, 1.0, 10_000))
 
     def explore():
-        alpha = float(next(alphas))
-        compare(sparse, image, adversarial, 0, alpha, spec.class_names)
-        live.at(sparse, alpha)
+        compare(sparse, image, adversarial, 0, float(next(alphas)), spec.class_names)
 
     def layers():
         alpha = float(next(alphas))
@@ -71,18 +75,18 @@ def library_timings(spec, rounds: int) -> dict:
             edges = sample.edges(60)
             for values in sample.arrays():
                 np.histogram(values, edges)
-        live.at(sparse, alpha)
 
     pgd = AttackChoice(attack="pgd", eps=8, steps=10, target="sparse")
     return {
         "explore": median_seconds(explore, rounds),
         "layers": median_seconds(layers, rounds),
+        "live_panel": median_seconds(lambda: live.at(sparse, float(next(alphas))), rounds),
         "pgd10": median_seconds(lambda: attack_image(sparse, image, 0, pgd, alpha=0.2), max(5, rounds // 4)),
     }
 
 
 def app_rerun_timings(rounds: int) -> dict:
-    """Slider moves in the running app on its default (offline) model, page by page."""
+    """Slider moves in the running app on its default model (the CIFAR-10 demo when CIFAR-10 is found), page by page."""
     from streamlit.testing.v1 import AppTest
 
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
@@ -98,6 +102,39 @@ def app_rerun_timings(rounds: int) -> dict:
     return timings
 
 
+def startup_timing(chromium: str = "/usr/bin/chromium", port: int = 8765) -> dict:
+    """Seconds from ``streamlit run`` to the first interactive Explore page, and the server's peak RSS."""
+    if not shutil.which(chromium):
+        return {"skipped": f"no browser at {chromium}"}
+    from playwright.sync_api import sync_playwright
+
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+                               "true", "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"])
+            page = browser.new_page()
+            for _ in range(240):
+                try:
+                    page.goto(f"http://127.0.0.1:{port}", timeout=2_000)
+                    break
+                except Exception:  # the server is not listening yet
+                    time.sleep(0.25)
+            page.get_by_text("Run an attack to compare").wait_for(timeout=180_000)
+            seconds = time.perf_counter() - start
+            browser.close()
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        return {"seconds_to_interactive": seconds, "server_peak_rss_mb": peak_kb / 1024}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -110,12 +147,14 @@ def main() -> None:
     for spec in bundled_models():
         results["models"][spec.key] = library_timings(spec, args.rounds)
     results["app_default_model"] = app_rerun_timings(min(args.rounds, 10))
-    print(f"{'model':28} {'explore':>10} {'layers':>10} {'pgd-10':>10}   (median seconds, server side)")
+    results["startup"] = startup_timing()
+    print(f"{'model':28} {'explore':>10} {'layers':>10} {'live panel':>10} {'pgd-10':>10}   (median seconds)")
     for key, t in results["models"].items():
-        print(f"{key:28} {t['explore']:10.4f} {t['layers']:10.4f} {t['pgd10']:10.4f}")
+        print(f"{key:28} {t['explore']:10.4f} {t['layers']:10.4f} {t['live_panel']:10.4f} {t['pgd10']:10.4f}")
     app = results["app_default_model"]
     print(f"app slider rerun (default model): explore {app['app_rerun_explore']:.3f} s, "
           f"layers {app['app_rerun_layers']:.3f} s")
+    print(f"start-up: {results['startup']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
