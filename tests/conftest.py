@@ -2,12 +2,17 @@
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+#: The team's shared datasets folder, ../shared/datasets next to the checkout (or where
+#: MEANSPARSE_SHARED_DATASETS points, for a clone elsewhere).
+SHARED_DATASETS = Path(os.environ.get("MEANSPARSE_SHARED_DATASETS",
+                                      Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+SHARED_CIFAR = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(scope="session")
