@@ -35,7 +35,8 @@ log = logging.getLogger("meansparse_explorer")
 #: Errors a user can cause; they are shown as one sentence. Anything else is a bug: logged in full.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DataUnavailable, ModelUnavailable)
 UPLOADS = Path(".cache") / "uploads"
-LIVE_SET_SIZE = 100
+#: Images behind the live accuracy figures: 2 x 50 forward passes per slider move keep it interactive.
+LIVE_SET_SIZE = 50
 DEFAULT_ALPHA = 0.2
 MAX_IMAGE_PIXELS = 40_000_000
 
@@ -101,6 +102,14 @@ def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float) -> Li
     images, labels = load_items(dataset, sample_indices(len(dataset), LIVE_SET_SIZE, seed=0))
     return LiveAccuracy.craft(cached_model(choice), images.to(choice.device), labels.to(choice.device),
                               AttackChoice(eps=eps, target="base"))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def cached_live_figures(choice: ModelChoice, data: str, root: str, eps: float, alpha: float,
+                        layer_alphas: tuple[tuple[str, float], ...]) -> tuple[float, float]:
+    """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free."""
+    live = cached_live_set(choice, data, root, eps)
+    return live.at(cached_sparse(choice, data), alpha, dict(layer_alphas))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -257,8 +266,8 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
                           progress=lambda done, total: bar.progress(done / total, f"{done}/{total} images"),
                           meta={"model": choice.key, "data": data, "seed": 0})
         stats.save(statistics_path(choice.spec, data, choice.weights_digest))
-        cached_statistics.clear()
-        cached_sparse.clear()
+        for cached in (cached_statistics, cached_sparse, cached_live_figures):
+            cached.clear()
         st.rerun()
     return "none"
 
@@ -456,7 +465,8 @@ def accuracy_panel_ui(current: Setup) -> None:
     if sparse is None or current.test_set is None:
         return
     live = cached_live_set(current.model, current.data, current.data_root, current.eps)
-    clean, transfer = live.at(sparse, current.alpha, current.layer_alphas)
+    clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
+                                          tuple(sorted(current.layer_alphas.items())))
     left, middle, right = st.columns(3)
     left.metric(f"Clean accuracy ({LIVE_SET_SIZE} test images, live)", f"{clean:.0%}")
     middle.metric("Transfer robust accuracy (live)", f"{transfer:.0%}",

@@ -21,7 +21,7 @@ import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping
 
 import torch
@@ -153,6 +153,8 @@ class _ActivationCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         op = ACTIVATION_FUNCTIONS.get(func)
         state = _current.get()
+        if state is not None and state.scopes and state.scopes[-1][1] in state.module_taps:
+            op = None  # the call inside an activation module whose pre-hook has already routed its input
         if op is not None and state is not None and args and isinstance(args[0], torch.Tensor):
             name = state.call_name(self.router.function_tap_base(state, op))
             args = (state.route(name, "function", args[0]), *args[1:])
@@ -165,6 +167,10 @@ class _Router:
     def __init__(self, model: nn.Module) -> None:
         self.names = {m: n for n, m in model.named_modules()}
         self.activation_modules = {m for m in self.names if _is_activation_module(m)}
+        # PyTorch's own activation modules apply their function to their input and nothing else, so
+        # a pre-hook catches them as well as the function mode does, without its cost per operation.
+        self.torch_activations = {self.names[m] for m in self.activation_modules
+                                  if type(m).__module__ == nn.ReLU.__module__}
         self.robustbench_layers = {m for m in self.names if is_robustbench_meansparse(m)}
         self.users = 0
         self.handles = [h for m in self.names for h in (
@@ -175,6 +181,11 @@ class _Router:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+    def cheapest(self, taps: list[Tap]) -> list[Tap]:
+        """``taps`` with functional calls inside PyTorch's activation modules caught by the modules' pre-hooks."""
+        return [replace(t, kind="module") if t.kind == "function" and t.name.split("#")[0] in self.torch_activations
+                else t for t in taps]
 
     def function_tap_base(self, state: _Pass, op: str) -> str:
         module, name = state.scopes[-1] if state.scopes else (None, "")
@@ -282,6 +293,7 @@ def find_taps(model: nn.Module, example: torch.Tensor) -> list[Tap]:
 def route_taps(model: nn.Module, taps: list[Tap], handler: Handler, *args, **kwargs):
     """Run ``model(*args, **kwargs)`` once with each tap's input replaced by ``handler(tap, x)``."""
     with _routing(model) as router:
+        taps = router.cheapest(taps)
         state = _Pass(handler, {t.name: t for t in taps})
         return _run(router, state, model, args, kwargs, any(t.kind == "function" for t in taps))
 
@@ -306,10 +318,11 @@ class SparseModel(nn.Module):
             MeanSparse(s.mean, s.std, s.tap.channel_dim) for s in stats.taps
         )
         self._index = {t.name: i for i, t in enumerate(self.taps)}
-        self._by_name = {t.name: t for t in self.taps}  # built once: forward runs on every slider move
-        self._functional = any(t.kind == "function" for t in self.taps)
         self._attachment = _routing(model)
         self._router = self._attachment.__enter__()
+        routed = self._router.cheapest(self.taps)
+        self._by_name = {t.name: t for t in routed}  # built once: forward runs on every slider move
+        self._functional = any(t.kind == "function" for t in routed)
         self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
 
     def forward(

@@ -129,6 +129,44 @@ def test_module_taps_repeated_calls_and_custom_activations():
     assert not torch.allclose(first.mean, second.mean), "each call of a shared module has its own statistics"
 
 
+class MixedNet(nn.Module):
+    """PyTorch activation modules (caught by pre-hooks) next to a functional call (function mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.gelu = nn.GELU()
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        return F.relu(self.gelu(h) - 0.1) + self.act(h)
+
+
+def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks():
+    from meansparse_core.placement import route_taps
+
+    model = MixedNet()
+    images, stats = calibrated(model)
+    assert [t.name for t in stats.tap_list] == ["act", "gelu", "relu", "act#2"]
+    seen = []
+    route_taps(model, stats.tap_list, lambda tap, x: seen.append(tap.name) or x, images)
+    assert seen == ["act", "gelu", "relu", "act#2"], "every tap exactly once, in forward order"
+
+    def s(name, t):
+        return sparsify(t, stats[name].mean.float(), stats[name].std.float(), 0.4, 1)
+
+    with torch.no_grad():
+        h = F.relu(s("act", model.conv(images)))
+        expected = F.relu(s("relu", F.gelu(s("gelu", h)) - 0.1)) + F.relu(s("act#2", h))
+        sparse = attach(model, stats)
+        assert sparse._functional, "the functional F.relu still needs the function mode"
+        assert torch.allclose(sparse(images, alpha=0.4), expected, atol=1e-6)
+    sparse.detach()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert not attach(plain, calibrated(plain)[1])._functional, "PyTorch modules alone need no function mode"
+
+
 def test_channel_last_features_use_the_last_axis():
     model = TokenNet()
     images, stats = calibrated(model, shape=(3, 16, 16))
