@@ -362,19 +362,28 @@ class Picked:
     caption: str
 
 
+@st.cache_data(show_spinner=False)
+def gallery_order(size: int) -> list[int]:
+    """The test images in the gallery's (seeded, shuffled) order."""
+    return sample_indices(size, size, seed=0)
+
+
+def test_image(current: Setup, index: int) -> Picked:
+    image, label = current.test_set[index]
+    return Picked(f"test/{index}", image, label, f"test image {index} ({current.spec.class_names[label]})")
+
+
 def gallery_ui(current: Setup, count: int = 8) -> None:
     """A row of test images with labels; a button under each picks it."""
     if current.test_set is None:
         return
     page = st.session_state.get("gallery_page", 0)
-    indices = sample_indices(len(current.test_set), len(current.test_set), seed=0)[page * count:(page + 1) * count]
-    names = current.spec.class_names
     columns = st.columns(count)
-    for column, index in zip(columns, indices):
-        image, label = current.test_set[index]
-        column.image(to_display(image), caption=names[label], width="stretch")
+    for column, index in zip(columns, gallery_order(len(current.test_set))[page * count:(page + 1) * count]):
+        picked = test_image(current, index)
+        column.image(to_display(picked.image), caption=current.spec.class_names[picked.label], width="stretch")
         if column.button("Pick", key=f"pick_{index}"):
-            pick(Picked(f"test/{index}", image, label, f"test image {index} ({names[label]})"))
+            pick(picked)
     if st.button("More images", key="gallery_more"):
         st.session_state["gallery_page"] = page + 1
         st.rerun()
@@ -413,9 +422,7 @@ def picked_image(current: Setup) -> Picked:
     if current.test_set is None:
         st.info("No labelled data on this machine: upload an image on the Explore page.")
         st.stop()
-    index = sample_indices(len(current.test_set), len(current.test_set), seed=0)[0]
-    image, label = current.test_set[index]
-    pick(Picked(f"test/{index}", image, label, f"test image {index} ({current.spec.class_names[label]})"))
+    pick(test_image(current, gallery_order(len(current.test_set))[0]))
     return st.session_state["picked"]
 
 
