@@ -88,7 +88,7 @@ def cached_statistics(choice: ModelChoice, data: str):
 def cached_sparse(choice: ModelChoice, data: str) -> SparseModel | None:
     """The shared sparsified view of the cached model; it holds no alpha, so sessions cannot collide."""
     found = cached_statistics(choice, data)
-    return attach(cached_model(choice), found[0]) if found else None
+    return attach(cached_model(choice), found.stats) if found else None
 
 
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=4)
@@ -249,9 +249,11 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
 def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
     """Where the statistics in use come from; offers a calibration run with a progress bar when there are none."""
     found = cached_statistics(choice, data)
+    if found is not None and found.discarded:
+        st.warning(found.discarded)
     if found is not None:
-        st.caption(f"Statistics: {found[1]}.")
-        return found[1]
+        st.caption(f"Statistics: {found.origin}.")
+        return found.origin
     st.warning(f"{choice.spec.name} has no MeanSparse statistics for {data} yet: calibrate them on its training split.")
     try:
         train = cached_dataset(data, root, "train")

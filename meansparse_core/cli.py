@@ -84,7 +84,7 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
             f"No statistics for {spec.key} on {data}: run `python -m meansparse_core calibrate "
             f"--model {spec.key}` first, or pass --stats FILE."
         )
-    return found[0]
+    return found.stats
 
 
 def _settings(args) -> EvalSettings:

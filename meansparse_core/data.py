@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,9 @@ def fit_image(image: Image.Image, size: tuple[int, int, int]) -> torch.Tensor:
     """Any PIL image as a (C, H, W) tensor in [0, 1]: upright, C channels, centre-cropped to H x W."""
     channels, height, width = size
     image = ImageOps.exif_transpose(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit grey (PNG, TIFF): scale to 8 bits; convert() would clip every tone above 255 to white.
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
     if image.mode in ("P", "LA", "PA", "RGBA") or "transparency" in image.info:
         # Transparent pixels over white, as an image viewer shows them.
         rgba = image.convert("RGBA")
@@ -241,13 +245,42 @@ def load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, 
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+def _connect(url: str, timeout: float):
+    """``urlopen`` with ``timeout`` on the whole connection, name lookup included.
+
+    urllib's own timeout covers socket operations only; a name lookup with no network can hang far
+    longer, so the connection is made in a daemon thread that is abandoned after ``timeout``.
+    """
+    outcome: dict = {}
+
+    def connect() -> None:
+        try:
+            outcome["response"] = urllib.request.urlopen(url, timeout=timeout)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=connect, name="meansparse-download", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no connection within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["response"]
+
+
 def download(url: str, dest: Path, md5: str | None = None, progress: Progress | None = None,
-             timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Fetch ``url`` to ``dest`` atomically; DataUnavailable (naming ``dest``) when it cannot."""
+             timeout: float | None = None) -> Path:
+    """Fetch ``url`` to ``dest`` atomically; DataUnavailable (naming ``dest``) when it cannot.
+
+    Fails within ``timeout`` seconds (default ``DOWNLOAD_TIMEOUT_S``) when there is no network,
+    and when a server stops sending for that long; it never retries.
+    """
     dest = Path(dest)
+    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
 
     def fetch(out) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _connect(url, timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
             digest, done = hashlib.md5(), 0
             while chunk := response.read(1 << 20):

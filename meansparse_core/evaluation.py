@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .attacks import make_attack
-from .files import atomic_write
+from .files import atomic_write, discard_damaged
 from .operator import GradMode
 from .placement import SparseModel
 
@@ -117,14 +117,25 @@ class ResultCache:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
     def get_or_run(self, context: dict, settings: EvalSettings, run: Callable[[], EvalResult]) -> EvalResult:
-        """``context`` names the model, statistics and items (e.g. model key, stats hash, data, n, seed)."""
+        """``context`` names the model, statistics and items (e.g. model key, stats hash, data, n, seed).
+
+        A stored file that is damaged or not a result is discarded with a ``CacheWarning`` and rerun.
+        """
         path = self._path(context, settings)
-        try:
-            stored = json.loads(path.read_text())
-            return EvalResult(stored["clean_acc"], stored["robust_acc"], stored["n"], stored["seconds"], settings)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # missing or unreadable: recompute
+        if path.exists():
+            try:
+                return self._read(path, settings)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                discard_damaged(path, f"not a stored result: {exc}")
         result = run()
         record = {"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n, "seconds": result.seconds}
         atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
         return result
+
+    @staticmethod
+    def _read(path: Path, settings: EvalSettings) -> EvalResult:
+        stored = json.loads(path.read_text())
+        clean, robust, n = float(stored["clean_acc"]), float(stored["robust_acc"]), stored["n"]
+        if not (isinstance(n, int) and n > 0 and 0 <= robust <= clean <= 1):
+            raise ValueError(f"impossible figures {stored}")
+        return EvalResult(clean, robust, n, float(stored["seconds"]), settings)

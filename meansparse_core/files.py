@@ -1,13 +1,15 @@
-"""Small file helpers shared by the library: atomic writes and checked weight loading."""
+"""Small file helpers shared by the library: atomic writes, damaged caches and checked weight loading."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, Callable
 
+import torch
 from torch import nn
 
 
@@ -30,6 +32,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
+class CacheWarning(UserWarning):
+    """A cache file was damaged or belonged to something else; it was discarded and will be rebuilt."""
+
+
+def discard_damaged(path: str | os.PathLike, why: str) -> str:
+    """Delete a cache file that cannot be used, warn, and return the warning's sentence.
+
+    Caches only hold what the library can compute again, so deleting is safe; leaving the file
+    would make every later run trip over it.
+    """
+    message = f"Discarded the cache file {path} ({why}); it will be rebuilt."
+    Path(path).unlink(missing_ok=True)
+    warnings.warn(message, CacheWarning, stacklevel=3)
+    return message
+
+
 def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
     """``model.load_state_dict`` that fails with one readable sentence naming what does not fit."""
     expected, stored = set(model.state_dict()), set(state_dict)
@@ -39,6 +57,10 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
             f"The weights in {source} do not fit {type(model).__name__}: "
             f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}."
         )
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"The weights in {source} hold NaN or infinite values (in {broken[:4]}); "
+                         "use a checkpoint from a training run that did not diverge.")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # same names, other shapes

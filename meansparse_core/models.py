@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -159,9 +160,16 @@ def _fetch_robustbench(spec: ModelSpec, model_dir: Path, progress: Progress | No
 def _load_robustbench(spec: ModelSpec, model_dir: Path, progress: Progress | None) -> nn.Module:
     _fetch_robustbench(spec, model_dir, progress)
     rb = import_robustbench()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return rb.load_model(spec.name, model_dir=model_dir, dataset=spec.dataset, threat_model=spec.threat_model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return rb.load_model(spec.name, model_dir=model_dir, dataset=spec.dataset, threat_model=spec.threat_model)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:
+        # torch.load reads these files with weights_only (torch >= 2.6), so a file that carries
+        # code, a damaged file and weights for another architecture all end up here.
+        files = ", ".join(str(f) for f in weight_files(spec, model_dir))
+        raise ValueError(f"{files} could not be loaded as the weights of {spec.name} ({exc.__class__.__name__}); "
+                         "replace it with RobustBench's file.") from exc
 
 
 # --- one entry point ---------------------------------------------------------------------------

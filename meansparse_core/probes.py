@@ -86,8 +86,13 @@ def histogram(
 
 
 def shared_edges(*arrays: np.ndarray, bins: int = 50) -> np.ndarray:
-    """``bins + 1`` edges spanning every value of ``arrays``."""
-    return np.histogram_bin_edges(np.concatenate([np.ravel(a) for a in arrays]), bins=bins)
+    """``bins + 1`` edges spanning every finite value of ``arrays``.
+
+    NaN and infinite values (a diverging model, say) are left out of the range, and so out of
+    every histogram drawn on these edges, instead of making the range itself undefined.
+    """
+    values = np.concatenate([np.ravel(a) for a in arrays])
+    return np.histogram_bin_edges(values[np.isfinite(values)], bins=bins)
 
 
 def _per_tap(value, default, taps: list[Tap], what: str) -> dict[str, object]:
@@ -118,11 +123,12 @@ def _sample(
 
 
 def _attenuation(features: torch.Tensor) -> float:
-    """Mean over images of ||adv - clean|| / ||clean||, images with clean features all zero left out."""
+    """Mean over images of ||adv - clean|| / ||clean||; images whose ratio is undefined (clean
+    features all zero, or not finite) are left out."""
     clean, adv = features.reshape(2, features.shape[0] // 2, -1)
     change = torch.linalg.vector_norm(adv - clean, dim=1, dtype=torch.float64)
     norm = torch.linalg.vector_norm(clean, dim=1, dtype=torch.float64)
-    defined = norm > 0
+    defined = (norm > 0) & torch.isfinite(norm) & torch.isfinite(change)
     return (change[defined] / norm[defined]).mean().item() if defined.any() else 0.0
 
 

@@ -69,6 +69,18 @@ class TapStatistics:
     std: torch.Tensor
     count: int  # positions seen per channel; 0 when unknown (statistics read from a model)
 
+    def __post_init__(self) -> None:
+        # Refused here, once, so that no NaN can reach the operator, a chart or an exported file.
+        channels = self.tap.channels
+        if tuple(self.mean.shape) != (channels,) or tuple(self.std.shape) != (channels,):
+            raise ValueError(f"The statistics of {self.tap.name} do not have one value per channel "
+                             f"({channels} channels); recalibrate.")
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
+            raise ValueError(f"The statistics of {self.tap.name} hold NaN or infinite values "
+                             "(were the calibration images finite?); recalibrate.")
+        if (self.std < 0).any():
+            raise ValueError(f"The statistics of {self.tap.name} hold a negative standard deviation; recalibrate.")
+
 
 @dataclass
 class Statistics:
@@ -126,11 +138,16 @@ class Statistics:
                 f"{origin} has statistics format version {payload.get('version')}; "
                 f"this version reads {VERSION}. Recalibrate to rebuild it."
             )
-        taps = [
-            TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"])
-            for t in payload["taps"]
-        ]
-        return cls(taps=taps, meta=payload["meta"])
+        try:
+            taps = [
+                TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"])
+                for t in payload["taps"]
+            ]
+            return cls(taps=taps, meta=dict(payload["meta"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{origin} is a damaged MeanSparse statistics file ({exc!r}); recalibrate.") from exc
+        except ValueError as exc:
+            raise ValueError(f"{origin}: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically, so a reader never sees half a file."""

@@ -4,8 +4,8 @@ compared, and the live accuracy figures that follow the threshold.
 Everything here takes the shared model read-only and gets alpha per call, so one loaded model
 serves many users at once. Example::
 
-    stats, origin = find_statistics(spec, model, "digits")
-    sparse = attach(model, stats)
+    found = find_statistics(spec, model, "digits")
+    sparse = attach(model, found.stats)
     adversarial = attack_image(sparse, image, label, AttackChoice(attack="pgd", eps=8), alpha=0.2)
     comparison = compare(sparse, image, adversarial, label, alpha=0.2, class_names=spec.class_names)
     print(comparison.verdict)
@@ -23,9 +23,10 @@ from torch import nn
 
 from .attacks import make_attack
 from .evaluation import EvalSettings, ResultCache, evaluate, predict
+from .files import discard_damaged
 from .models import ModelSpec, bundled_statistics_path
 from .operator import GradMode
-from .placement import SparseModel
+from .placement import SparseModel, find_taps
 from .statistics import Statistics, embedded_statistics
 
 STATS_CACHE = Path(".cache") / "stats"
@@ -41,25 +42,42 @@ def statistics_path(spec: ModelSpec, data: str, weights_digest: str | None = Non
     return cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{spec.key}{weights}__{data}')}.pt"
 
 
+@dataclass(frozen=True)
+class FoundStatistics:
+    """Statistics for a model, where they came from, and what was discarded on the way (or None)."""
+
+    stats: Statistics
+    origin: str
+    discarded: str | None = None
+
+
 def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest: str | None = None,
-                    cache: Path = STATS_CACHE) -> tuple[Statistics, str] | None:
-    """Statistics for ``model`` without calibrating, and where they came from; None if there are none.
+                    cache: Path = STATS_CACHE) -> FoundStatistics | None:
+    """Statistics for ``model`` without calibrating; None if there are none.
 
     Looked up in order: a calibration cached for this model and data, the statistics shipped with a
     bundled model, and the buffers of MeanSparse layers already inside the model (RobustBench's
-    sparsified models).
+    sparsified models). A cached file that is damaged or whose taps are not the model's is
+    discarded with a ``CacheWarning`` and the search goes on.
     """
+    example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
     cached = statistics_path(spec, data, weights_digest, cache)
+    discarded = None
     if cached.exists():
-        stats = Statistics.load(cached)
-        return stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)"
+        try:
+            stats = Statistics.load(cached)
+            if stats.tap_list != find_taps(model, example):
+                raise ValueError("its layers are not this model's")
+            return FoundStatistics(stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)")
+        except ValueError as exc:
+            discarded = discard_damaged(cached, str(exc))
     bundled = bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest else None
     if bundled is not None and bundled.exists():
         stats = Statistics.load(bundled)
-        return stats, f"shipped with the model ({stats.meta.get('n_images', '?')} {spec.dataset} training images)"
+        return FoundStatistics(stats, f"shipped with the model ({stats.meta.get('n_images', '?')} {spec.dataset} training images)",
+                               discarded)
     try:
-        example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
-        return embedded_statistics(model, example), "the model's own MeanSparse layers"
+        return FoundStatistics(embedded_statistics(model, example), "the model's own MeanSparse layers", discarded)
     except ValueError:
         return None
 

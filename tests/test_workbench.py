@@ -27,13 +27,13 @@ def digits():
 
 def test_statistics_are_found_in_the_cache_first_then_with_the_bundle(tmp_path, digits):
     model = digits[0]
-    stats, origin = find_statistics(SPEC, model, "digits", cache=tmp_path)
-    assert "shipped with the model" in origin and stats.fingerprint() == Statistics.load(
+    found = find_statistics(SPEC, model, "digits", cache=tmp_path)
+    assert "shipped with the model" in found.origin and found.stats.fingerprint() == Statistics.load(
         bundled_statistics_path(SPEC)).fingerprint()
     calibrated = calibrate(model, [torch.rand(20, 1, 8, 8)], meta={"model": SPEC.key})
     calibrated.save(statistics_path(SPEC, "digits", cache=tmp_path))
-    stats, origin = find_statistics(SPEC, model, "digits", cache=tmp_path)
-    assert origin.startswith("calibrated on 20 digits") and stats.fingerprint() == calibrated.fingerprint()
+    found = find_statistics(SPEC, model, "digits", cache=tmp_path)
+    assert found.origin.startswith("calibrated on 20 digits") and found.stats.fingerprint() == calibrated.fingerprint()
     # a user's checkpoint of the same architecture never gets the bundled statistics
     assert find_statistics(SPEC, model, "digits", weights_digest="abc", cache=tmp_path) is None
 
