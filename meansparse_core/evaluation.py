@@ -122,11 +122,12 @@ class ResultCache:
         A stored file that is damaged or not a result is discarded with a ``CacheWarning`` and rerun.
         """
         path = self._path(context, settings)
-        if path.exists():
-            try:
-                return self._read(path, settings)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                discard_damaged(path, f"not a stored result: {exc}")
+        try:
+            return self._read(path, settings)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            discard_damaged(path, f"not a stored result: {exc}")
         result = run()
         record = {"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n, "seconds": result.seconds}
         atomic_write(path, lambda f: f.write(json.dumps(record).encode()))

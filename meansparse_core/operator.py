@@ -67,8 +67,8 @@ def sparsify(
 
         y = sparsify(features, mean, std, alpha=0.25)
     """
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}.")
+    if not alpha >= 0:  # also refuses NaN, which would silently switch the operator off
+        raise ValueError(f"alpha must be a number >= 0, got {alpha}.")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     if alpha == 0:

@@ -63,14 +63,15 @@ def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest
     example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
     cached = statistics_path(spec, data, weights_digest, cache)
     discarded = None
-    if cached.exists():
-        try:
-            stats = Statistics.load(cached)
-            if stats.tap_list != find_taps(model, example):
-                raise ValueError("its layers are not this model's")
-            return FoundStatistics(stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)")
-        except ValueError as exc:
-            discarded = discard_damaged(cached, str(exc))
+    try:
+        stats = Statistics.load(cached)
+        if stats.tap_list != find_taps(model, example):
+            raise ValueError("its layers are not this model's")
+        return FoundStatistics(stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)")
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:
+        discarded = discard_damaged(cached, str(exc))
     bundled = bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest else None
     if bundled is not None and bundled.exists():
         stats = Statistics.load(bundled)
@@ -139,7 +140,11 @@ class TopK:
 def top_k(model: nn.Module, image: torch.Tensor, class_names: Sequence[str], k: int = 5) -> TopK:
     """Top-k softmax probabilities of ``model`` for one (C, H, W) image."""
     device = next(model.parameters()).device
-    probabilities = model(image[None].to(device)).float().softmax(dim=1)[0].cpu()
+    logits = model(image[None].to(device)).float()
+    if not torch.isfinite(logits).all():
+        raise ValueError("The model's output for this image is NaN or infinite; check the image and the weights for "
+                         "non-finite values.")
+    probabilities = logits.softmax(dim=1)[0].cpu()
     values, indices = probabilities.topk(min(k, len(probabilities)))
     return TopK(tuple(class_names[i] for i in indices.tolist()), tuple(values.tolist()))
 

@@ -1,0 +1,163 @@
+"""Caches on disk: written atomically, damaged or foreign files discarded with a warning and rebuilt,
+and two processes writing the same file never leave a broken one."""
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from meansparse_core.evaluation import EvalResult, EvalSettings, ResultCache
+from meansparse_core.files import CacheWarning
+from meansparse_core.models import bundled_statistics_path, find_model, load_model
+from meansparse_core.statistics import Statistics, calibrate
+from meansparse_core.workbench import find_statistics, statistics_path
+
+DIGITS = find_model("bundled/digits-cnn")
+CIFAR = find_model("bundled/cifar-resnet9")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DIGITS)
+
+
+def digits_statistics(model, n: int, seed: int = 0) -> Statistics:
+    return calibrate(model, [torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))])
+
+
+def foreign_statistics() -> Statistics:
+    return Statistics.load(bundled_statistics_path(CIFAR))  # a real file, for another model
+
+
+def damaged_files(model) -> dict[str, bytes]:
+    good = Path("good.pt")
+    digits_statistics(model, 10).save(good)
+    whole = good.read_bytes()
+    good.unlink()
+    return {"garbage": b"\x00garbage" * 100, "empty": b"", "truncated": whole[:len(whole) // 2]}
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated", "foreign", "nan"])
+def test_a_damaged_or_foreign_statistics_cache_is_discarded_with_a_warning(tmp_path, monkeypatch, model, kind):
+    monkeypatch.chdir(tmp_path)
+    cached = statistics_path(DIGITS, "digits", cache=tmp_path)
+    if kind == "foreign":
+        foreign_statistics().save(cached)
+    elif kind == "nan":
+        stats = digits_statistics(model, 10)
+        payload = stats.to_payload()
+        payload["taps"][0]["std"][0] = float("nan")
+        torch.save(payload, cached)
+    else:
+        cached.write_bytes(damaged_files(model)[kind])
+
+    with pytest.warns(CacheWarning, match=f"Discarded the cache file {cached}"):
+        found = find_statistics(DIGITS, model, "digits", cache=tmp_path)
+    assert "shipped with the model" in found.origin and str(cached) in found.discarded
+    assert not cached.exists()
+
+    # Rebuilt: the next calibration is cached and found again, with no warning.
+    rebuilt = digits_statistics(model, 12)
+    rebuilt.save(cached)
+    again = find_statistics(DIGITS, model, "digits", cache=tmp_path)
+    assert again.discarded is None and again.stats.fingerprint() == rebuilt.fingerprint()
+
+
+def record(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"clean_acc": 0.5}',
+                                     '{"clean_acc": 0.5, "robust_acc": 0.9, "n": 10, "seconds": 1}',
+                                     '{"clean_acc": NaN, "robust_acc": 0.1, "n": 10, "seconds": 1}'])
+def test_a_damaged_result_is_discarded_rerun_and_rewritten(tmp_path, content):
+    cache, settings, runs = ResultCache(tmp_path), EvalSettings(alpha=0.1), []
+
+    def run():
+        runs.append(1)
+        return EvalResult(0.75, 0.25, 8, 1.0, settings)
+
+    cache.get_or_run({"model": "m"}, settings, run)
+    [path] = tmp_path.glob("*.json")
+    path.write_text(content)
+    with pytest.warns(CacheWarning, match="not a stored result"):
+        result = cache.get_or_run({"model": "m"}, settings, run)
+    assert (result.clean_acc, result.robust_acc, len(runs)) == (0.75, 0.25, 2)
+    assert record(path)["robust_acc"] == 0.25
+    assert cache.get_or_run({"model": "m"}, settings, run).robust_acc == 0.25 and len(runs) == 2
+
+
+def test_a_failed_write_keeps_the_old_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch, model):
+    path = tmp_path / "stats.pt"
+    old = digits_statistics(model, 10)
+    old.save(path)
+
+    def fail_halfway(payload, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        digits_statistics(model, 20, seed=1).save(path)
+    monkeypatch.undo()
+    assert Statistics.load(path).fingerprint() == old.fingerprint()
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.pt"]
+
+
+def _write_many(path: str, seed: int, rounds: int) -> None:
+    model = load_model(DIGITS)
+    stats = digits_statistics(model, 10 + seed, seed)
+    folder, settings = Path(path).parent / "results", EvalSettings()
+    for _ in range(rounds):
+        stats.save(path)
+        ResultCache(folder).get_or_run({}, settings, lambda: EvalResult(0.5, 0.25, 100 + seed, 1.0, settings))
+        for result in folder.glob("*.json"):
+            result.unlink(missing_ok=True)  # so that the next round writes it again
+
+
+def test_two_processes_writing_the_same_caches_never_leave_a_broken_file(tmp_path, model):
+    path = tmp_path / "stats.pt"
+    expected = {digits_statistics(model, 10 + seed, seed).fingerprint() for seed in (0, 1)}
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_many, args=(str(path), seed, 40)) for seed in (0, 1)]
+    for writer in writers:
+        writer.start()
+    reads = 0
+    while any(w.is_alive() for w in writers):
+        if path.exists():
+            assert Statistics.load(path).fingerprint() in expected  # one whole version or the other
+            reads += 1
+        for result in (tmp_path / "results").glob("*.json"):
+            try:
+                assert record(result)["n"] in (100, 101)
+            except FileNotFoundError:
+                pass  # removed by a writer between glob and read
+    assert all(w.join() is None and w.exitcode == 0 for w in writers)
+    assert reads > 0 and Statistics.load(path).fingerprint() in expected
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file left behind"
+
+
+def test_the_app_warns_about_a_damaged_statistics_cache_and_keeps_working(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    import ui
+
+    monkeypatch.chdir(tmp_path)  # the app caches statistics under ./.cache
+    damaged = statistics_path(DIGITS, "digits")
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not statistics")
+    ui.cached_statistics.clear()
+    ui.cached_sparse.clear()
+    try:
+        with pytest.warns(CacheWarning):
+            app = AppTest.from_file(str(Path(__file__).parents[1] / "app.py"), default_timeout=120).run()
+        assert not app.exception and not app.error
+        assert "Discarded the cache file" in "\n".join(w.value for w in app.sidebar.warning)
+        assert "shipped with the model" in "\n".join(c.value for c in app.sidebar.caption)
+        assert not damaged.exists()
+    finally:
+        ui.cached_statistics.clear()
+        ui.cached_sparse.clear()
