@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .placement import eval_mode
+from .placement import eval_mode, frozen
 
 
 class Attack:
@@ -47,8 +47,8 @@ class Attack:
         self.seed = seed
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Adversarial images for ``images`` with true ``labels``, the model in eval mode."""
-        with eval_mode(self.model):
+        """Adversarial images for ``images`` with true ``labels``, the model in eval mode, its weights frozen."""
+        with eval_mode(self.model), frozen(self.model):
             return self.run(images, labels)
 
     def run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +228,37 @@ class _Router:
             state.width_hint = hint
 
 
+# Per (object, attribute): [blocks using the changed value, the value to restore after the last one].
+_borrowed: dict[tuple[int, str], list] = {}
+_borrowed_lock = threading.Lock()
+
+
+@contextmanager
+def _borrow(objects: Iterable, attribute: str, value: bool, assign: Callable[[object, bool], None]) -> Iterator[None]:
+    """Give every object's ``attribute`` the ``value`` for a block, shared by concurrent blocks.
+
+    Sessions share cached models, so two blocks on two threads can overlap: the first one in
+    records each object's own value, the last one out restores it. A plain save-and-restore would
+    let the first block to finish switch the model back under the other.
+    """
+    objects = list(objects)
+    with _borrowed_lock:
+        for obj in objects:
+            held = _borrowed.setdefault((id(obj), attribute), [0, getattr(obj, attribute)])
+            held[0] += 1
+            assign(obj, value)
+    try:
+        yield
+    finally:
+        with _borrowed_lock:
+            for obj in objects:
+                held = _borrowed[(id(obj), attribute)]
+                held[0] -= 1
+                if held[0] == 0:
+                    del _borrowed[(id(obj), attribute)]
+                    assign(obj, held[1])
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run a block with ``model`` in eval mode, then give every submodule back its own mode.
@@ -235,13 +266,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     Per module rather than ``model.train(was_training)``: a shared model whose parts are in mixed
     modes gets exactly its modes back, and a wrapper's flag can never switch the model it wraps.
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with _borrow(model.modules(), "training", False, lambda module, flag: setattr(module, "training", flag)):
         yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with no parameter of ``model`` requiring gradients, then restore each one's flag.
+
+    Attacks differentiate with respect to the input only: frozen weights collect no ``.grad``
+    (some reference attacks call ``backward()``) and backward passes skip the weight gradients.
+    """
+    with _borrow(model.parameters(), "requires_grad", False, lambda p, flag: p.requires_grad_(flag)):
+        yield model
 
 
 _routers: "weakref.WeakKeyDictionary[nn.Module, _Router]" = weakref.WeakKeyDictionary()
