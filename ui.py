@@ -28,17 +28,14 @@ from meansparse_core.files import file_digest
 from meansparse_core.models import (DEFAULT_MODEL_DIR, ModelSpec, ModelUnavailable, bundled_models, find_model,
                                     is_local, load_checkpoint, load_model, robustbench_models, weight_files)
 from meansparse_core.placement import SparseModel
-from meansparse_core.workbench import AttackChoice, LiveAccuracy, attack_image, find_statistics, nearest, statistics_path
+from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, attack_image, find_statistics, nearest, statistics_path
 
 log = logging.getLogger("meansparse_explorer")
 
 #: Errors a user can cause; they are shown as one sentence. Anything else is a bug: logged in full.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DataUnavailable, ModelUnavailable)
 UPLOADS = Path(".cache") / "uploads"
-#: Images behind the live accuracy figures: 2 x 50 forward passes per slider move keep it interactive.
-LIVE_SET_SIZE = 50
 DEFAULT_ALPHA = 0.2
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 @contextmanager
@@ -99,7 +96,7 @@ def cached_dataset(data: str, root: str, split: str) -> Dataset:
 @st.cache_resource(show_spinner="Crafting the live evaluation set (once per model)...", max_entries=4)
 def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float) -> LiveAccuracy:
     dataset = cached_dataset(data, root, "test")
-    images, labels = load_items(dataset, sample_indices(len(dataset), LIVE_SET_SIZE, seed=0))
+    images, labels = load_items(dataset, sample_indices(len(dataset), LIMITS.live_set, seed=0))
     return LiveAccuracy.craft(cached_model(choice), images.to(choice.device), labels.to(choice.device),
                               AttackChoice(eps=eps, target="base"))
 
@@ -398,7 +395,7 @@ def upload_ui(current: Setup) -> None:
         return
     data = upload.getvalue()
     try:
-        image = load_image(data, current.spec.input_size, MAX_IMAGE_PIXELS)
+        image = load_image(data, current.spec.input_size, LIMITS.image_pixels)
     except ValueError as exc:  # the rest of the page keeps working on the previous image
         st.error(str(exc))
         return
@@ -477,7 +474,7 @@ def accuracy_panel_ui(current: Setup) -> None:
     clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
                                           tuple(sorted(current.layer_alphas.items())))
     left, middle, right = st.columns(3)
-    left.metric(f"Clean accuracy ({LIVE_SET_SIZE} test images, live)", f"{clean:.0%}")
+    left.metric(f"Clean accuracy ({LIMITS.live_set} test images, live)", f"{clean:.0%}")
     middle.metric("Transfer robust accuracy (live)", f"{transfer:.0%}",
                   help=f"Adversarial examples crafted once against the base model ({live.attack}); "
                        "the attacker never saw MeanSparse, so this is not adaptive robustness.")

@@ -7,7 +7,7 @@ For each demo model, medians over ``--rounds`` repeats of:
 * ``layers``: what the Layers view recomputes: probes of every tap (summaries and histogram samples)
   and the histograms of the shown tap;
 * ``live_panel``: the accuracy figures both views show (clean and transfer accuracy of the
-  sparsified model on its 50-image set, ``ui.LIVE_SET_SIZE``) at an alpha not seen before;
+  sparsified model on its 50-image set, ``LIMITS.live_set``) at an alpha not seen before;
 * ``pgd10``: one PGD-10 attack on one image against the sparsified model;
 * ``app_rerun_explore`` / ``app_rerun_layers``: a slider move in the real app (Streamlit's AppTest:
   the whole script rerun, server side, charts serialised), so Streamlit's own cost is included;
@@ -39,10 +39,9 @@ from meansparse_core import attach
 from meansparse_core.models import bundled_models, bundled_statistics_path, load_model
 from meansparse_core.probes import probe
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import AttackChoice, LiveAccuracy, attack_image, compare
+from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, attack_image, compare
 
 ROOT = Path(__file__).resolve().parent.parent
-LIVE_SET_SIZE = 50  # as ui.LIVE_SET_SIZE (not imported: the benchmark's library part needs no Streamlit)
 
 
 def median_seconds(fn, rounds: int) -> float:
@@ -60,8 +59,8 @@ def library_timings(spec, rounds: int) -> dict:
     sparse = attach(model, Statistics.load(bundled_statistics_path(spec)))
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(spec.input_size, generator=generator)
-    live_images = torch.rand(LIVE_SET_SIZE, *spec.input_size, generator=generator)
-    live_labels = torch.randint(0, spec.num_classes, (LIVE_SET_SIZE,), generator=generator)
+    live_images = torch.rand(LIMITS.live_set, *spec.input_size, generator=generator)
+    live_labels = torch.randint(0, spec.num_classes, (LIMITS.live_set,), generator=generator)
     live = LiveAccuracy(live_images, live_labels, live_images.flip(-1), "random")
     adversarial = attack_image(sparse, image, 0, AttackChoice(steps=10, target="base"))
     alphas = iter(np.linspace(0.05, 1.0, 10_000))

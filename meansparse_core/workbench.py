@@ -32,6 +32,41 @@ from .statistics import Statistics, embedded_statistics
 STATS_CACHE = Path(".cache") / "stats"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request from the app may ask for.
+
+    A teaching server is shared by a room: no single click may queue hours of work or hold
+    gigabytes. Raise them here for a private machine.
+    """
+
+    items: int = 1000  # test images per accuracy sweep
+    alphas: int = 12  # alphas per sweep, besides alpha 0
+    steps: int = 200  # iterations of one attack
+    square_queries: int = 5000
+    image_pixels: int = 40_000_000  # of an uploaded image, checked before it is decoded
+    live_set: int = 50  # test images behind the live figures: 2 x 50 forward passes per slider move
+
+    def steps_for(self, attack: str) -> int:
+        return self.square_queries if attack == "square" else self.steps
+
+
+LIMITS = Limits()
+
+
+def parse_alphas(text: str, limits: Limits = LIMITS) -> tuple[float, ...]:
+    """Alphas typed as "0.1, 0.2; 0.3": sorted, distinct, each in [0, 10], at most ``limits.alphas``."""
+    try:
+        values = tuple(sorted({float(a) for a in text.replace(";", ",").split(",") if a.strip()}))
+    except ValueError:
+        raise ValueError(f"Alphas must be numbers separated by commas, e.g. 0.1, 0.2; got {text!r}.") from None
+    if not values or not all(0 <= a <= 10 for a in values):
+        raise ValueError("Give at least one alpha, each between 0 and 10.")
+    if len(values) > limits.alphas:
+        raise ValueError(f"Give at most {limits.alphas} alphas per sweep; you gave {len(values)}.")
+    return values
+
+
 # --- statistics ------------------------------------------------------------------------------
 
 
@@ -250,16 +285,18 @@ def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tens
 
     Each row has ``alpha``, ``clean``, ``robust`` and one ``robust_<opinion>`` column per second
     opinion (BPDA is skipped at alpha 0, where it equals the plain attack). ``progress(done, total,
-    what)`` follows every evaluation.
+    what)`` follows every batch: ``done`` counts evaluations, with a fraction for the one running.
     """
     jobs = [(a, "robust", replace(settings, alpha=float(a))) for a in sorted(set(alphas) | {0.0})]
     jobs += [(a, f"robust_{o}", second_opinion(one, o, square_queries))
              for a, _, one in list(jobs) for o in opinions if not (o == "bpda" and a == 0)]
     rows: dict[float, dict] = {}
     for done, (alpha, column, one) in enumerate(jobs):
+        what, report = f"{column.replace('_', ' ')} at alpha {alpha:g}", None
         if progress is not None:
-            progress(done, len(jobs), f"{column.replace('_', ' ')} at alpha {alpha:g}")
-        run = lambda: evaluate(sparse, images, labels, one)  # noqa: E731 - deferred for the cache
+            progress(done, len(jobs), what)
+            report = lambda items, total: progress(done + items / max(total, 1), len(jobs), what)  # noqa: E731
+        run = lambda: evaluate(sparse, images, labels, one, report)  # noqa: E731 - deferred for the cache
         result = cache.get_or_run(cache_key or {}, one, run) if cache is not None else run()
         row = rows.setdefault(alpha, {"alpha": alpha, "clean": result.clean_acc})
         row[column] = result.robust_acc

@@ -10,10 +10,9 @@ import ui
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
-from meansparse_core.workbench import accuracy_table, best_alpha
+from meansparse_core.workbench import LIMITS, accuracy_table, best_alpha, parse_alphas
 
 ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
-MAX_ITEMS = 1000
 RESULTS = ResultCache(".cache/results")
 
 
@@ -26,33 +25,23 @@ class SweepRequest:
     square_queries: int
 
 
-def parse_alphas(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(sorted({float(a) for a in text.replace(";", ",").split(",") if a.strip()}))
-    except ValueError:
-        raise ValueError(f"Alphas must be numbers separated by commas, e.g. 0.1, 0.2; got {text!r}.") from None
-    if not values or any(a < 0 or a > 10 for a in values):
-        raise ValueError("Give at least one alpha, each between 0 and 10.")
-    return values
-
-
 def sweep_ui(current: ui.Setup) -> SweepRequest | None:
     """The sweep's settings; returned when Run is pressed."""
     with st.form("sweep"):
         columns = st.columns(4)
         available = len(current.test_set)
-        n = columns[0].number_input("Test images (N)", 10, min(MAX_ITEMS, available), min(200, available), 10)
+        n = columns[0].number_input("Test images (N)", 10, min(LIMITS.items, available), min(200, available), 10)
         attack = columns[1].selectbox("Attack", ATTACKS)
         l2 = attack == "pgd-l2"
         eps = columns[2].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
                                       0.5 if l2 else current.eps, 0.05 if l2 else 0.5)
-        steps = columns[3].number_input("Steps", 1, 100, 10)
+        steps = columns[3].number_input("Steps", 1, LIMITS.steps, 10)
         alphas = st.text_input("Alphas to sweep (alpha 0, the base model, is always included)",
                                "0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4")
         columns = st.columns(3)
         bpda = columns[0].checkbox("Also with BPDA (straight-through gradients)", True)
         square = columns[1].checkbox("Also with Square (no gradients)")
-        queries = columns[2].number_input("Square queries", 100, 5000, 1000, 100)
+        queries = columns[2].number_input("Square queries", 100, LIMITS.square_queries, 1000, 100)
         pressed = st.form_submit_button("Run", type="primary")
     if not pressed:
         return None
@@ -71,7 +60,8 @@ def run_sweep(current: ui.Setup, request: SweepRequest) -> dict:
            "data_dir": current.data_root, "n": request.n}
     rows = accuracy_table(current.sparse, images.to(device), labels.to(device), request.settings, request.alphas,
                           request.opinions, request.square_queries,
-                          progress=lambda done, total, what: bar.progress(done / total, f"{done}/{total}: {what}"),
+                          progress=lambda done, total, what: bar.progress(
+                              done / total, f"evaluation {min(int(done) + 1, total)} of {total}: {what}"),
                           cache=RESULTS, cache_key=key)
     bar.empty()
     s = request.settings

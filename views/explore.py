@@ -6,10 +6,7 @@ from plotly.subplots import make_subplots
 
 import ui
 from meansparse_core.attacks import ATTACKS
-from meansparse_core.workbench import AttackChoice, Comparison, amplified, compare
-
-#: Iterations (queries for Square) the page allows, so one click cannot hold the server for long.
-MAX_STEPS = {"square": 5000, "autoattack": 100}
+from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare
 
 
 def image_ui(current: ui.Setup) -> ui.Picked:
@@ -22,14 +19,15 @@ def image_ui(current: ui.Setup) -> ui.Picked:
 def attack_ui(current: ui.Setup) -> AttackChoice | None:
     """The attack's settings; returns them when the Attack button is pressed."""
     st.subheader("2 · Attack it")
+    # Outside the form: the budget's units and the step limit follow the attack as soon as it is picked.
+    attack = st.selectbox("Attack", sorted(ATTACKS), index=sorted(ATTACKS).index("pgd"), key="attack_name")
     with st.form("attack"):
-        columns = st.columns(4)
-        attack = columns[0].selectbox("Attack", sorted(ATTACKS), index=sorted(ATTACKS).index("pgd"))
+        columns = st.columns(3)
         l2 = attack == "pgd-l2"
-        eps = columns[1].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
+        eps = columns[0].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
                                       0.5 if l2 else current.eps, 0.05 if l2 else 0.5)
-        steps = columns[2].number_input("Steps (queries for square)", 1, MAX_STEPS.get(attack, 200), 10)
-        seed = columns[3].number_input("Seed", 0, 2**31 - 1, 0)
+        steps = columns[1].number_input("Queries" if attack == "square" else "Steps", 1, LIMITS.steps_for(attack), 10)
+        seed = columns[2].number_input("Seed", 0, 2**31 - 1, 0)
         columns = st.columns(3)
         target = columns[0].radio("Attack which model", ["sparse", "base"], horizontal=True,
                                   format_func={"sparse": "MeanSparse (current alpha)", "base": "base"}.get)
