@@ -16,15 +16,12 @@ For each demo model, medians over ``--rounds`` repeats of:
 
 Test images are random (timings do not depend on content; no dataset is needed).
 
-    python benchmarks/interactivity.py [--rounds 20] [--out benchmarks/results/b5.json]
+    python benchmarks/b5_interactivity.py [--rounds 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,14 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import ROOT, save
 from meansparse_core import attach
 from meansparse_core.models import bundled_models, bundled_statistics_path, load_model
 from meansparse_core.probes import probe
 from meansparse_core.statistics import Statistics
 from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, attack_image, compare
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def median_seconds(fn, rounds: int) -> float:
     fn()  # warm-up
@@ -138,12 +133,9 @@ def startup_timing(chromium: str = "/usr/bin/chromium", port: int = 8765) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b5.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()},
-               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "models": {}}
+    results = {"rounds": args.rounds, "models": {}}
     for spec in bundled_models():
         results["models"][spec.key] = library_timings(spec, args.rounds)
     results["app_default_model"] = app_rerun_timings(min(args.rounds, 10))
@@ -155,8 +147,7 @@ def main() -> None:
     print(f"app slider rerun (default model): explore {app['app_rerun_explore']:.3f} s, "
           f"layers {app['app_rerun_layers']:.3f} s")
     print(f"start-up: {results['startup']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    save("b5_interactivity", results)
 
 
 if __name__ == "__main__":

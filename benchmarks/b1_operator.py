@@ -1,0 +1,85 @@
+"""B1: forward-pass overhead of MeanSparse, ours against a baseline written from the paper, side by side.
+
+For each model, on the same batch: the base forward; the forward with MeanSparse at ``--alpha``;
+and the same sparsified forward with every operator swapped for a straightforward baseline built
+from the paper's description (``x - mean``, ``abs``, compare with ``alpha * std``, then
+``torch.where`` against a full-size tensor of means). Both sparsified variants run through the same
+placement, so the difference is the operator alone. Overheads are ratios of medians minus one.
+
+    python benchmarks/b1_operator.py [--batch 32] [--rounds 9] [--alpha 0.25] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+from common import MODELS, images, interleaved, save
+from meansparse_core import attach
+
+
+class PaperBaseline(nn.Module):
+    """The operator as the paper describes it, with the interface of ``meansparse_core.MeanSparse``."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, channel_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+        self.channel_dim = channel_dim
+
+    def forward(self, x: torch.Tensor, alpha: float = 0.0, grad: str = "exact") -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        mean, std = self.mean.view(shape), self.std.view(shape)
+        means = mean * torch.ones_like(x)
+        return torch.where(torch.abs(x - mean) < alpha * std, means, x)
+
+
+def with_baseline(sparse):
+    baseline = copy.copy(sparse)  # shares the model and its routing; only the operators differ
+    baseline.operators = nn.ModuleList(PaperBaseline(op.mean, op.std, op.channel_dim) for op in sparse.operators)
+    return baseline
+
+
+def measure(model: nn.Module, stats, batch: int, rounds: int, alpha: float, device: str) -> dict:
+    x = images(batch, device)
+    sparse = attach(model, stats)
+    baseline = with_baseline(sparse)
+    with torch.no_grad():
+        assert torch.equal(sparse(x, alpha=alpha), baseline(x, alpha=alpha)), "the baseline computes the same thing"
+        median = interleaved({
+            "base": lambda: model(x),
+            "meansparse": lambda: sparse(x, alpha=alpha),
+            "paper_baseline": lambda: baseline(x, alpha=alpha),
+        }, rounds)
+    return {
+        "median_seconds": median,
+        "overhead_meansparse": median["meansparse"] / median["base"] - 1,
+        "overhead_paper_baseline": median["paper_baseline"] / median["base"] - 1,
+        "taps": len(stats.taps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--alpha", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    results = {"batch": args.batch, "rounds": args.rounds, "alpha": args.alpha, "device": args.device, "models": {}}
+    print(f"{'model':28} {'base (s)':>9} {'ours':>8} {'paper baseline':>15} {'ours / baseline':>16}")
+    for name, build in MODELS.items():
+        model, stats = build(args.device)
+        r = results["models"][name] = measure(model, stats, args.batch, args.rounds, args.alpha, args.device)
+        share = r["overhead_meansparse"] / r["overhead_paper_baseline"] if r["overhead_paper_baseline"] > 0 else float("nan")
+        print(f"{name:28} {r['median_seconds']['base']:9.4f} {r['overhead_meansparse']:+8.1%} "
+              f"{r['overhead_paper_baseline']:+15.1%} {share:16.2f}")
+    save(f"b1_operator_{args.device}", results)
+
+
+if __name__ == "__main__":
+    main()
