@@ -17,6 +17,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from .fusion import Fused, as_rows
+
 GradMode = Literal["exact", "straight-through"]
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
 
@@ -28,21 +30,55 @@ def channel_view(stat: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch
     return stat.to(dtype=x.dtype, device=x.device).view(shape)
 
 
-def _sparsify_forward(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+def _sparsify_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
     # `mean` broadcasts inside torch.where, so no full-size tensor of means is ever built.
     return torch.where((x - mean).abs() < band, mean, x)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Sparsify in the forward pass, pass the gradient through unchanged in the backward pass."""
+def _exact_gradient_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    # What autograd derives for torch.where above: nothing flows back from inside the band.
+    return torch.where((x - mean).abs() < band, 0.0, grad)
+
+
+_fused_sparsify, _fused_exact_gradient = Fused(_sparsify_eager), Fused(_exact_gradient_eager)
+
+
+def _per_channel(fused: Fused, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int,
+                 *more: torch.Tensor) -> torch.Tensor:
+    """``fused.fn(x, mean, band, *more)`` with per-channel vectors ``mean`` and ``band`` (alpha * std).
+
+    Runs the compiled kernel on canonical rows when it pays and every tensor has ``x``'s layout,
+    else the eager function on broadcast views; no autograd either way.
+    """
+    views = [as_rows(t, channel_dim) for t in (x, *more)] if fused.worth_it(x) and all(
+        t.stride() == x.stride() for t in more) else [None]
+    if views[0] is None:
+        return fused.fn(x, channel_view(mean, x, channel_dim), channel_view(band, x, channel_dim), *more)
+    (rows, back), more_rows = views[0], [v[0] for v in views[1:]]
+    return back(fused(rows, mean.view(1, -1, 1), band.view(1, -1, 1), *more_rows))
+
+
+class _Sparsify(torch.autograd.Function):
+    """The operator with its gradient written out, so both passes can be fused kernels.
+
+    Exact: the gradient is zero inside the band and passes elsewhere (what autograd derives for
+    ``torch.where``). Straight-through (BPDA): the gradient passes everywhere.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-        return _sparsify_forward(x, mean, band)
+    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int,
+                straight_through: bool) -> torch.Tensor:
+        ctx.channel_dim, ctx.straight_through = channel_dim, straight_through
+        if not straight_through:
+            ctx.save_for_backward(x, mean, band)
+        return _per_channel(_fused_sparsify, x, mean, band, channel_dim)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, None, None
+        if ctx.straight_through:
+            return grad_output, None, None, None, None
+        x, mean, band = ctx.saved_tensors
+        return _per_channel(_fused_exact_gradient, x, mean, band, ctx.channel_dim, grad_output), None, None, None, None
 
 
 def sparsify(
@@ -79,11 +115,11 @@ def sparsify(
             f"features have {x.shape[channel_dim]} channels on axis {channel_dim} "
             f"but the statistics have {mean.numel()} means and {std.numel()} stds."
         )
-    mean_b = channel_view(mean, x, channel_dim)
-    band = channel_view(std, x, channel_dim) * alpha
-    if grad == "straight-through":
-        return _StraightThrough.apply(x, mean_b, band)
-    return _sparsify_forward(x, mean_b, band)
+    mean = mean.to(dtype=x.dtype, device=x.device)
+    band = std.to(dtype=x.dtype, device=x.device) * alpha
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Sparsify.apply(x, mean, band, channel_dim, grad == "straight-through")
+    return _per_channel(_fused_sparsify, x, mean, band, channel_dim)
 
 
 class MeanSparse(nn.Module):

@@ -25,12 +25,21 @@ import torch
 from torch import nn
 
 from .files import atomic_write
+from .fusion import Fused, as_rows
 from .placement import Tap, eval_mode, find_taps, route_taps
 
 FORMAT = "meansparse-statistics"
 VERSION = 1
 
 Progress = Callable[[int, int], None]
+
+
+def _batch_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel variance (population) and mean of (A, C, B) features, in float64."""
+    return torch.var_mean(rows.to(torch.float64), dim=[0, 2], correction=0)
+
+
+_fused_moments = Fused(_batch_moments)
 
 
 class RunningMoments:
@@ -42,13 +51,16 @@ class RunningMoments:
         self.m2 = torch.zeros(channels, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, channel_dim: int) -> None:
-        values = x.detach().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-        values = values.to(device="cpu", dtype=torch.float64)
-        n_b = values.shape[1]
+        n_b = x.numel() // max(x.shape[channel_dim], 1)
         if n_b == 0:
             return
-        mean_b = values.mean(dim=1)
-        m2_b = (values - mean_b[:, None]).square().sum(dim=1)
+        # Reduced on the features' own device, fused into one pass where possible (fusion.py);
+        # only the per-channel results travel to the CPU.
+        x = x.detach()
+        view = as_rows(x, channel_dim)
+        rows = view[0] if view else x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim], 1)
+        var_b, mean_b = (_fused_moments if _fused_moments.worth_it(rows) else _batch_moments)(rows)
+        mean_b, m2_b = mean_b.cpu(), var_b.cpu() * n_b
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * (n_b / n)

@@ -171,3 +171,62 @@ def test_sparsify_is_idempotent(case):
     x, mean, std, alpha = case
     once = sparsify(x, mean, std, alpha)
     assert torch.equal(sparsify(once, mean, std, alpha), once)
+
+
+# --- the fused (compiled) path -------------------------------------------------------------------
+
+FUSED_CASES = {"nchw": ((8, 24, 32, 32), 1, False), "channels_last": ((8, 24, 32, 32), 1, True),
+               "tokens": ((8, 1024, 12), -1, False)}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_operator_equals_the_eager_one_bit_for_bit(case, dtype):
+    from meansparse_core.fusion import MIN_ELEMENTS
+    from meansparse_core.operator import _fused_exact_gradient, _fused_sparsify, _per_channel, _sparsify_eager, channel_view
+
+    shape, axis, channels_last = FUSED_CASES[case]
+    x, mean, std = random_case(shape, axis, seed=5)
+    x, mean, std = x.to(dtype), mean.to(dtype), std.to(dtype)
+    std[0] = 0.0  # a dead channel
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=dtype)
+    band = std * 0.5
+    x.select(axis, 1).fill_(mean[1] + band[1])  # a whole channel exactly on the band's edge
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    axis = axis % x.dim()
+    assert x.numel() >= MIN_ELEMENTS and _fused_sparsify.enabled
+
+    fused = _per_channel(_fused_sparsify, x, mean, band, axis)
+    eager = _sparsify_eager(x, channel_view(mean, x, axis), channel_view(band, x, axis))
+    assert _fused_sparsify.kernel is not None and _fused_sparsify.enabled, "the compiled kernel ran"
+    assert fused.stride() == eager.stride(), "the output keeps the input's memory layout"
+    torch.testing.assert_close(fused, eager, rtol=0, atol=0, equal_nan=True)
+    for grad in ("exact", "straight-through"):
+        grads = []
+        for fuse in (True, False):
+            _fused_sparsify.enabled = _fused_exact_gradient.enabled = fuse
+            leaf = x.detach().clone().requires_grad_(True)
+            y = sparsify(leaf, mean, std, 0.5, axis, grad)
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape))
+            grads.append(leaf.grad)
+        _fused_sparsify.enabled = _fused_exact_gradient.enabled = True
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)
+    assert _fused_exact_gradient.kernel is not None, "the compiled backward ran"
+
+
+def test_the_operator_stays_eager_and_says_so_once_where_compiling_fails(monkeypatch):
+    from meansparse_core.fusion import Fused
+    from meansparse_core.operator import _sparsify_eager
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fused = Fused(_sparsify_eager)
+    x, mean, std = random_case((4, 16, 32, 32), 1)
+    arguments = (x, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1) * 0.5)
+    assert fused.worth_it(x)
+    with pytest.warns(RuntimeWarning, match="_sparsify_eager unfused: torch.compile failed .*no C\\+\\+ compiler"):
+        assert torch.equal(fused(*arguments), _sparsify_eager(*arguments))
+    assert not fused.enabled and not fused.worth_it(x), "no second try, and so no second warning"

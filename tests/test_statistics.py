@@ -24,6 +24,27 @@ def test_running_moments_match_numpy_over_uneven_batches(shape, axis):
     np.testing.assert_allclose(moments.std.numpy(), everything.std(axis=1), rtol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "transposed"])
+def test_fused_moments_of_large_batches_match_numpy(layout):
+    """Batches over fusion.MIN_ELEMENTS take the compiled float64 pass; strided ones take a copy."""
+    from meansparse_core.statistics import _fused_moments
+
+    gen = torch.Generator().manual_seed(1)
+    shape, axis = ((64, 16, 16, 16), 1) if layout != "tokens" else ((64, 256, 24), 2)
+    batches = [torch.randn((n, *shape[1:]), generator=gen) * 0.01 + 1000.0 for n in (50, 64)]
+    if layout == "channels_last":
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    if layout == "transposed":  # neither contiguous nor channels-last: no view exists
+        batches = [b.transpose(2, 3) for b in batches]
+    moments = RunningMoments(shape[axis])
+    for b in batches:
+        moments.update(b, axis)
+    assert layout == "transposed" or _fused_moments.kernel is not None, "the compiled pass ran"
+    everything = np.moveaxis(torch.cat(batches).double().numpy(), axis, 0).reshape(shape[axis], -1)
+    np.testing.assert_allclose(moments.mean.numpy(), everything.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(moments.std.numpy(), everything.std(axis=1), rtol=1e-9)
+
+
 class ConvNet(nn.Module):
     """Two taps whose inputs are easy to recompute: a functional ReLU and a ReLU module."""
 
