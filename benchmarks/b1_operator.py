@@ -6,7 +6,7 @@ with fusion off (eager PyTorch); and the same sparsified forward with every oper
 straightforward baseline built from the paper's description (``x - mean``, ``abs``, compare with
 ``alpha * std``, then ``torch.where`` against a full-size tensor of means). All sparsified variants
 run through the same placement, so the differences are the operator alone. Overheads are ratios
-of medians minus one.
+(median of per-round ratios) minus one.
 
     python benchmarks/b1_operator.py [--batch 32] [--rounds 9] [--alpha 0.25] [--device cpu]
 """
@@ -18,7 +18,7 @@ import argparse
 import torch
 from torch import nn
 
-from common import MODELS, images, interleaved, save
+from common import MODELS, images, interleaved, medians, ratio, save
 from meansparse_core import attach
 from meansparse_core.operator import _fused_sparsify as fusion
 
@@ -53,14 +53,14 @@ def measure(model: nn.Module, stats, batch: int, rounds: int, alpha: float, devi
     baseline = with_baseline(model, stats)
     with torch.no_grad():
         assert torch.equal(sparse(x, alpha=alpha), baseline(x, alpha=alpha)), "the baseline computes the same thing"
-        median = interleaved({
+        times = interleaved({
             "base": lambda: model(x),
             "meansparse": lambda: sparse(x, alpha=alpha),
             "meansparse_unfused": lambda: unfused(lambda: sparse(x, alpha=alpha)),
             "paper_baseline": lambda: baseline(x, alpha=alpha),
         }, rounds)
-    overhead = {k: median[k] / median["base"] - 1 for k in median if k != "base"}
-    return {"median_seconds": median, "overhead": overhead, "taps": len(stats.taps), "fused": fusion.enabled}
+    overhead = {k: ratio(times, k, "base") - 1 for k in times if k != "base"}
+    return {"median_seconds": medians(times), "overhead": overhead, "taps": len(stats.taps), "fused": fusion.enabled}
 
 
 def unfused(run):

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from common import MODELS, images, interleaved, save
+from common import MODELS, images, interleaved, medians, ratio, save
 from meansparse_core import attach
 from meansparse_core.attacks import make_attack
 
@@ -33,9 +33,10 @@ def main() -> None:
     def pgd(target):
         return lambda: make_attack("pgd", target, eps=8, steps=10, seed=0)(x, labels)
 
-    median = interleaved({"base": pgd(model), "meansparse_exact": pgd(sparse.at(args.alpha)),
+    times = interleaved({"base": pgd(model), "meansparse_exact": pgd(sparse.at(args.alpha)),
                           "meansparse_bpda": pgd(sparse.at(args.alpha, "straight-through"))}, args.rounds)
-    ratios = {k: median[k] / median["base"] for k in ("meansparse_exact", "meansparse_bpda")}
+    median = medians(times)
+    ratios = {k: ratio(times, k, "base") for k in ("meansparse_exact", "meansparse_bpda")}
     print(f"{args.model}, PGD-10 on {args.n} images: base {median['base']:.2f} s; MeanSparse exact x"
           f"{ratios['meansparse_exact']:.3f}, BPDA x{ratios['meansparse_bpda']:.3f} (goal <= 1.10)")
     save(f"b3_attacks_{args.device}", {"model": args.model, "n": args.n, "alpha": args.alpha, "rounds": args.rounds,

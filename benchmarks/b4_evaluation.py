@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from common import interleaved, save
+from common import interleaved, medians, ratio, save
 from meansparse_core import attach
 from meansparse_core.attacks import make_attack
 from meansparse_core.data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
@@ -67,21 +67,23 @@ def main() -> None:
                                    "every_item": attack_everything(base, images, labels, fgsm)}
     pgd = EvalSettings(attack="pgd", eps=eps, steps=10)
     accuracies = {}
-    median = interleaved({
+    times = interleaved({
         "only_correct": lambda: accuracies.__setitem__("only_correct", evaluate(base, images, labels, pgd).robust_acc),
         "every_item": lambda: accuracies.__setitem__("every_item", attack_everything(base, images, labels, pgd)),
     }, args.rounds)
+    median = medians(times)
     clean = evaluate(base, images, labels, EvalSettings(attack="fgsm", eps=0)).clean_acc
     results["pgd10"] = {"median_seconds": median, "robust_acc": accuracies, "clean_acc": clean,
-                        "time_saved": 1 - median["only_correct"] / median["every_item"]}
+                        "time_saved": 1 - ratio(times, "only_correct", "every_item")}
 
     alphas = [0.0, 0.25, 0.5]
     n_sweep = min(args.n, 200)
     subset = images[:n_sweep], labels[:n_sweep]
-    timed = interleaved({
+    sweep_times = interleaved({
         "sweep": lambda: sweep(sparse, *subset, pgd, alphas),
         "single_evaluations": lambda: [evaluate(sparse, *subset, replace(pgd, alpha=a)) for a in alphas],
     }, args.rounds)
+    timed = medians(sweep_times)
     with tempfile.TemporaryDirectory() as folder:
         cache = ResultCache(folder)
         sweep(sparse, *subset, pgd, alphas, cache=cache, cache_key={"model": spec.key})
@@ -89,7 +91,7 @@ def main() -> None:
         sweep(sparse, *subset, pgd, alphas, cache=cache, cache_key={"model": spec.key})
         cached = time.perf_counter() - start
     results["sweep"] = {"alphas": alphas, "n": n_sweep, "median_seconds": {**timed, "sweep_again_cached": cached},
-                        "ratio": timed["sweep"] / timed["single_evaluations"]}
+                        "ratio": ratio(sweep_times, "sweep", "single_evaluations")}
 
     r = results
     print(f"{spec.key}, {args.n} test images (clean {clean:.1%})")

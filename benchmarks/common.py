@@ -1,7 +1,8 @@
 """What every benchmark shares: the machine's description, interleaved timing, the models, JSON output.
 
-Timings are taken in interleaved rounds (A, B, A, B, ...) after one warm-up call each, so that a
-noisy neighbour slows every variant alike; scripts report medians and ratios of medians.
+Timings are taken in interleaved rounds, each in a shuffled order, after one warm-up call per
+variant, so that a noisy neighbour slows every variant alike; scripts report medians, and ratios
+as the median of per-round ratios (each pair timed close together, so slow drifts cancel out).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -35,19 +37,35 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each variant over ``rounds`` interleaved runs, after one warm-up each."""
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant in each of ``rounds`` interleaved rounds, after one warm-up each.
+
+    The order within a round is shuffled (seeded): a variant that always ran after a heavy
+    allocator, say, would otherwise pay for it in every round.
+    """
     for run in variants.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order, shuffler = list(variants), random.Random(0)
     for _ in range(rounds):
-        for name, run in variants.items():
+        shuffler.shuffle(order)
+        for name in order:
+            run = variants[name]
             synchronize()
             start = time.perf_counter()
             run()
             synchronize()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ratio(times: dict[str, list[float]], variant: str, reference: str) -> float:
+    """Median over rounds of variant / reference, each pair timed back to back: drift cancels out."""
+    return statistics.median(a / b for a, b in zip(times[variant], times[reference]))
 
 
 def demo_cifar(device: str = "cpu") -> tuple[nn.Module, Statistics]:

@@ -27,15 +27,16 @@ class SweepRequest:
 
 def sweep_ui(current: ui.Setup) -> SweepRequest | None:
     """The sweep's settings; returned when Run is pressed."""
+    # Outside the form: the budget's units follow the attack as soon as it is picked.
+    attack = st.selectbox("Attack", ATTACKS, key="sweep_attack")
     with st.form("sweep"):
-        columns = st.columns(4)
+        columns = st.columns(3)
         available = len(current.test_set)
         n = columns[0].number_input("Test images (N)", 10, min(LIMITS.items, available), min(200, available), 10)
-        attack = columns[1].selectbox("Attack", ATTACKS)
         l2 = attack == "pgd-l2"
-        eps = columns[2].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
+        eps = columns[1].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
                                       0.5 if l2 else current.eps, 0.05 if l2 else 0.5)
-        steps = columns[3].number_input("Steps", 1, LIMITS.steps, 10)
+        steps = columns[2].number_input("Steps", 1, LIMITS.steps, 10)
         alphas = st.text_input("Alphas to sweep (alpha 0, the base model, is always included)",
                                "0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4")
         columns = st.columns(3)
