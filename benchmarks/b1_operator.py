@@ -13,12 +13,11 @@ run through the same placement, so the differences are the operator alone. Overh
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch import nn
 
-from common import MODELS, images, interleaved, medians, ratio, save
+from common import MODELS, arguments, images, interleaved, medians, ratio, save
 from meansparse_core import attach
 from meansparse_core.operator import _fused_sparsify as fusion
 
@@ -72,11 +71,9 @@ def unfused(run):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, rounds=9)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--alpha", type=float, default=0.25)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     results = {"batch": args.batch, "rounds": args.rounds, "alpha": args.alpha, "device": args.device, "models": {}}
     print(f"{'model':28} {'base (s)':>9} {'ours':>8} {'ours unfused':>13} {'paper baseline':>15}")

@@ -9,21 +9,17 @@ the median of per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from common import MODELS, images, interleaved, medians, ratio, save
+from common import MODELS, arguments, images, interleaved, medians, ratio, save
 from meansparse_core import calibrate
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, rounds=3, pick_model=True)
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=250)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="cifar-resnet9 (demo)", choices=list(MODELS))
     args = parser.parse_args()
     model, _ = MODELS[args.model](args.device)
     batches = images(args.n, args.device).split(args.batch)

@@ -8,22 +8,18 @@ interleaved with the base attack; same images, labels, seed and step size.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from common import MODELS, images, interleaved, medians, ratio, save
+from common import MODELS, arguments, images, interleaved, medians, ratio, save
 from meansparse_core import attach
 from meansparse_core.attacks import make_attack
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, rounds=3, pick_model=True)
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.25)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="cifar-resnet9 (demo)", choices=list(MODELS))
     args = parser.parse_args()
     model, stats = MODELS[args.model](args.device)
     sparse = attach(model, stats)

@@ -7,6 +7,7 @@ as the median of per-round ratios (each pair timed close together, so slow drift
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -85,6 +86,16 @@ MODELS: dict[str, Callable[[str], tuple[nn.Module, Statistics]]] = {
     "cifar-resnet9 (demo)": demo_cifar,
     "WRN-28-10 (random weights)": wrn_28_10,
 }
+
+
+def arguments(doc: str, rounds: int, pick_model: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark shares: ``--rounds``, ``--device`` and, where it applies, ``--model``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--device", default="cpu")
+    if pick_model:
+        parser.add_argument("--model", default="cifar-resnet9 (demo)", choices=list(MODELS))
+    return parser
 
 
 def images(n: int, device: str = "cpu", seed: int = 0) -> torch.Tensor:
