@@ -73,23 +73,37 @@ def _classifier(sparse: SparseModel | nn.Module, settings: EvalSettings) -> nn.M
 
 
 def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             settings: EvalSettings, progress: Progress | None = None) -> EvalResult:
-    """Clean and robust accuracy (fractions) on ``images`` for one setting."""
+             settings: EvalSettings, progress: Progress | None = None, journal: "Journal | None" = None) -> EvalResult:
+    """Clean and robust accuracy (fractions) on ``images`` for one setting.
+
+    With a ``journal``, every attacked batch is recorded as it finishes and batches recorded by an
+    earlier, interrupted run are not attacked again.
+    """
     start = time.perf_counter()
     classifier = _classifier(model, settings)
     correct = predict(classifier, images, settings.batch_size) == labels
     still_correct = correct.nonzero().flatten()
     attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed,
                          settings.step)
-    robust = 0
-    for start_at in range(0, len(still_correct), settings.batch_size):
-        chunk = still_correct[start_at:start_at + settings.batch_size]
-        adversarial = attack(images[chunk], labels[chunk])
-        robust += int((predict(classifier, adversarial, settings.batch_size) == labels[chunk]).sum())
+    robust, earlier_seconds = 0, 0.0
+    for first in range(0, len(still_correct), settings.batch_size):
+        chunk = still_correct[first:first + settings.batch_size]
+        recorded = journal.batches.get(first) if journal is not None else None
+        if recorded is not None and recorded[0] <= len(chunk):
+            robust += recorded[0]
+            earlier_seconds += recorded[1]
+        else:
+            batch_start = time.perf_counter()
+            adversarial = attack(images[chunk], labels[chunk])
+            survived = int((predict(classifier, adversarial, settings.batch_size) == labels[chunk]).sum())
+            robust += survived
+            if journal is not None:
+                journal.record(first, survived, time.perf_counter() - batch_start)
         if progress is not None:
-            progress(start_at + len(chunk), len(still_correct))
+            progress(first + len(chunk), len(still_correct))
     n = len(labels)
-    return EvalResult(float(correct.sum()) / n, robust / n, n, time.perf_counter() - start, settings)
+    seconds = time.perf_counter() - start + earlier_seconds
+    return EvalResult(float(correct.sum()) / n, robust / n, n, seconds, settings)
 
 
 def sweep(model: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
@@ -99,15 +113,52 @@ def sweep(model: SparseModel, images: torch.Tensor, labels: torch.Tensor, settin
     results = []
     for i, alpha in enumerate(alphas):
         one = replace(settings, alpha=float(alpha))
-        results.append(cache.get_or_run(cache_key or {}, one, lambda: evaluate(model, images, labels, one))
-                       if cache is not None else evaluate(model, images, labels, one))
+        run = lambda journal: evaluate(model, images, labels, one, journal=journal)  # noqa: E731 - for the cache
+        results.append(cache.get_or_run(cache_key or {}, one, run) if cache is not None else run(None))
         if progress is not None:
             progress(i + 1, len(alphas))
     return results
 
 
+class Journal:
+    """The attacked batches of one unfinished evaluation, on disk, so that an interrupted run resumes.
+
+    Every attack seeds itself per call, so a batch attacked again gives the same result: resuming
+    changes nothing but the time spent. ``batches`` maps a batch's first position among the
+    attacked items to (images that survived, seconds spent).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.batches = self._read()
+
+    def _read(self) -> dict[int, tuple[int, float]]:
+        try:
+            stored = json.loads(self.path.read_text())
+            batches = {int(first): (int(survived), float(seconds)) for first, (survived, seconds) in stored.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            discard_damaged(self.path, f"not a journal of attacked batches: {exc}")
+            return {}
+        if any(first < 0 or survived < 0 or not 0 <= seconds < float("inf")
+               for first, (survived, seconds) in batches.items()):
+            discard_damaged(self.path, "impossible figures")
+            return {}
+        return batches
+
+    def record(self, first: int, survived: int, seconds: float) -> None:
+        self.batches[first] = (survived, seconds)
+        text = json.dumps({str(k): list(v) for k, v in sorted(self.batches.items())})
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
 class ResultCache:
-    """Evaluation results on disk, one JSON file per (context, settings); written atomically."""
+    """Evaluation results on disk, one JSON file per (context, settings); written atomically.
+
+    An evaluation still running keeps a ``Journal`` next to its result file, so that a run stopped
+    half-way (Ctrl-C, a closed laptop, a session's end) resumes where it stopped.
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
@@ -116,10 +167,12 @@ class ResultCache:
         key = json.dumps({"context": context, "settings": asdict(settings)}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
-    def get_or_run(self, context: dict, settings: EvalSettings, run: Callable[[], EvalResult]) -> EvalResult:
+    def get_or_run(self, context: dict, settings: EvalSettings,
+                   run: Callable[[Journal], EvalResult]) -> EvalResult:
         """``context`` names the model, statistics and items (e.g. model key, stats hash, data, n, seed).
 
-        A stored file that is damaged or not a result is discarded with a ``CacheWarning`` and rerun.
+        ``run(journal)`` computes the result when none is stored. A stored file that is damaged or
+        not a result is discarded with a ``CacheWarning`` and rerun.
         """
         path = self._path(context, settings)
         try:
@@ -128,9 +181,11 @@ class ResultCache:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
             discard_damaged(path, f"not a stored result: {exc}")
-        result = run()
+        journal = Journal(path.with_suffix(".journal"))
+        result = run(journal)
         record = {"clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "n": result.n, "seconds": result.seconds}
         atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
+        journal.path.unlink(missing_ok=True)
         return result
 
     @staticmethod

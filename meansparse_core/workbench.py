@@ -296,8 +296,8 @@ def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tens
         if progress is not None:
             progress(done, len(jobs), what)
             report = lambda items, total: progress(done + items / max(total, 1), len(jobs), what)  # noqa: E731
-        run = lambda: evaluate(sparse, images, labels, one, report)  # noqa: E731 - deferred for the cache
-        result = cache.get_or_run(cache_key or {}, one, run) if cache is not None else run()
+        run = lambda journal: evaluate(sparse, images, labels, one, report, journal)  # noqa: E731 - for the cache
+        result = cache.get_or_run(cache_key or {}, one, run) if cache is not None else run(None)
         row = rows.setdefault(alpha, {"alpha": alpha, "clean": result.clean_acc})
         row[column] = result.robust_acc
     if progress is not None:

@@ -1,5 +1,7 @@
 """Attacks and evaluation on a small trained classifier, with and without MeanSparse."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from meansparse_core import attach, calibrate
 from meansparse_core.attacks import ATTACKS, make_attack
 from meansparse_core.data import load_dataset, load_items
 from meansparse_core.evaluation import EvalSettings, ResultCache, evaluate, predict, sweep
+from meansparse_core.files import CacheWarning
 
 
 class SmallNet(nn.Module):
@@ -144,14 +147,11 @@ def test_bpda_gradients_are_non_zero_where_exact_ones_vanish(digits_model):
     assert torch.count_nonzero(grads["straight-through"]) > 0
 
 
-def test_robust_accuracy_attacks_only_correct_items(digits_model, monkeypatch):
-    model, _, images, labels = digits_model
-    wrong = labels.clone()
-    wrong[:30] = (wrong[:30] + 1) % 10  # 30 items the model now gets wrong
-    seen = []
+def attacked_batches(monkeypatch) -> list[int]:
+    """The sizes of the batches that evaluations attack from now on."""
     import meansparse_core.evaluation as evaluation
 
-    real = evaluation.make_attack
+    real, seen = evaluation.make_attack, []
 
     def spy(*args, **kwargs):
         attack = real(*args, **kwargs)
@@ -160,8 +160,64 @@ def test_robust_accuracy_attacks_only_correct_items(digits_model, monkeypatch):
         return attack
 
     monkeypatch.setattr(evaluation, "make_attack", spy)
+    return seen
+
+
+def test_robust_accuracy_attacks_only_correct_items(digits_model, monkeypatch):
+    model, _, images, labels = digits_model
+    wrong = labels.clone()
+    wrong[:30] = (wrong[:30] + 1) % 10  # 30 items the model now gets wrong
+    seen = attacked_batches(monkeypatch)
     result = evaluate(model, images, wrong, EvalSettings(attack="fgsm", eps=8))
     assert sum(seen) == round(result.clean_acc * len(labels)) <= len(labels) - 30
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result(digits_model, tmp_path, monkeypatch):
+    model, stats, images, labels = digits_model
+    sparse = attach(model, stats)
+    settings = EvalSettings(alpha=0.2, attack="pgd", eps=24, steps=5, batch_size=16)  # random start: seeds matter
+    whole = evaluate(sparse, images, labels, settings)
+    cache, seen = ResultCache(tmp_path), attacked_batches(monkeypatch)
+
+    def stop_after_two_batches(done, total):
+        if done >= 32:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        cache.get_or_run({}, settings, lambda journal: evaluate(sparse, images, labels, settings,
+                                                                stop_after_two_batches, journal))
+    [journal] = tmp_path.glob("*.journal")
+    assert sorted(json.loads(journal.read_text())) == ["0", "16"]
+
+    seen.clear()
+    resumed = cache.get_or_run({}, settings, lambda journal: evaluate(sparse, images, labels, settings, journal=journal))
+    assert (resumed.clean_acc, resumed.robust_acc) == (whole.clean_acc, whole.robust_acc)
+    assert sum(seen) == round(whole.clean_acc * len(labels)) - 32  # the two recorded batches were not attacked again
+    assert not list(tmp_path.glob("*.journal")) and len(list(tmp_path.glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"0": 5}', '{"0": [-1, 2.0]}', '{"0": [3, NaN]}'])
+def test_a_damaged_journal_is_discarded_and_the_evaluation_runs_whole(digits_model, tmp_path, monkeypatch, content):
+    model, _, images, labels = digits_model
+    settings = EvalSettings(attack="fgsm", eps=8, batch_size=32)
+    whole = evaluate(model, images, labels, settings)
+    cache, seen = ResultCache(tmp_path), attacked_batches(monkeypatch)
+
+    def stop(done, total):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        cache.get_or_run({}, settings, lambda journal: evaluate(model, images, labels, settings, stop, journal))
+    [journal] = tmp_path.glob("*.journal")
+    journal.write_text(content)
+    seen.clear()
+    with pytest.warns(CacheWarning, match="journal|impossible"):
+        result = cache.get_or_run({}, settings, lambda journal: evaluate(model, images, labels, settings, journal=journal))
+    assert result.robust_acc == whole.robust_acc and sum(seen) == round(whole.clean_acc * len(labels))
 
 
 def test_results_are_cached_by_everything_that_decides_them(digits_model, tmp_path):
@@ -170,7 +226,7 @@ def test_results_are_cached_by_everything_that_decides_them(digits_model, tmp_pa
     runs = []
 
     def run(settings):
-        return lambda: runs.append(settings) or evaluate(model, images, labels, settings)
+        return lambda journal: runs.append(settings) or evaluate(model, images, labels, settings, journal=journal)
 
     a, b = EvalSettings(attack="fgsm", eps=8), EvalSettings(attack="fgsm", eps=16)
     first = cache.get_or_run({"model": "m"}, a, run(a))

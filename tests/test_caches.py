@@ -75,7 +75,7 @@ def record(path: Path) -> dict:
 def test_a_damaged_result_is_discarded_rerun_and_rewritten(tmp_path, content):
     cache, settings, runs = ResultCache(tmp_path), EvalSettings(alpha=0.1), []
 
-    def run():
+    def run(journal):
         runs.append(1)
         return EvalResult(0.75, 0.25, 8, 1.0, settings)
 
@@ -112,7 +112,7 @@ def _write_many(path: str, seed: int, rounds: int) -> None:
     folder, settings = Path(path).parent / "results", EvalSettings()
     for _ in range(rounds):
         stats.save(path)
-        ResultCache(folder).get_or_run({}, settings, lambda: EvalResult(0.5, 0.25, 100 + seed, 1.0, settings))
+        ResultCache(folder).get_or_run({}, settings, lambda journal: EvalResult(0.5, 0.25, 100 + seed, 1.0, settings))
         for result in folder.glob("*.json"):
             result.unlink(missing_ok=True)  # so that the next round writes it again
 
