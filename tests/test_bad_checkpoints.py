@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meansparse_core.architectures import digits_cnn
+from meansparse_core.architectures import build_architecture
 from meansparse_core.models import build_random, find_model, load_checkpoint, load_model, weight_files
 from meansparse_core.statistics import Statistics
 
@@ -118,7 +118,7 @@ def test_checkpoints_without_a_state_dict_or_with_nan_weights_are_refused(tmp_pa
 
 
 def test_a_good_checkpoint_still_loads_after_the_bad_ones(tmp_path):
-    source = digits_cnn().eval()
+    source = build_architecture("digits-cnn").eval()
     torch.save(source.state_dict(), tmp_path / "good.pt")
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
