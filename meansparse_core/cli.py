@@ -30,18 +30,25 @@ CACHE = Path(".cache")
 
 @contextmanager
 def progress_bar(description: str, unit: str = "img"):
-    """A tqdm bar driven by the library's ``progress(done, total)`` callbacks."""
-    bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False)
+    """A tqdm bar driven by the library's ``progress(done, total)`` callbacks.
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    The bar appears at the first callback, so steps that turn out to have nothing to do (weights
+    or data already on disk) print nothing.
+    """
+    bars: list[tqdm] = []
+
+    def update(done: float, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=description, total=total, unit=unit, file=sys.stderr, leave=False))
+        bars[0].total = total
+        bars[0].n = round(done, 2)
+        bars[0].refresh()
 
     try:
         yield update
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 def _weights_digest(args) -> str | None:

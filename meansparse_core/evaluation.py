@@ -26,7 +26,7 @@ from .files import atomic_write, discard_damaged
 from .operator import GradMode
 from .placement import SparseModel
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[float, int], None]  # (done, total); sweeps report fractions of an alpha
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,16 @@ def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch
 def sweep(model: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
           alphas: Sequence[float], progress: Progress | None = None,
           cache: "ResultCache | None" = None, cache_key: dict | None = None) -> list[EvalResult]:
-    """One evaluation per alpha on the same items and seed; ``progress(done, total)`` per alpha."""
+    """One evaluation per alpha on the same items and seed.
+
+    ``progress(done, total)`` counts alphas, with fractions as each alpha's attacked batches finish,
+    so that a long evaluation (AutoAttack runs for hours on a CPU) shows it is moving.
+    """
     results = []
     for i, alpha in enumerate(alphas):
         one = replace(settings, alpha=float(alpha))
-        run = lambda journal: evaluate(model, images, labels, one, journal=journal)  # noqa: E731 - for the cache
+        report = None if progress is None else lambda done, total: progress(i + done / max(total, 1), len(alphas))  # noqa: B023 - used within this iteration
+        run = lambda journal: evaluate(model, images, labels, one, report, journal)  # noqa: E731 - for the cache
         results.append(cache.get_or_run(cache_key or {}, one, run) if cache is not None else run(None))
         if progress is not None:
             progress(i + 1, len(alphas))

@@ -279,7 +279,7 @@ def second_opinion(settings: EvalSettings, which: str, square_queries: int = 100
 
 def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
                    alphas: Sequence[float], opinions: Sequence[str] = (), square_queries: int = 1000,
-                   progress: Callable[[int, int, str], None] | None = None,
+                   progress: Callable[[float, int, str], None] | None = None,
                    cache: ResultCache | None = None, cache_key: dict | None = None) -> list[dict]:
     """Clean and robust accuracy at each alpha (alpha 0 is the base model), one row per alpha.
 

@@ -135,6 +135,16 @@ def test_sweep_at_alpha_zero_equals_the_base_model(digits_model):
     assert table[2].clean_acc < table[0].clean_acc, "clamping everything within 2 sigma must cost accuracy"
 
 
+def test_sweep_progress_moves_within_each_alpha_and_ends_at_the_number_of_alphas(digits_model):
+    model, stats, images, labels = digits_model
+    reports = []
+    sweep(attach(model, stats), images, labels, EvalSettings(attack="fgsm", eps=8, batch_size=40), alphas=[0.0, 0.3],
+          progress=lambda done, total: reports.append((done, total)))
+    done = [d for d, _ in reports]
+    assert {t for _, t in reports} == {2} and done == sorted(done) and done[-1] == 2
+    assert any(0 < d < 1 for d in done) and any(1 < d < 2 for d in done), "no report inside an alpha"
+
+
 def test_bpda_gradients_are_non_zero_where_exact_ones_vanish(digits_model):
     model, stats, images, labels = digits_model
     sparse = attach(model, stats)
