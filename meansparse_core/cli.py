@@ -35,19 +35,20 @@ def progress_bar(description: str, unit: str = "img"):
     The bar appears at the first callback, so steps that turn out to have nothing to do (weights
     or data already on disk) print nothing.
     """
-    bars: list[tqdm] = []
+    bar: tqdm | None = None
 
     def update(done: float, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(desc=description, total=total, unit=unit, file=sys.stderr, leave=False))
-        bars[0].total = total
-        bars[0].n = round(done, 2)
-        bars[0].refresh()
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc=description, total=total, unit=unit, file=sys.stderr, leave=False)
+        bar.total = total
+        bar.n = round(done, 2)
+        bar.refresh()
 
     try:
         yield update
     finally:
-        for bar in bars:
+        if bar is not None:
             bar.close()
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from meansparse_core import Statistics, attach
-from meansparse_core.cli import main
+from meansparse_core.cli import main, progress_bar
 from meansparse_core.export import load_sparsified
 from meansparse_core.models import build_random, find_model, load_model, rebuild, weight_files
 
@@ -59,6 +59,15 @@ def test_calibrate_evaluate_sweep_export(workspace, capsys, tmp_path):
         expected = reference(x, alpha=0.3)
         assert torch.equal(loaded.module(x), expected)
         assert torch.allclose(torch.export.load(program).module()(x), expected, atol=1e-5)
+
+
+def test_progress_bar_appears_only_when_a_step_has_work(capsys):
+    with progress_bar("weights already on disk"):
+        pass
+    assert capsys.readouterr().err == ""
+    with progress_bar("alphas", unit="alpha") as update:
+        update(0.5, 2)
+    assert "alphas" in capsys.readouterr().err
 
 
 def test_models_lists_the_zoo_and_marks_local_weights(workspace, capsys):
