@@ -9,6 +9,10 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 tensor in [0, 1
   ImageFolder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``), else a download;
 - ``imagenet``: a local ImageFolder tree of the validation set (``val/<wnid>/*.JPEG``).
 
+Every source knows its class names without loading any data (ImageNet's 1,000 come from
+torchvision's weights metadata, which ships inside the installed package). Photos of any size are
+fitted to a model by a ``Preparation``: the short side resized, then a centred crop.
+
 Example::
 
     test_set = load_dataset("cifar10", "test", root="~/data")
@@ -25,6 +29,7 @@ import tarfile
 import threading
 import urllib.request
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -65,7 +70,7 @@ class FolderDataset(Dataset):
 
     EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-    def __init__(self, root: Path, size: tuple[int, int, int]) -> None:
+    def __init__(self, root: Path, size: tuple[int, int, int], preparation: Preparation | None = None) -> None:
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.samples = [
             (path, label)
@@ -74,6 +79,7 @@ class FolderDataset(Dataset):
             if path.suffix.lower() in self.EXTENSIONS
         ]
         self.size = size
+        self.preparation = preparation or Preparation()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -81,11 +87,39 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         with Image.open(path) as image:
-            return fit_image(image, self.size), label
+            return fit_image(image, self.size, self.preparation), label
 
 
-def fit_image(image: Image.Image, size: tuple[int, int, int]) -> torch.Tensor:
-    """Any PIL image as a (C, H, W) tensor in [0, 1]: upright, C channels, centre-cropped to H x W."""
+@dataclass(frozen=True)
+class Preparation:
+    """How an image of any size and shape becomes a model input: the short side is resized to
+    ``resize`` pixels (None: just enough to cover the input), then the centre is cropped to the
+    input's size. ImageNet's ``Preparation(256, "bilinear")`` is RobustBench's ``Res256Crop224``."""
+
+    resize: int | None = None
+    interpolation: str = "bicubic"  # "bilinear" or "bicubic"
+
+    def short_side(self, size: tuple[int, int, int]) -> int:
+        return self.resize or max(size[1:])
+
+    def describe(self, size: tuple[int, int, int]) -> str:
+        return (f"short side resized to {self.short_side(size)} px ({self.interpolation}), "
+                f"centre {size[2]}x{size[1]} crop")
+
+    def __call__(self, image: Image.Image, size: tuple[int, int, int]) -> Image.Image:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as tf
+
+        height, width = size[1:]
+        if image.size != (width, height):
+            image = tf.resize(image, [self.short_side(size)], InterpolationMode(self.interpolation))
+            image = tf.center_crop(image, [height, width])
+        return image
+
+
+def fit_image(image: Image.Image, size: tuple[int, int, int], preparation: Preparation | None = None) -> torch.Tensor:
+    """Any PIL image as a (C, H, W) tensor in [0, 1]: upright (EXIF orientation), C channels, prepared
+    by ``preparation`` (default: short side resized to cover H x W, centre crop)."""
     channels, height, width = size
     image = ImageOps.exif_transpose(image)
     if image.mode == "I" or image.mode.startswith("I;16"):
@@ -95,15 +129,15 @@ def fit_image(image: Image.Image, size: tuple[int, int, int]) -> torch.Tensor:
         # Transparent pixels over white, as an image viewer shows them.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    image = image.convert("RGB" if channels == 3 else "L")
-    if image.size != (width, height):
-        image = ImageOps.fit(image, (width, height), Image.BICUBIC)
+    image = (preparation or Preparation())(image.convert("RGB" if channels == 3 else "L"), size)
     array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
 
-def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000_000) -> torch.Tensor:
-    """An uploaded image file (PNG, JPEG, WebP, ...) as a model input; ValueError if unusable."""
+def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000_000,
+               preparation: Preparation | None = None) -> torch.Tensor:
+    """An uploaded image file (PNG, JPEG, WebP, ...) of any size as a model input; ValueError if unusable."""
+    preparation = preparation or Preparation()
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > max_pixels:
@@ -111,8 +145,12 @@ def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000
                     f"The image is {image.width}x{image.height} pixels; upload one under "
                     f"{max_pixels // 1_000_000} megapixels."
                 )
+            # A JPEG photo decodes at 1/2, 1/4 or 1/8 scale when that still covers the model's
+            # input: a 12-megapixel photo then costs a fraction of the time and memory.
+            side = preparation.short_side(size)
+            image.draft(None, (side, side))
             image.load()
-            return fit_image(image, size)
+            return fit_image(image, size, preparation)
     except Image.DecompressionBombError as exc:
         raise ValueError(f"The image has too many pixels to open safely; upload one under "
                          f"{max_pixels // 1_000_000} megapixels.") from exc
@@ -183,7 +221,38 @@ def _imagenet(split: str, root: Path | None, progress: Progress | None, fetch: b
             f"No ImageNet validation images in {folder}: put them there as val/<wnid>/<image>.JPEG "
             "(ImageNet cannot be downloaded automatically)."
         )
-    return FolderDataset(folder, (3, 224, 224))
+    return FolderDataset(folder, (3, 224, 224), IMAGENET_PREPARATION)
+
+
+# --- class names ------------------------------------------------------------------------------
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+#: CIFAR-100's fine labels; the official label index is their alphabetical order.
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+    camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
+    dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower
+    leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid
+    otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road
+    rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower
+    sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
+    willow_tree wolf woman worm
+""".split())
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """ImageNet's 1,000 class names in label order (sorted WordNet ids, the order RobustBench's
+    ImageNet loader and torchvision's models use), read from torchvision's weights metadata: no download."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+#: RobustBench's ``Res256Crop224``: short side to 256 pixels (bilinear), centre 224x224 crop.
+IMAGENET_PREPARATION = Preparation(256, "bilinear")
 
 
 @dataclass(frozen=True)
@@ -195,27 +264,34 @@ class DataSource:
     num_classes: int
     image_size: tuple[int, int, int]
     load: Callable[[str, Path | None, Progress | None, bool], Dataset]  # (split, root, progress, fetch)
-    class_names: tuple[str, ...] = ()  # known without loading; else the loaded dataset's .classes
+    names: Callable[[], Sequence[str]]  # the class names, known without loading any data
     linf_eps: float = 8.0  # the usual Linf budget for this data, in /255 (RobustBench's for its datasets)
+    preparation: Preparation = Preparation()  # how a photo of any size becomes one of its images
+
+    @cached_property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.names())
 
 
 DATASETS: dict[str, DataSource] = {
     source.key: source
     for source in [
         DataSource("digits", "Digits 8x8 (offline, ships with scikit-learn)", 10, (1, 8, 8), _digits,
-                   tuple(str(d) for d in range(10)), linf_eps=32.0),
+                   lambda: [str(d) for d in range(10)], linf_eps=32.0),
         DataSource(
             "cifar10", "CIFAR-10", 10, (3, 32, 32),
             _Cifar("cifar-10-batches-py", "data_batch_*", "test_batch", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                    "c58f30108f718f92721af3b95e74349a", b"labels", "batches.meta", b"label_names"),
-            ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+            lambda: CIFAR10_CLASSES,
         ),
         DataSource(
             "cifar100", "CIFAR-100", 100, (3, 32, 32),
             _Cifar("cifar-100-python", "train", "test", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                    "eb9058c3a382ffc7106e4002c42a8d85", b"fine_labels", "meta", b"fine_label_names"),
+            lambda: CIFAR100_CLASSES,
         ),
-        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet, linf_eps=4.0),
+        DataSource("imagenet", "ImageNet (local validation folder)", 1000, (3, 224, 224), _imagenet,
+                   imagenet_classes, linf_eps=4.0, preparation=IMAGENET_PREPARATION),
     ]
 }
 

@@ -30,13 +30,19 @@ import torch
 from torch import nn
 
 from .files import load_weights
-from .data import DATASETS, DataUnavailable, Progress, download
+from .data import DATASETS, DataUnavailable, Preparation, Progress, download
 from .robustbench_compat import import_robustbench
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = Path(os.environ.get("MEANSPARSE_MODELS", "models"))
 GDRIVE_URL = "https://drive.google.com/uc?export=download&confirm=t&id={}"
 _ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+#: RobustBench's names for the ImageNet preprocessings a photo is given here.
+_ROBUSTBENCH_PREPARATIONS = {"Res256Crop224": Preparation(256, "bilinear"),
+                             "BicubicRes256Crop224": Preparation(256, "bicubic")}
+#: A model up to this many parameters is attacked live on a laptop CPU: ResNet-50's 25.6M is about the
+#: most for which PGD-10 on one 224x224 image takes seconds, not minutes (BENCHMARKS.md, ImageNet costs).
+LAPTOP_PARAMETERS = 30_000_000
 
 
 class ModelUnavailable(RuntimeError):
@@ -64,8 +70,23 @@ class ModelSpec:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """Names of the output classes, or ``class k`` where the dataset must be loaded to know them."""
-        return DATASETS[self.dataset].class_names or tuple(f"class {k}" for k in range(self.num_classes))
+        """Names of the output classes (ImageNet's come with torchvision; nothing is downloaded)."""
+        return DATASETS[self.dataset].class_names
+
+    @property
+    def preparation(self) -> Preparation:
+        """How a photo of any size becomes this model's input.
+
+        RobustBench's own preprocessing for its ImageNet entries (``Res256Crop224`` or its bicubic
+        twin); the dataset's for the others. The few RobustBench evaluates at another size
+        (``Wong2020Fast``'s 288x288 crop, ``Res224``'s squeeze) get the dataset's 224x224 crop too,
+        since every ImageNet model here takes 224x224 inputs.
+        """
+        if self.source == "robustbench":
+            name = _zoo()[(self.dataset, self.threat_model)][self.name].get("preprocessing")
+            if name in _ROBUSTBENCH_PREPARATIONS:
+                return _ROBUSTBENCH_PREPARATIONS[name]
+        return DATASETS[self.dataset].preparation
 
     #: Every model takes [0, 1] images: its normalisation is part of the model, as in RobustBench.
     normalization = "inside the model"
@@ -221,6 +242,25 @@ def load_checkpoint(spec: ModelSpec, path: str | os.PathLike) -> nn.Module:
 def rebuild(architecture: dict) -> nn.Module:
     """The architecture an exported file names (``{"key": model key}``), for ``export.load_sparsified``."""
     return build_random(find_model(architecture["key"]))
+
+
+@lru_cache(maxsize=None)
+def parameter_count(spec: ModelSpec) -> int | None:
+    """How many parameters ``spec``'s architecture has, counted on the meta device (no memory, no
+    download); None when its builder cannot run there or fetches pretrained weights itself."""
+    if spec.source == "robustbench" and not _zoo()[(spec.dataset, spec.threat_model)][spec.name]["gdrive_id"]:
+        return None  # built by timm or torchvision with pretrained=True: that would download
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_random(spec).parameters())
+    except Exception:  # builders that read tensor values; their size stays unknown
+        return None
+
+
+def fits_a_laptop(spec: ModelSpec) -> bool:
+    """Whether ``spec`` is small enough to attack live on a laptop's CPU (see ``LAPTOP_PARAMETERS``)."""
+    count = parameter_count(spec)
+    return count is not None and count <= LAPTOP_PARAMETERS
 
 
 def build_random(spec: ModelSpec) -> nn.Module:

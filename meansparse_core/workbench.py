@@ -142,13 +142,19 @@ def classifier(sparse: SparseModel, alpha: float, grad: GradMode = "exact",
     return sparse.at(alpha, grad, layer_alphas)
 
 
-def attack_image(sparse: SparseModel, image: torch.Tensor, label: int, choice: AttackChoice,
+def attack_image(sparse: SparseModel, image: torch.Tensor, label: int | None, choice: AttackChoice,
                  alpha: float = 0.0, layer_alphas: Mapping[str, float] | None = None) -> torch.Tensor:
-    """The adversarial version of one (C, H, W) image, crafted against the base or the sparsified model."""
+    """The adversarial version of one (C, H, W) image, crafted against the base or the sparsified model.
+
+    With no ``label`` (a photo whose class nobody named) the attack leads away from the base model's
+    prediction on the clean image.
+    """
     target = (sparse.model if choice.target == "base"
               else classifier(sparse, alpha, choice.grad, layer_alphas))
     attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed)
     device = next(sparse.model.parameters()).device
+    if label is None:
+        label = int(predict(sparse.model, image[None].to(device))[0])
     return attack(image[None].to(device), torch.tensor([label], device=device))[0].cpu()
 
 
@@ -186,7 +192,11 @@ def top_k(model: nn.Module, image: torch.Tensor, class_names: Sequence[str], k: 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Base and sparsified predictions on the clean image and, when there is one, the adversarial one."""
+    """Base and sparsified predictions on the clean image and, when there is one, the adversarial one.
+
+    ``label`` is the class the predictions are judged against: the true class, or, when nobody
+    named it (``label_known`` False), the base model's prediction on the clean image.
+    """
 
     label: str
     alpha: float
@@ -194,32 +204,47 @@ class Comparison:
     sparse_clean: TopK
     base_adv: TopK | None
     sparse_adv: TopK | None
+    label_known: bool = True
+
+    @property
+    def reference(self) -> str:
+        """What ``label`` is, in words."""
+        return "the true class" if self.label_known else "the base model's prediction"
 
     @property
     def verdict(self) -> str:
         """One sentence on what the attack did to each model."""
         if self.base_adv is None or self.sparse_adv is None:
-            return (f"Clean image of a {self.label}: the base model says {self.base_clean.best}, "
+            image = f"Clean image of a {self.label}" if self.label_known else "Clean image, true class unknown"
+            return (f"{image}: the base model says {self.base_clean.best}, "
                     f"MeanSparse at alpha {self.alpha:g} says {self.sparse_clean.best}. Run an attack to compare.")
         base_ok, sparse_ok = self.base_adv.best == self.label, self.sparse_adv.best == self.label
         outcome = {
-            (True, True): "both models still see the true class",
+            (True, True): f"both models still see {self.reference}",
             (False, True): f"the attack fools the base model ({self.base_adv.best}) but not MeanSparse",
             (True, False): f"the attack fools MeanSparse ({self.sparse_adv.best}) but not the base model",
             (False, False): (f"the attack fools both models (base: {self.base_adv.best}, "
                              f"MeanSparse: {self.sparse_adv.best})"),
         }[(base_ok, sparse_ok)]
-        return f"True class {self.label}, alpha {self.alpha:g}: {outcome}."
+        if self.label_known:
+            return f"True class {self.label}, alpha {self.alpha:g}: {outcome}."
+        return (f"True class unknown, so each model is judged against the base model's prediction on the clean "
+                f"image ({self.label}); alpha {self.alpha:g}: {outcome}.")
 
 
-def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor | None, label: int,
+def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor | None, label: int | None,
             alpha: float, class_names: Sequence[str], layer_alphas: Mapping[str, float] | None = None,
             k: int = 5) -> Comparison:
-    """Top-k of the base and the sparsified model on a clean image and its adversarial version."""
+    """Top-k of the base and the sparsified model on a clean image and its adversarial version.
+
+    ``label`` None (true class unknown) judges both against the base model's clean prediction.
+    """
     sparsified = classifier(sparse, alpha, layer_alphas=layer_alphas)
     adv = (lambda m: top_k(m, adversarial, class_names, k)) if adversarial is not None else (lambda m: None)
-    return Comparison(class_names[label], alpha, top_k(sparse.model, clean, class_names, k),
-                      top_k(sparsified, clean, class_names, k), adv(sparse.model), adv(sparsified))
+    base_clean = top_k(sparse.model, clean, class_names, k)
+    reference = base_clean.best if label is None else class_names[label]
+    return Comparison(reference, alpha, base_clean, top_k(sparsified, clean, class_names, k), adv(sparse.model),
+                      adv(sparsified), label_known=label is not None)
 
 
 # --- accuracy that follows the slider --------------------------------------------------------

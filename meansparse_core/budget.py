@@ -1,0 +1,114 @@
+"""What an attack costs on this machine, measured before the work starts.
+
+On a laptop CPU, PGD on one 224x224 photo takes seconds for a ResNet-18 and minutes for a
+ConvNeXt-L; AutoAttack on the same photo can take an hour. ``measure`` times one forward pass and
+one forward-and-backward pass of one image (after a warm-up pass), and ``Cost`` turns them into
+the time of an attack, so a page can say so before anyone presses a button. Example::
+
+    cost = measure(model, (3, 224, 224))
+    print(cost.describe("pgd", 10))        # PGD-10 on this image: about 3 s on this CPU
+    print(cost.warning("autoattack", 100))  # None, or a sentence to show before starting
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: Work expected to take longer than this gets a warning before it starts.
+PATIENCE_S = 60.0
+
+#: Gradient passes (forward and backward) and forward-only passes of pyautoattack's standard
+#: AutoAttack on one image it never fools: APGD-CE (100 steps), APGD-T and FAB-T (100 steps for
+#: each of 9 target classes), then Square (5,000 queries). It stops at the first success.
+AUTOATTACK_PASSES = (100 + 9 * 100 + 9 * 100, 5000)
+
+
+def _passes(attack: str, steps: int) -> tuple[int, int]:
+    """(gradient passes, forward-only passes) of one attack on one image, at most."""
+    if attack == "autoattack":
+        return AUTOATTACK_PASSES
+    if attack == "square":
+        return 0, steps
+    if attack == "fgsm":
+        return 1, 0
+    return steps, 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Measured times of one image's passes through one model on one device."""
+
+    forward_s: float
+    gradient_s: float  # forward and backward
+    parameters: int
+    device: str  # "this CPU", "this GPU (NVIDIA H100 ...)"
+
+    def seconds(self, attack: str, steps: int, images: int = 1) -> float:
+        """The longest ``attack`` can take on ``images`` images (it runs every step on every image)."""
+        gradient, forward = _passes(attack, steps)
+        return images * (gradient * self.gradient_s + forward * self.forward_s)
+
+    def describe(self, attack: str, steps: int, images: int = 1) -> str:
+        what = f"{attack.upper()}" if attack in ("fgsm", "autoattack") else f"{attack.upper()}-{steps}"
+        on = "this image" if images == 1 else f"{images} images"
+        bound = "up to " if attack == "autoattack" else ""
+        return f"{what} on {on}: {bound}{_duration(self.seconds(attack, steps, images))} on {self.device}"
+
+    def warning(self, attack: str, steps: int, images: int = 1) -> str | None:
+        """A sentence to show before work expected to outlast ``PATIENCE_S``; None when it is quick."""
+        if self.seconds(attack, steps, images) <= PATIENCE_S:
+            return None
+        size = f"{self.parameters / 1e6:.0f}M-parameter model"
+        return (f"{self.describe(attack, steps, images)} with this {size}. Fewer steps or images, a smaller model "
+                "or a GPU make it shorter.")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"this GPU ({torch.cuda.get_device_name(device)})"
+    return f"this {device.type.upper()}"
+
+
+def _timed(run, device: torch.device) -> float:
+    run()  # warm-up: first calls allocate and pick kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
+    """Time one forward and one forward-and-backward pass of one random image through ``model``.
+
+    The model is only read: its weights get no gradient and it stays in the mode it was in.
+    """
+    parameter = next(model.parameters())
+    image = torch.rand(1, *input_size, device=parameter.device)
+
+    @torch.no_grad()
+    def forward() -> None:
+        model(image)
+
+    def gradient() -> None:
+        x = image.clone().requires_grad_(True)
+        torch.autograd.grad(model(x).sum(), x)
+
+    return Cost(_timed(forward, parameter.device), _timed(gradient, parameter.device),
+                sum(p.numel() for p in model.parameters()), _device_name(parameter.device))

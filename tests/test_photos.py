@@ -1,0 +1,131 @@
+"""Real photos on ImageNet models: class names, photo preparation, unnamed true classes and attack budgets.
+
+Every photo is made here; no network and no weights are needed (architectures have random weights).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meansparse_core import attach
+from meansparse_core.budget import Cost, measure
+from meansparse_core.data import (CIFAR100_CLASSES, DATASETS, IMAGENET_PREPARATION, fit_image, imagenet_classes,
+                                  load_image)
+from meansparse_core.models import (bundled_statistics_path, find_model, fits_a_laptop, load_model,
+                                    parameter_count, robustbench_models)
+from meansparse_core.robustbench_compat import import_robustbench
+from meansparse_core.statistics import Statistics
+from meansparse_core.workbench import AttackChoice, attack_image, compare
+
+IMAGENET = (3, 224, 224)
+R18 = "robustbench/imagenet/Linf/Salman2020Do_R18"
+
+
+def photo_jpeg(width: int = 4000, height: int = 3000, orientation: int = 6) -> bytes:
+    """A camera-style JPEG stored landscape, left half red and right half blue, with an EXIF
+    orientation tag: 6 means "rotate 90 degrees clockwise to view", so upright it is portrait with
+    red on top."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[:, : width // 2] = (220, 30, 30)
+    array[:, width // 2:] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+def test_imagenet_class_names_ship_offline_in_robustbench_order():
+    names = imagenet_classes()
+    assert len(names) == 1000 == len(set(names))
+    # RobustBench labels ImageNet by sorted WordNet id (its class map); torchvision's categories
+    # follow the same order: n01440764 is the tench, n15075141 toilet tissue.
+    import_robustbench()
+    import robustbench
+
+    class_map = json.loads((Path(robustbench.__file__).parent / "helper_files" / "imagenet_class_to_id_map.json")
+                           .read_text())
+    assert [class_map[w] for w in sorted(class_map)] == list(range(1000))
+    assert sorted(class_map)[0] == "n01440764" and names[0] == "tench"
+    assert sorted(class_map)[999] == "n15075141" and names[999] == "toilet tissue"
+    assert find_model(R18).class_names == names and names[281] == "tabby"
+
+
+def test_every_dataset_names_its_classes_without_loading_data():
+    for key, source in DATASETS.items():
+        assert len(source.class_names) == source.num_classes == len(set(source.class_names)), key
+        assert not any(name.startswith("class ") for name in source.class_names), key
+    assert list(CIFAR100_CLASSES) == sorted(CIFAR100_CLASSES) and CIFAR100_CLASSES[0] == "apple"
+    assert robustbench_models("cifar100", "Linf")[0].class_names[-1] == "worm"
+
+
+def test_a_rotated_camera_photo_becomes_the_upright_centre_crop():
+    image = load_image(photo_jpeg(), IMAGENET, preparation=IMAGENET_PREPARATION)
+    assert image.shape == IMAGENET and 0 <= image.min() <= image.max() <= 1
+    top, bottom = image[:, :20].mean(dim=(1, 2)), image[:, -20:].mean(dim=(1, 2))
+    assert top[0] > 0.7 > 0.3 > top[2] and bottom[2] > 0.7 > 0.3 > bottom[0]  # red on top: the tag was honoured
+
+
+def test_photos_are_prepared_as_robustbench_prepares_imagenet():
+    import_robustbench()
+    from robustbench.data import PREPROCESSINGS
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), np.uint8))
+    for name, preparation in [("Res256Crop224", IMAGENET_PREPARATION),
+                              ("BicubicRes256Crop224", find_model(
+                                  "robustbench/imagenet/Linf/Liu2023Comprehensive_ConvNeXt-L").preparation)]:
+        assert torch.equal(fit_image(picture, IMAGENET, preparation), PREPROCESSINGS[name](picture)), name
+    assert find_model(R18).preparation == IMAGENET_PREPARATION
+    assert "resized to 256" in IMAGENET_PREPARATION.describe(IMAGENET)
+
+
+def test_laptop_mark_follows_the_parameter_count():
+    assert parameter_count(find_model(R18)) == 11_689_512 and fits_a_laptop(find_model(R18))
+    assert fits_a_laptop(find_model("robustbench/imagenet/Linf/Salman2020Do_R50"))
+    assert not fits_a_laptop(find_model("robustbench/imagenet/Linf/Salman2020Do_50_2"))  # 69M
+    # built by timm with pretrained weights: never built just to be counted
+    assert parameter_count(find_model("robustbench/imagenet/Linf/Debenedetti2022Light_XCiT-S12")) is None
+
+
+@pytest.fixture(scope="module")
+def digits_sparse():
+    spec = find_model("bundled/digits-cnn")
+    return attach(load_model(spec), Statistics.load(bundled_statistics_path(spec))), spec.class_names
+
+
+def test_an_unnamed_photo_is_judged_against_the_base_prediction(digits_sparse):
+    """Issue 16: an upload used to default to class 0, and the verdict then claimed both models were fooled."""
+    sparse, names = digits_sparse
+    image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
+    predicted = int(sparse.model(image[None]).argmax())
+    choice = AttackChoice("pgd", eps=32, steps=5, target="base")
+    adversarial = attack_image(sparse, image, None, choice)
+    assert torch.equal(adversarial, attack_image(sparse, image, predicted, choice))
+    unknown = compare(sparse, image, None, None, 0.2, names)
+    assert unknown.label == names[predicted] and not unknown.label_known
+    assert "true class unknown" in unknown.verdict and "Clean image of a" not in unknown.verdict
+    attacked = compare(sparse, image, image, None, 0.2, names)  # an "attack" that changed nothing
+    assert "both models still see the base model's prediction" in attacked.verdict
+    assert "True class unknown" in attacked.verdict and f"True class {names[0]}," not in attacked.verdict
+    assert compare(sparse, image, image, predicted, 0.2, names).verdict.startswith(f"True class {names[predicted]}")
+
+
+def test_attack_costs_are_stated_before_they_run(digits_sparse):
+    cost = measure(digits_sparse[0].model, (1, 8, 8))
+    assert cost.forward_s > 0 and cost.gradient_s > 0 and cost.device == "this CPU"
+    assert cost.describe("pgd", 10).startswith("PGD-10 on this image: ") and cost.describe("pgd", 10).endswith(
+        " on this CPU")
+    slow = Cost(forward_s=0.1, gradient_s=0.3, parameters=25_557_032, device="this CPU")
+    assert slow.describe("pgd", 10) == "PGD-10 on this image: about 3 s on this CPU"
+    assert slow.warning("pgd", 10) is None
+    warning = slow.warning("autoattack", 100)
+    assert warning.startswith("AUTOATTACK on this image: up to about 18 min on this CPU") and "26M-parameter" in warning
+    assert "about 15 min" in slow.warning("pgd", 10, images=300)
+    assert slow.seconds("square", 1000) == pytest.approx(100)
