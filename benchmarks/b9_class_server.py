@@ -1,0 +1,259 @@
+"""B9: a class on one server: N students in their own browser sessions while two heavy jobs run.
+
+Starts ``streamlit run app.py`` on a free port (in a scratch folder, so nothing cached is reused),
+opens one Chromium (Playwright) and, in separate browser contexts (separate app sessions):
+
+1. two "heavy" sessions that each start an accuracy sweep on the Accuracy page (every test image,
+   200 PGD steps, BPDA and Square with 5,000 queries: minutes of work), and keep them going;
+2. then ``--sessions`` students at once, each: open Explore, pick its own gallery image, attack it
+   (the default PGD), move alpha ``--moves`` times with the keyboard, open Layers.
+
+For each slider move it records the seconds from the last key press until the page shows the
+session's new alpha (slider-to-update latency). Every session gets alphas no other session uses
+(0.2 + 0.01 * (i + 1 + sessions * move)), so a session that shows another's alpha, or another's
+image, is a cross-session leak. Errors: any step that failed or timed out, and any error box or
+traceback on a page. At the end it checks that the heavy jobs were still running or waiting,
+and records the machine's load average (other processes share the CPU).
+
+    python benchmarks/b9_class_server.py [--sessions 10] [--moves 5] [--model digits|cifar]
+
+``--model cifar`` serves the CIFAR-10 demo model, with the test images extracted from
+``--cifar-archive`` (default ``../shared/datasets/cifar10-jpeg.tar.gz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import ROOT, save
+
+CHROMIUM = os.environ.get("MEANSPARSE_CHROMIUM", "/usr/bin/chromium")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+STEP_TIMEOUT_MS = 180_000
+FAILED_PAGE = re.compile(r"Traceback|Something went wrong")
+SHOTS = ROOT / "artifacts" / "load-test"  # a screenshot of each session that failed a step
+
+
+@dataclass
+class Session:
+    """What one student session did and saw."""
+
+    number: int
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, model: str, archive: Path) -> tuple[subprocess.Popen, str]:
+    """``streamlit run app.py`` in ``folder``, serving the digits model, or the CIFAR-10 demo model with CIFAR-10 data."""
+    data = folder / "data"
+    data.mkdir()
+    if model == "cifar":
+        from meansparse_core.data import extract
+
+        extract(archive, data)
+    port = free_port()
+    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=folder, env=env, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return server, url
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"streamlit exited: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("streamlit did not answer within 120 s")
+
+
+def alpha_pattern(alpha: float) -> re.Pattern:
+    return re.compile(rf"alpha {alpha:g}(?![0-9])")
+
+
+async def main_text(page) -> str:
+    return await page.locator("[data-testid='stMain']").inner_text()
+
+
+async def check_page(page, where: str, session: Session) -> None:
+    """Error boxes or tracebacks on the page count as errors."""
+    text = await main_text(page)
+    if FAILED_PAGE.search(text) or await page.locator("[data-testid='stException']").count():
+        session.errors.append(f"{where}: the page shows an error: {text[:300]!r}")
+
+
+async def screenshot(context, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for page in context.pages:
+        await page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
+
+
+async def open_app(context, url: str):
+    page = await context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    await page.goto(url)
+    await page.get_by_text(re.compile("says")).first.wait_for()
+    return page
+
+
+async def heavy_session(browser, url: str, number: int, ready: asyncio.Event, done: asyncio.Event) -> dict:
+    """Start an accuracy sweep as large as the page allows; report what the page says of it at the end."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = await open_app(context, url)
+        await page.get_by_role("link", name="Accuracy").click()
+        form = page.locator("[data-testid='stForm']").first
+        await form.wait_for()
+        numbers = form.locator("input[type=number]")
+        await numbers.nth(0).fill(await numbers.nth(0).get_attribute("max"))  # as many test images as allowed
+        await numbers.nth(2).fill("200")  # steps
+        await form.get_by_text("Also with Square").click()
+        await numbers.nth(3).fill("5000")
+        await form.get_by_role("button", name="Run").click()
+        await page.get_by_text(re.compile(r"[Qq]ueued|evaluation \d+ of")).first.wait_for()
+        started = await main_text(page)
+        ready.set()
+        await done.wait()
+        ended = await main_text(page)
+        state = lambda text: ("queued" if re.search(r"[Qq]ueued", text)
+                              else "running" if re.search(r"evaluation \d+ of", text) else "finished or gone")
+        return {"session": number, "when_started": state(started), "at_the_end": state(ended)}
+    except Exception as exc:  # reported, not raised: the students' figures still count
+        ready.set()
+        await screenshot(context, f"heavy-{number}")
+        return {"session": number, "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+    finally:
+        await context.close()
+
+
+async def student(browser, url: str, session: Session, sessions: int, moves: int, everyone: list[Session]) -> None:
+    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = await open_app(context, url)
+        picks = page.locator("[class*='st-key-pick_']")
+        pick = picks.nth(session.number % await picks.count())
+        image = re.search(r"st-key-pick_(\d+)", await pick.get_attribute("class")).group(1)
+        await pick.locator("button").click()
+        await page.get_by_text(re.compile(rf"test image {image}\b")).first.wait_for()
+        await page.get_by_role("button", name="Attack", exact=True).click()
+        await page.get_by_text("Adversarial example:").first.wait_for()
+        await check_page(page, "attack", session)
+        slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider'] input[type=range]").first
+        alpha, presses = 0.2, session.number + 1
+        for move in range(moves):
+            alpha = round(alpha + 0.01 * presses, 2)
+            await slider.focus()
+            for _ in range(presses):
+                await page.keyboard.press("ArrowRight")
+            start = time.perf_counter()
+            await page.get_by_text(alpha_pattern(alpha)).first.wait_for()
+            session.latencies.append(time.perf_counter() - start)
+            session.alphas.append(alpha)
+            await look_for_leaks(page, f"move {move}", session, everyone, image)
+            presses = sessions
+        await page.get_by_role("link", name="Layers").click()
+        await page.locator("h1", has_text="Layers").wait_for()
+        await page.get_by_text(alpha_pattern(alpha)).first.wait_for()
+        await look_for_leaks(page, "layers", session, everyone, None)
+        await check_page(page, "layers", session)
+    except Exception as exc:
+        session.errors.append(f"{exc.__class__.__name__}: {str(exc)[:300]}")
+        await screenshot(context, f"student-{session.number}")
+    finally:
+        await context.close()
+
+
+async def look_for_leaks(page, where: str, session: Session, everyone: list[Session], image: str | None) -> None:
+    """Another session's alpha (or image) on this session's page is a leak."""
+    text = await main_text(page)
+    shown = {float(a) for a in re.findall(r"alpha (\d+\.\d+)", text)}
+    others = {a for other in everyone if other is not session for a in other.alphas} - set(session.alphas)
+    if shown & others:
+        session.leaks.append(f"{where}: shows alpha {sorted(shown & others)}, not its own {session.alphas[-1]}")
+    if image is not None and not re.search(rf"test image {image}\b", text):
+        session.leaks.append(f"{where}: its image (test image {image}) is not shown")
+
+
+async def class_run(url: str, sessions: int, moves: int) -> dict:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        readies, done = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+        heavy = [asyncio.create_task(heavy_session(browser, url, n, readies[n], done)) for n in range(2)]
+        for ready in readies:
+            await ready.wait()
+        load_before = os.getloadavg()
+        students = [Session(i) for i in range(sessions)]
+        start = time.perf_counter()
+        await asyncio.gather(*(student(browser, url, s, sessions, moves, students) for s in students))
+        seconds = time.perf_counter() - start
+        done.set()
+        heavy_report = await asyncio.gather(*heavy)
+        await browser.close()
+    latencies = sorted(t for s in students for t in s.latencies)
+    return {
+        "sessions": sessions, "moves": moves, "seconds": seconds,
+        "slider_updates": len(latencies),
+        "p50_s": statistics.median(latencies) if latencies else None,
+        "p95_s": latencies[round(0.95 * (len(latencies) - 1))] if latencies else None,
+        "max_s": latencies[-1] if latencies else None,
+        "errors": [f"session {s.number}: {e}" for s in students for e in s.errors],
+        "leaks": [f"session {s.number}: {e}" for s in students for e in s.leaks],
+        "heavy_jobs": heavy_report,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--moves", type=int, default=5)
+    parser.add_argument("--model", choices=["digits", "cifar"], default="digits")
+    parser.add_argument("--cifar-archive", type=Path, default=CIFAR_ARCHIVE)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        server, url = start_server(Path(folder), args.model, args.cifar_archive)
+        try:
+            results = asyncio.run(class_run(url, args.sessions, args.moves))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    results["model"] = args.model
+    print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), two heavy jobs: "
+          f"p50 {results['p50_s']:.2f} s, p95 {results['p95_s']:.2f} s, max {results['max_s']:.2f} s; "
+          f"{len(results['errors'])} errors, {len(results['leaks'])} leaks; heavy jobs {results['heavy_jobs']}; "
+          f"load average {results['load_average_before'][0]:.1f} -> {results['load_average_after'][0]:.1f}")
+    for line in results["errors"] + results["leaks"]:
+        print("  ", line)
+    save("b9_class_server", results)
+
+
+if __name__ == "__main__":
+    main()

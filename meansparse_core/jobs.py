@@ -1,0 +1,228 @@
+"""One queue for the heavy work of a server that a whole class shares.
+
+AutoAttack, long Square runs, accuracy sweeps and calibrations take seconds to minutes of CPU. Run
+in the thread that draws a user's page, several of them at once would each take every core and
+every slider move in the room would wait behind them. Here they wait in one first-in first-out
+queue instead, with a bounded number running at once (``workers``), each limited to
+``threads_per_job`` torch threads, and cores left over for the light work (a slider move, top-5)
+that never enters the queue. Example::
+
+    queue = JobQueue.for_this_machine()
+    job = queue.submit(lambda job: sweep(progress=job.report), "accuracy sweep", alive=session_is_open)
+    job.position   # 1 while it is next in line, None once it runs
+    job.wait(); job.result()  # the sweep's rows, or the sweep's exception raised again
+
+A job's handle is the only way to its result: the queue lists no jobs, so whoever holds the handle
+(the session that submitted it) is the only one who sees the result.
+
+Torch threads: ``torch.set_num_threads`` sets the OpenMP thread count of the *calling* thread, and
+also a process-wide count that threads started later read the first time they run an operator.
+Each worker sets its own count, then puts the process-wide count back from a short-lived helper
+thread, so the threads a web server starts later for its pages keep every core.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from typing import Callable, Generic, Literal, TypeVar
+
+import torch
+
+T = TypeVar("T")
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobCancelled(Exception):
+    """Raised inside a job (by ``Job.report``) and by ``Job.result`` once the job was cancelled."""
+
+
+class Job(Generic[T]):
+    """One piece of heavy work: where it stands, how far it got, and (when finished) its outcome."""
+
+    def __init__(self, queue: "JobQueue", work: Callable[["Job[T]"], T], description: str,
+                 alive: Callable[[], bool]) -> None:
+        self.description = description
+        self.state: State = "queued"
+        self.progress = 0.0  # fraction done, as the job last reported it
+        self.message = ""
+        self._queue, self._work, self._alive = queue, work, alive
+        self._cancelled, self._finished = threading.Event(), threading.Event()
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def position(self) -> int | None:
+        """1 for the next job to run, 2 for the one after it...; None once it runs or ended."""
+        return self._queue.position(self)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def wanted(self) -> bool:
+        """False once cancelled or once its submitter went away: then it is not worth running on."""
+        return not self._cancelled.is_set() and self._alive()
+
+    def report(self, done: float, total: float, message: str = "") -> None:
+        """Record progress (``done`` of ``total``); raises ``JobCancelled`` when nobody wants the job any more.
+
+        Jobs pass it as their progress callback, so that a cancelled job stops at its next report.
+        """
+        self.progress = min(max(done / total, 0.0), 1.0) if total else 0.0
+        self.message = message
+        if not self.wanted:
+            raise JobCancelled(f"{self.description} was cancelled.")
+
+    def cancel(self) -> None:
+        """Drop the job if it waits; stop it at its next progress report if it runs."""
+        self._cancelled.set()
+        self._queue.discard(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ended (True) or ``timeout`` seconds passed (False)."""
+        return self._finished.wait(timeout)
+
+    def result(self) -> T:
+        """The job's return value; its exception raised again if it failed."""
+        if not self.finished:
+            raise RuntimeError(f"{self.description} has not finished yet; check Job.finished first.")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        if not self.wanted:
+            return self._end("cancelled", JobCancelled(f"{self.description} was cancelled."))
+        self.state = "running"
+        try:
+            result = self._work(self)
+        except JobCancelled as exc:
+            return self._end("cancelled", exc)
+        except Exception as exc:  # handed to the submitter, who shows it
+            return self._end("failed", exc)
+        self._result = result
+        self._end("done")
+
+    def _end(self, state: State, error: BaseException | None = None) -> None:
+        self._error, self.state = error, state
+        if state == "done":
+            self.progress = 1.0
+        self._finished.set()
+
+
+#: Serialises the thread-count dance of ``use_torch_threads`` between workers starting together.
+_THREADS_LOCK = threading.Lock()
+
+
+def use_torch_threads(count: int) -> None:
+    """Limit the calling thread's torch operators to ``count`` threads, leaving other threads' counts alone."""
+    with _THREADS_LOCK:
+        # The first call also fixes this thread's count from the process-wide one, which would
+        # otherwise happen at its first operator and undo the line below.
+        process_default = torch.get_num_threads()
+        torch.set_num_threads(count)
+        if count != process_default:
+            helper = threading.Thread(target=_set_process_threads, args=(process_default,), name="torch-threads")
+            helper.start()
+            helper.join()
+
+
+def _set_process_threads(count: int) -> None:
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset restrict)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class JobQueue:
+    """A first-in first-out queue of heavy jobs, run by ``workers`` threads of ``threads_per_job`` torch threads each."""
+
+    def __init__(self, workers: int = 1, threads_per_job: int = 1) -> None:
+        if workers < 1 or threads_per_job < 1:
+            raise ValueError("A job queue needs at least one worker and one thread per job.")
+        self.workers, self.threads_per_job = workers, threads_per_job
+        self._waiting: deque[Job] = deque()
+        self._changed = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"heavy-job-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def for_this_machine(cls, cores: int | None = None) -> "JobQueue":
+        """Sized to the cores: a quarter of them (at least one) stay free for slider moves, and the rest
+        run jobs of at most four threads each. Two cores give one job at a time, on one thread."""
+        cores = cores or usable_cores()
+        heavy = max(1, cores - max(1, cores // 4))
+        workers = -(-heavy // 4)
+        return cls(workers=workers, threads_per_job=heavy // workers)
+
+    def submit(self, work: Callable[[Job[T]], T], description: str = "job",
+               alive: Callable[[], bool] = lambda: True) -> Job[T]:
+        """Queue ``work(job)``; ``alive()`` says whether its submitter still wants it (checked before it runs
+        and at each progress report)."""
+        job = Job(self, work, description, alive)
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("This job queue is closed.")
+            self._waiting.append(job)
+            self._changed.notify()
+        return job
+
+    def position(self, job: Job) -> int | None:
+        with self._changed:
+            return self._waiting.index(job) + 1 if job in self._waiting else None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def discard(self, job: Job) -> None:
+        """Take a waiting job out of the line, ending it as cancelled; a running one is left to stop itself."""
+        with self._changed:
+            if job not in self._waiting:
+                return
+            self._waiting.remove(job)
+        job._end("cancelled", JobCancelled(f"{job.description} was cancelled."))
+
+    def close(self) -> None:
+        """Cancel what waits, let running jobs end, and stop the workers."""
+        with self._changed:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._changed.notify_all()
+        for job in waiting:
+            job._end("cancelled", JobCancelled(f"{job.description} was cancelled: the server is stopping."))
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        use_torch_threads(self.threads_per_job)
+        while True:
+            with self._changed:
+                while not self._waiting and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                job = self._waiting.popleft()
+                self._running += 1
+            try:
+                job._run()
+            finally:
+                with self._changed:
+                    self._running -= 1

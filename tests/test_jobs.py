@@ -1,0 +1,190 @@
+"""The heavy-job queue: order, positions, progress, results to their submitter only, errors, cancellation,
+and torch threads. Threads are synchronised with events, never with sleeps."""
+
+import threading
+
+import pytest
+import torch
+
+from meansparse_core.jobs import JobCancelled, JobQueue
+
+WAIT = 60  # seconds: only a hang ever waits this long
+
+
+@pytest.fixture
+def queue():
+    queue = JobQueue(workers=1, threads_per_job=1)
+    yield queue
+    queue.close()
+
+
+def blocker(queue: JobQueue):
+    """A running job that holds the worker until ``release`` is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def work(job):
+        started.set()
+        assert release.wait(WAIT)
+        return "blocker"
+
+    job = queue.submit(work, "blocker")
+    assert started.wait(WAIT)
+    return job, release
+
+
+def finished(job):
+    assert job.wait(WAIT), f"{job.description} did not finish"
+    return job
+
+
+def test_jobs_wait_in_line_with_their_positions_and_run_in_order(queue):
+    running, release = blocker(queue)
+    order = []
+    jobs = [queue.submit(lambda job, i=i: order.append(i) or i, f"job {i}") for i in range(3)]
+    assert running.state == "running" and running.position is None
+    assert [j.position for j in jobs] == [1, 2, 3] and [j.state for j in jobs] == ["queued"] * 3
+    assert queue.running == 1 and queue.waiting == 3
+    release.set()
+    assert [finished(j).result() for j in jobs] == [0, 1, 2] and order == [0, 1, 2]
+    assert finished(running).result() == "blocker" and all(j.position is None for j in jobs)
+
+
+def test_positions_move_up_when_a_waiting_job_is_cancelled(queue):
+    _, release = blocker(queue)
+    first, second, third = (queue.submit(lambda job: None, name) for name in ("first", "second", "third"))
+    second.cancel()
+    assert (first.position, second.position, third.position) == (1, None, 2)
+    assert second.finished and second.state == "cancelled"
+    with pytest.raises(JobCancelled):
+        second.result()
+    release.set()
+    assert finished(third).state == "done"
+
+
+def test_each_submitter_gets_its_own_result_from_jobs_running_at_once():
+    queue = JobQueue(workers=3, threads_per_job=1)
+    barrier = threading.Barrier(3, timeout=WAIT)  # all three run at the same moment
+
+    def work(job, session):
+        barrier.wait()
+        return f"result of {session}"
+
+    try:
+        jobs = {s: queue.submit(lambda job, s=s: work(job, s), f"job of {s}") for s in ("ann", "bob", "cy")}
+        assert {s: finished(j).result() for s, j in jobs.items()} == {s: f"result of {s}" for s in jobs}
+    finally:
+        queue.close()
+
+
+def test_a_failing_job_hands_its_exception_to_the_submitter_and_the_queue_goes_on(queue):
+    def fail(job):
+        raise ValueError("Give at least one alpha.")
+
+    failed = finished(queue.submit(fail, "bad sweep"))
+    assert failed.state == "failed"
+    with pytest.raises(ValueError, match="at least one alpha"):
+        failed.result()
+    assert finished(queue.submit(lambda job: 42)).result() == 42
+
+
+def test_progress_reports_reach_the_handle(queue):
+    reported, release = threading.Event(), threading.Event()
+
+    def work(job):
+        job.report(3, 12, "evaluation 4 of 12")
+        reported.set()
+        assert release.wait(WAIT)
+        return "rows"
+
+    job = queue.submit(work, "sweep")
+    assert reported.wait(WAIT)
+    assert (job.progress, job.message, job.state) == (0.25, "evaluation 4 of 12", "running")
+    release.set()
+    assert finished(job).progress == 1.0
+
+
+def test_a_running_job_stops_at_its_next_report_once_cancelled(queue):
+    reported, cancelled = threading.Event(), threading.Event()
+    steps = []
+
+    def work(job):
+        for step in range(5):
+            job.report(step, 5)
+            steps.append(step)
+            reported.set()
+            assert cancelled.wait(WAIT)
+
+    job = queue.submit(work, "long attack")
+    assert reported.wait(WAIT)
+    job.cancel()
+    cancelled.set()
+    assert finished(job).state == "cancelled" and steps == [0]
+
+
+def test_a_job_whose_submitter_went_away_is_skipped_or_stopped(queue):
+    _, release = blocker(queue)
+    open_sessions = {"gone", "here"}
+    alive = {s: (lambda s=s: s in open_sessions) for s in open_sessions}
+    ran = []
+    skipped = queue.submit(lambda job: ran.append("gone"), "job of a closed tab", alive["gone"])
+    kept = queue.submit(lambda job: ran.append("here"), "job of an open tab", alive["here"])
+    open_sessions.discard("gone")
+    release.set()
+    assert finished(skipped).state == "cancelled" and finished(kept).state == "done" and ran == ["here"]
+
+
+def test_result_before_the_end_is_an_error(queue):
+    _, release = blocker(queue)
+    job = queue.submit(lambda job: 1)
+    with pytest.raises(RuntimeError, match="not finished"):
+        job.result()
+    release.set()
+    finished(job)
+
+
+def test_close_cancels_what_waits_and_lets_the_running_job_end():
+    queue = JobQueue()
+    running, release = blocker(queue)
+    waiting = queue.submit(lambda job: 1, "waiting")
+    closing = threading.Thread(target=queue.close)
+    closing.start()
+    assert finished(waiting).state == "cancelled"
+    release.set()
+    closing.join()
+    assert finished(running).state == "done"
+    with pytest.raises(RuntimeError, match="closed"):
+        queue.submit(lambda job: 1)
+
+
+def in_new_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_jobs_use_their_thread_count_and_threads_started_later_keep_the_process_default():
+    default = in_new_thread(torch.get_num_threads)
+    queue = JobQueue(workers=1, threads_per_job=max(1, default - 1) if default > 1 else 2)
+    try:
+        inside = finished(queue.submit(lambda job: torch.get_num_threads())).result()
+        assert inside == queue.threads_per_job
+        assert in_new_thread(torch.get_num_threads) == default  # a page's thread, started after the workers
+        assert torch.get_num_threads() == default
+    finally:
+        queue.close()
+
+
+@pytest.mark.parametrize("cores, workers, threads", [(1, 1, 1), (2, 1, 1), (4, 1, 3), (8, 2, 3), (16, 3, 4)])
+def test_the_machine_sized_queue_leaves_cores_for_slider_moves(cores, workers, threads):
+    queue = JobQueue.for_this_machine(cores)
+    try:
+        assert (queue.workers, queue.threads_per_job) == (workers, threads)
+    finally:
+        queue.close()
+
+
+def test_a_queue_needs_workers():
+    with pytest.raises(ValueError, match="at least one worker"):
+        JobQueue(workers=0)
