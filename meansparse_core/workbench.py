@@ -133,6 +133,17 @@ class AttackChoice:
     targeted: bool = False
     seed: int = 0
 
+    @property
+    def heavy(self) -> bool:
+        """Whether crafting it on a shared server waits in the job queue (``jobs.JobQueue``): AutoAttack,
+        and Square with more than ``HEAVY_SQUARE_QUERIES`` queries; the other attacks on one image take a
+        second or two."""
+        return self.attack == "autoattack" or (self.attack == "square" and self.steps > HEAVY_SQUARE_QUERIES)
+
+
+#: Square runs longer than this are heavy jobs (see ``AttackChoice.heavy``).
+HEAVY_SQUARE_QUERIES = 300
+
 
 def classifier(sparse: SparseModel, alpha: float, grad: GradMode = "exact",
                layer_alphas: Mapping[str, float] | None = None) -> nn.Module:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from meansparse_core.jobs import JobCancelled, JobQueue
+from meansparse_core.workbench import AttackChoice
 
 WAIT = 60  # seconds: only a hang ever waits this long
 
@@ -188,3 +189,9 @@ def test_the_machine_sized_queue_leaves_cores_for_slider_moves(cores, workers, t
 def test_a_queue_needs_workers():
     with pytest.raises(ValueError, match="at least one worker"):
         JobQueue(workers=0)
+
+
+@pytest.mark.parametrize("attack, steps, heavy", [("autoattack", 1, True), ("square", 300, False), ("square", 301, True),
+                                                  ("pgd", 200, False), ("apgd-ce", 200, False)])
+def test_autoattack_and_long_square_runs_are_heavy(attack, steps, heavy):
+    assert AttackChoice(attack, steps=steps).heavy is heavy
