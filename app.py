@@ -6,7 +6,8 @@ what it set up from the session.
 
 import streamlit as st
 
-import ui
+from ui.errors import shown_errors
+from ui.sidebar import sidebar_ui
 
 PAGES = [
     st.Page("views/explore.py", title="Explore", icon=":material/image_search:", default=True),
@@ -19,8 +20,8 @@ PAGES = [
 def main() -> None:
     st.set_page_config(page_title="MeanSparse Explorer", layout="wide")
     page = st.navigation(PAGES)
-    with ui.shown_errors():
-        st.session_state["setup"] = ui.sidebar_ui()
+    with shown_errors():
+        st.session_state["setup"] = sidebar_ui()
         page.run()
 
 

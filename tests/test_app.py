@@ -131,13 +131,13 @@ def test_two_sessions_keep_their_own_alpha_and_results():
 
 
 def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, monkeypatch):
-    import ui
+    from ui import loaders
     import meansparse_core.workbench as workbench
 
     monkeypatch.chdir(tmp_path)  # statistics are cached under ./.cache
     monkeypatch.setattr(workbench, "bundled_statistics_path", lambda spec: None)
-    ui.cached_statistics.clear()
-    ui.cached_sparse.clear()
+    loaders.cached_statistics.clear()
+    loaders.cached_sparse.clear()
     try:
         app = start()
         assert "no MeanSparse statistics" in "\n".join(w.value for w in app.sidebar.warning)
@@ -149,8 +149,8 @@ def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, mon
         assert list((tmp_path / ".cache" / "stats").glob("*.pt"))
         assert chart(app, "predictions")["data"]
     finally:
-        ui.cached_statistics.clear()
-        ui.cached_sparse.clear()
+        loaders.cached_statistics.clear()
+        loaders.cached_sparse.clear()
 
 
 def test_zoo_lists_models_and_says_where_missing_weights_go(tmp_path):

@@ -143,14 +143,14 @@ def test_the_app_warns_about_a_damaged_statistics_cache_and_keeps_working(tmp_pa
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    import ui
+    from ui import loaders
 
     monkeypatch.chdir(tmp_path)  # the app caches statistics under ./.cache
     damaged = statistics_path(DIGITS, "digits")
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not statistics")
-    ui.cached_statistics.clear()
-    ui.cached_sparse.clear()
+    loaders.cached_statistics.clear()
+    loaders.cached_sparse.clear()
     try:
         with pytest.warns(CacheWarning):
             app = AppTest.from_file(str(Path(__file__).parents[1] / "app.py"), default_timeout=120).run()
@@ -159,5 +159,5 @@ def test_the_app_warns_about_a_damaged_statistics_cache_and_keeps_working(tmp_pa
         assert "shipped with the model" in "\n".join(c.value for c in app.sidebar.caption)
         assert not damaged.exists()
     finally:
-        ui.cached_statistics.clear()
-        ui.cached_sparse.clear()
+        loaders.cached_statistics.clear()
+        loaders.cached_sparse.clear()

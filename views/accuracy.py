@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-import ui
+from ui import panels, state
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
@@ -25,7 +25,7 @@ class SweepRequest:
     square_queries: int
 
 
-def sweep_ui(current: ui.Setup) -> SweepRequest | None:
+def sweep_ui(current: state.Setup) -> SweepRequest | None:
     """The sweep's settings; returned when Run is pressed."""
     # Outside the form: the budget's units follow the attack as soon as it is picked.
     attack = st.selectbox("Attack", ATTACKS, key="sweep_attack")
@@ -51,7 +51,7 @@ def sweep_ui(current: ui.Setup) -> SweepRequest | None:
     return SweepRequest(int(n), settings, parse_alphas(alphas), opinions, int(queries))
 
 
-def run_sweep(current: ui.Setup, request: SweepRequest) -> dict:
+def run_sweep(current: state.Setup, request: SweepRequest) -> dict:
     """Run (or read from the result cache) every evaluation, with a progress bar."""
     indices = sample_indices(len(current.test_set), request.n, seed=0)
     images, labels = load_items(current.test_set, indices)
@@ -91,14 +91,14 @@ def results_ui(sweep: dict, chosen: float) -> None:
 
 
 
-def export_ui(current: ui.Setup) -> None:
+def export_ui(current: state.Setup) -> None:
     st.subheader("Export")
     st.markdown(f"The sparsified model at the sidebar's alpha **{current.alpha:g}** (with its statistics and any "
                 "per-layer alphas) as one file that `meansparse_core.export.load_sparsified` reads with "
                 "`weights_only=True`.")
     if st.button("Prepare the file", key="prepare_export"):
         model = current.sparse.model
-        st.session_state["export"] = ui.bytes_of(lambda path: save_sparsified(
+        st.session_state["export"] = panels.bytes_of(lambda path: save_sparsified(
             path, model, current.sparse.stats, current.alpha, current.layer_alphas,
             architecture={"key": current.model.key}))
     if "export" in st.session_state:
@@ -107,8 +107,8 @@ def export_ui(current: ui.Setup) -> None:
 
 
 def main() -> None:
-    current = ui.setup()
-    ui.require_sparse(current)
+    current = state.setup()
+    state.require_sparse(current)
     st.title("Accuracy")
     st.markdown("Clean and robust accuracy against alpha. The attack runs against MeanSparse itself at each "
                 "alpha (adaptive), so each point costs one full attack on N images.")

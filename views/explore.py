@@ -4,19 +4,19 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import ui
+from ui import panels, state, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare
 
 
-def image_ui(current: ui.Setup) -> ui.Picked:
+def image_ui(current: state.Setup) -> state.Picked:
     st.subheader("1 · Pick an image")
-    ui.gallery_ui(current)
-    ui.upload_ui(current)
-    return ui.picked_image(current)
+    panels.gallery_ui(current)
+    uploads.upload_ui(current)
+    return state.picked_image(current)
 
 
-def attack_ui(current: ui.Setup) -> AttackChoice | None:
+def attack_ui(current: state.Setup) -> AttackChoice | None:
     """The attack's settings; returns them when the Attack button is pressed."""
     st.subheader("2 · Attack it")
     # Outside the form: the budget's units and the step limit follow the attack as soon as it is picked.
@@ -39,16 +39,16 @@ def attack_ui(current: ui.Setup) -> AttackChoice | None:
     return choice if pressed else None
 
 
-def images_ui(picked: ui.Picked, crafted: ui.Crafted | None) -> None:
+def images_ui(picked: state.Picked, crafted: state.Crafted | None) -> None:
     columns = st.columns(3)
-    columns[0].image(ui.to_display(picked.image, 192), caption=f"clean: {picked.caption}")
+    columns[0].image(panels.to_display(picked.image, 192), caption=f"clean: {picked.caption}")
     if crafted is None:
         columns[1].info("Press Attack to craft an adversarial example.")
         return
     perturbation, scale = amplified(crafted.image - picked.image)
     linf = float((crafted.image - picked.image).abs().max()) * 255
-    columns[1].image(ui.to_display(perturbation, 192), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
-    columns[2].image(ui.to_display(crafted.image, 192), caption="adversarial")
+    columns[1].image(panels.to_display(perturbation, 192), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
+    columns[2].image(panels.to_display(crafted.image, 192), caption="adversarial")
     st.caption(f"Adversarial example: {crafted.description}. It stays fixed while alpha moves.")
 
 
@@ -69,23 +69,23 @@ def predictions_ui(comparison: Comparison) -> None:
 
 
 def main() -> None:
-    current = ui.setup()
-    sparse = ui.require_sparse(current)
+    current = state.setup()
+    sparse = state.require_sparse(current)
     st.title("Explore")
     st.markdown("Pick an image, attack it, then move **alpha** in the sidebar: the predictions below follow it, "
                 "while the adversarial example stays the one you crafted.")
     picked = image_ui(current)
     choice = attack_ui(current)
     if choice is not None:
-        ui.craft(current, picked, choice)
-    crafted = ui.adversarial(current, picked)
+        state.craft(current, picked, choice)
+    crafted = state.adversarial(current, picked)
     st.subheader("3 · See what each model says")
     images_ui(picked, crafted)
     comparison = compare(sparse, picked.image, crafted.image if crafted else None, picked.label, current.alpha,
                          current.spec.class_names, current.layer_alphas)
     st.markdown(f"**{comparison.verdict}**")
     predictions_ui(comparison)
-    ui.accuracy_panel_ui(current)
+    panels.accuracy_panel_ui(current)
 
 
 main()

@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import ui
+from ui import panels, state
 from meansparse_core.probes import Sample, TapProbe, probe
 
 VIEWS = {
@@ -16,7 +16,7 @@ VIEWS = {
 }
 
 
-def layer_ui(current: ui.Setup) -> tuple[str, int]:
+def layer_ui(current: state.Setup) -> tuple[str, int]:
     """The tap to look at, and one of its channels."""
     taps = current.sparse.taps
     left, right = st.columns([3, 1])
@@ -86,11 +86,11 @@ def depth_ui(probes: list[TapProbe]) -> None:
 
 
 def main() -> None:
-    current = ui.setup()
-    sparse = ui.require_sparse(current)
+    current = state.setup()
+    sparse = state.require_sparse(current)
     st.title("Layers")
-    picked = ui.picked_image(current)
-    crafted = ui.adversarial(current, picked) or ui.craft(current, picked, ui.default_attack(current))
+    picked = state.picked_image(current)
+    crafted = state.adversarial(current, picked) or state.craft(current, picked, state.default_attack(current))
     st.caption(f"Image: {picked.caption}. Adversarial example: {crafted.description} "
                "(pick the image and run other attacks on the Explore page).")
     name, channel = layer_ui(current)
@@ -99,7 +99,7 @@ def main() -> None:
                    channel={name: channel})
     histograms_ui(next(p for p in probes if p.name == name))
     depth_ui(probes)
-    ui.accuracy_panel_ui(current)
+    panels.accuracy_panel_ui(current)
 
 
 main()

@@ -1,0 +1,81 @@
+"""Cached loaders, shared by every session and only ever read.
+
+Models, statistics and data are cached once per server (``st.cache_resource``): alpha travels with
+each call, so sessions never see each other's choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import streamlit as st
+import torch
+from torch.utils.data import Dataset
+
+from meansparse_core import attach
+from meansparse_core.data import load_dataset, load_items, sample_indices
+from meansparse_core.models import ModelSpec, find_model, load_checkpoint, load_model, robustbench_models
+from meansparse_core.placement import SparseModel
+from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, find_statistics
+
+
+class ModelChoice(NamedTuple):
+    """Everything that decides which weights are loaded, and where they run."""
+
+    key: str
+    model_dir: str
+    checkpoint: str | None  # path of an uploaded state dict
+    device: str
+
+    @property
+    def spec(self) -> ModelSpec:
+        return find_model(self.key)
+
+    @property
+    def weights_digest(self) -> str | None:
+        return Path(self.checkpoint).stem if self.checkpoint else None  # uploads are named by their digest
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def cached_model(choice: ModelChoice) -> torch.nn.Module:
+    model = load_checkpoint(choice.spec, choice.checkpoint) if choice.checkpoint else load_model(choice.spec, choice.model_dir)
+    return model.to(choice.device).eval()
+
+
+@st.cache_resource(show_spinner="Looking for statistics...", max_entries=8)
+def cached_statistics(choice: ModelChoice, data: str):
+    return find_statistics(choice.spec, cached_model(choice), data, choice.weights_digest)
+
+
+@st.cache_resource(max_entries=8)
+def cached_sparse(choice: ModelChoice, data: str) -> SparseModel | None:
+    """The shared sparsified view of the cached model; it holds no alpha, so sessions cannot collide."""
+    found = cached_statistics(choice, data)
+    return attach(cached_model(choice), found.stats) if found else None
+
+
+@st.cache_resource(show_spinner="Reading the dataset...", max_entries=4)
+def cached_dataset(data: str, root: str, split: str) -> Dataset:
+    return load_dataset(data, split, root or None, fetch=False)
+
+
+@st.cache_resource(show_spinner="Crafting the live evaluation set (once per model)...", max_entries=4)
+def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float) -> LiveAccuracy:
+    dataset = cached_dataset(data, root, "test")
+    images, labels = load_items(dataset, sample_indices(len(dataset), LIMITS.live_set, seed=0))
+    return LiveAccuracy.craft(cached_model(choice), images.to(choice.device), labels.to(choice.device),
+                              AttackChoice(eps=eps, target="base"))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def cached_live_figures(choice: ModelChoice, data: str, root: str, eps: float, alpha: float,
+                        layer_alphas: tuple[tuple[str, float], ...]) -> tuple[float, float]:
+    """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free."""
+    live = cached_live_set(choice, data, root, eps)
+    return live.at(cached_sparse(choice, data), alpha, dict(layer_alphas))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_zoo(dataset: str | None, threat: str | None, search: str) -> list[ModelSpec]:
+    return robustbench_models(dataset, threat, search)

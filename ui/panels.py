@@ -1,0 +1,69 @@
+"""Panels several pages draw: the gallery, the accuracy figures, and image and file helpers."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from meansparse_core.workbench import LIMITS, nearest
+from ui.loaders import cached_live_figures, cached_live_set
+from ui.state import Setup, gallery_order, pick, test_image
+
+
+def gallery_ui(current: Setup, count: int = 8) -> None:
+    """A row of test images with labels; a button under each picks it."""
+    if current.test_set is None:
+        return
+    page = st.session_state.get("gallery_page", 0)
+    columns = st.columns(count)
+    for column, index in zip(columns, gallery_order(len(current.test_set))[page * count:(page + 1) * count]):
+        picked = test_image(current, index)
+        column.image(to_display(picked.image), caption=current.spec.class_names[picked.label], width="stretch")
+        if column.button("Pick", key=f"pick_{index}"):
+            pick(picked)
+    if st.button("More images", key="gallery_more"):
+        st.session_state["gallery_page"] = page + 1
+        st.rerun()
+
+
+def accuracy_panel_ui(current: Setup) -> None:
+    """Clean and transfer accuracy at the current alpha (live), and the last sweep's adaptive figure."""
+    sparse = current.sparse
+    if sparse is None or current.test_set is None:
+        return
+    live = cached_live_set(current.model, current.data, current.data_root, current.eps)
+    clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
+                                          tuple(sorted(current.layer_alphas.items())))
+    left, middle, right = st.columns(3)
+    left.metric(f"Clean accuracy ({LIMITS.live_set} test images, live)", f"{clean:.0%}")
+    middle.metric("Transfer robust accuracy (live)", f"{transfer:.0%}",
+                  help=f"Adversarial examples crafted once against the base model ({live.attack}); "
+                       "the attacker never saw MeanSparse, so this is not adaptive robustness.")
+    rows = st.session_state.get("sweeps", {}).get(current.model_id)
+    row = nearest(rows["rows"], current.alpha) if rows else None
+    if row is None:
+        right.metric("Adaptive robust accuracy", "—", help="Run a sweep on the Accuracy page.")
+    else:
+        right.metric(f"Adaptive robust accuracy (sweep, alpha {row['alpha']:g})", f"{row['robust']:.0%}",
+                     help=f"{rows['attack']} on {rows['n']} images, attacking MeanSparse itself.")
+
+
+def to_display(image: torch.Tensor, size: int = 128) -> np.ndarray:
+    """A (C, H, W) tensor in [0, 1] as an HxWx3 uint8 array, upscaled with visible pixels."""
+    array = (image.detach().cpu().clamp(0, 1) * 255).round().byte()
+    if array.shape[0] == 1:
+        array = array.expand(3, -1, -1)
+    repeat = max(1, size // array.shape[-1])
+    return array.repeat_interleave(repeat, 1).repeat_interleave(repeat, 2).permute(1, 2, 0).numpy()
+
+
+def bytes_of(write) -> bytes:
+    """What ``write(path)`` writes, as bytes (for download buttons)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "out"
+        write(path)
+        return path.read_bytes()

@@ -1,0 +1,216 @@
+"""The sidebar: which model, data and statistics, and the threshold; it returns the session's Setup."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+import torch
+from torch.utils.data import Dataset
+
+from meansparse_core import calibrate
+from meansparse_core.data import DATASETS, DEFAULT_ROOT, DataUnavailable, load_dataset, load_items, sample_indices
+from meansparse_core.files import file_digest
+from meansparse_core.models import DEFAULT_MODEL_DIR, ModelSpec, bundled_models, is_local, load_model, weight_files
+from meansparse_core.placement import SparseModel
+from meansparse_core.workbench import statistics_path
+from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
+                        cached_statistics, cached_zoo)
+from ui.state import Setup
+
+UPLOADS = Path(".cache") / "uploads"
+DEFAULT_ALPHA = 0.2
+
+
+def default_model() -> str:
+    """The CIFAR-10 demo model when CIFAR-10 is on this machine, else the offline digits model."""
+    bundled = {s.dataset: s.key for s in bundled_models()}
+    try:
+        cached_dataset("cifar10", str(DEFAULT_ROOT), "test")
+        return bundled.get("cifar10", bundled["digits"])
+    except (DataUnavailable, OSError):
+        return bundled["digits"]
+
+
+def _saved_upload(upload) -> str:
+    """An uploaded checkpoint written to disk once per upload (torch.load reads files), named by its digest."""
+    saved = st.session_state.get("saved_checkpoint")
+    if saved is not None and saved[0] == upload.file_id:
+        return saved[1]
+    UPLOADS.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=UPLOADS, suffix=".pt", delete=False) as f:
+        f.write(upload.getvalue())
+    path = UPLOADS / f"{file_digest(f.name)}.pt"
+    os.replace(f.name, path)
+    st.session_state["saved_checkpoint"] = (upload.file_id, str(path))
+    return str(path)
+
+
+def model_ui() -> tuple[str, str | None, str]:
+    """Which model: (key, uploaded checkpoint path or None, RobustBench model folder)."""
+    st.header("Model")
+    source = st.radio("Source", ["Demo models", "RobustBench zoo", "Your checkpoint"], horizontal=True,
+                      key="model_source", help="Demo models ship with the app and need no network.")
+    model_dir = st.text_input("RobustBench model folder", str(DEFAULT_MODEL_DIR), key="model_dir",
+                              help="Weights are read from <folder>/<dataset>/<threat>/<name>.pt, or downloaded there.")
+    if source == "Demo models":
+        specs = bundled_models()
+        default = default_model()
+        index = next(i for i, s in enumerate(specs) if s.key == default)
+        spec = st.selectbox("Demo model", specs, index=index, format_func=lambda s: s.label, key="demo_model")
+        return spec.key, None, model_dir
+    zoo_spec = zoo_ui(model_dir, with_demo_architectures=source == "Your checkpoint")
+    if source == "RobustBench zoo":
+        return zoo_spec.key, None, model_dir
+    upload = st.file_uploader("Checkpoint (a state dict for the architecture above)", type=["pt", "pth", "ckpt"],
+                              key="checkpoint", help="Loaded with weights_only=True: files that carry code are refused.")
+    if upload is None:
+        st.info("Upload a checkpoint (a state dict) for the architecture chosen above.")
+        st.stop()
+    return zoo_spec.key, _saved_upload(upload), model_dir
+
+
+def zoo_ui(model_dir: str, with_demo_architectures: bool) -> ModelSpec:
+    """Filters and a searchable list over the whole RobustBench zoo; local weights are marked."""
+    left, right = st.columns(2)
+    datasets = list(DATASETS) if with_demo_architectures else ["cifar10", "cifar100", "imagenet"]
+    dataset = left.selectbox("Dataset", datasets, index=datasets.index("cifar10"), key="zoo_dataset")
+    threat = right.selectbox("Threat model", ["Linf", "L2", "corruptions"], key="zoo_threat")
+    search = st.text_input("Search names", "", key="zoo_search")
+    specs = cached_zoo(dataset, threat, search)
+    if with_demo_architectures:
+        specs = [s for s in bundled_models() if s.dataset == dataset and search.lower() in s.key.lower()] + specs
+    if not specs:
+        st.warning(f"No {dataset} {threat} model matches {search!r}.")
+        st.stop()
+    local = {s.key for s in specs if is_local(s, model_dir)}
+    st.caption(f"{len(specs)} model{'' if len(specs) == 1 else 's'}, {len(local)} with weights in {model_dir}")
+    return st.selectbox("Architecture" if with_demo_architectures else "Model", specs, key="zoo_model",
+                        format_func=lambda s: ("✓ " if s.key in local else "") + s.name)
+
+
+def download_ui(spec: ModelSpec, model_dir: str) -> None:
+    """Weights that are not on disk yet: say where to put them, and offer the download."""
+    files = ", ".join(str(p) for p in weight_files(spec, model_dir))
+    st.warning(f"The weights of {spec.name} are not on this machine. Put them at {files}, or download them.")
+    if st.button("Download the weights", key="download_weights"):
+        bar = st.progress(0.0, "Downloading...")
+        load_model(spec, model_dir, lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
+                                                                        f"{done / 2**20:.0f} MB"))
+        st.rerun()
+    st.stop()
+
+
+def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
+    """Which labelled data: (dataset key, folder, test split or None when it is not on disk)."""
+    st.header("Data")
+    fitting = [k for k, d in DATASETS.items() if d.image_size == spec.input_size]
+    data = st.selectbox("Dataset", fitting, index=fitting.index(spec.dataset) if spec.dataset in fitting else 0,
+                        format_func=lambda k: DATASETS[k].label, key=f"data_for_{spec.dataset}")
+    root = st.text_input("Data folder", str(DEFAULT_ROOT), key="data_root",
+                         help="CIFAR: the official python batches, or train/ and test/ ImageFolder trees.")
+    try:
+        return data, root, cached_dataset(data, root, "test")
+    except DataUnavailable as exc:
+        st.warning(str(exc))
+        if data != "imagenet" and st.button(f"Download {DATASETS[data].label}", key="download_data"):
+            bar = st.progress(0.0, "Downloading...")
+            load_dataset(data, "test", root, lambda done, total: bar.progress(min(done / max(total, 1), 1.0)))
+            st.rerun()
+        st.caption("Without data, the pages work on uploaded images only.")
+        return data, root, None
+
+
+def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
+    """Where the statistics in use come from; offers a calibration run with a progress bar when there are none."""
+    found = cached_statistics(choice, data)
+    if found is not None and found.discarded:
+        st.warning(found.discarded)
+    if found is not None:
+        st.caption(f"Statistics: {found.origin}.")
+        return found.origin
+    st.warning(f"{choice.spec.name} has no MeanSparse statistics for {data} yet: calibrate them on its training split.")
+    try:
+        train = cached_dataset(data, root, "train")
+    except DataUnavailable:
+        st.info("Calibration needs the training split on this machine (see Data above).")
+        return "none"
+    n = st.slider("Calibration images", 100, len(train), min(5000, len(train)), 100, key="calibration_n")
+    if st.button("Calibrate", key="calibrate"):
+        images, _ = load_items(train, sample_indices(len(train), n, seed=0))
+        bar = st.progress(0.0, "Calibrating...")
+        stats = calibrate(cached_model(choice), (b.to(choice.device) for b in images.split(100)), total=n,
+                          progress=lambda done, total: bar.progress(done / total, f"{done}/{total} images"),
+                          meta={"model": choice.key, "data": data, "seed": 0})
+        stats.save(statistics_path(choice.spec, data, choice.weights_digest))
+        for cached in (cached_statistics, cached_sparse, cached_live_figures):
+            cached.clear()
+        st.rerun()
+    return "none"
+
+
+def threshold_ui() -> tuple[bool, float]:
+    """MeanSparse on/off and the global alpha."""
+    st.header("MeanSparse")
+    on = st.toggle("Sparsify", True, key="sparsify")
+    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, DEFAULT_ALPHA, 0.01, key="alpha")
+    return on, alpha
+
+
+def layer_alphas_ui(sparse: SparseModel, alpha: float) -> dict[str, float]:
+    """Per-layer alphas that override the global one, kept for the session."""
+    overrides: dict[str, float] = st.session_state.setdefault("layer_alphas", {})
+    with st.expander("Per-layer alpha"):
+        layer = st.selectbox("Layer", [t.name for t in sparse.taps], key="override_layer")
+        value = st.number_input("alpha for this layer", 0.0, 10.0, overrides.get(layer, alpha), 0.01,
+                                key="override_value")
+        left, right = st.columns(2)
+        if left.button("Set", key="set_override"):
+            overrides[layer] = value
+        if right.button("Clear all", key="clear_overrides"):
+            overrides.clear()
+        st.caption(", ".join(f"{k}: {v:g}" for k, v in overrides.items()) or "No overrides: every layer uses alpha.")
+    names = {t.name for t in sparse.taps}
+    return {k: v for k, v in overrides.items() if k in names}
+
+
+def device_ui() -> str:
+    choices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    return st.selectbox("Device", choices, key="device")
+
+
+def sidebar_ui() -> Setup:
+    """Draw the sidebar and return what it sets up; stops the page until a model is usable."""
+    with st.sidebar:
+        model_box, threshold_box = st.container(), st.container()
+    # The threshold is drawn first, so that it is drawn in every run even when the model part stops
+    # early (waiting for an upload, or rerunning after a calibration): Streamlit forgets the value of
+    # a widget after a run that did not draw it.
+    with threshold_box:
+        on, alpha = threshold_ui()
+    with model_box:
+        key, checkpoint, model_dir = model_ui()
+        choice = ModelChoice(key, model_dir, checkpoint, device_ui())
+        if choice.spec.source == "robustbench" and not checkpoint and not is_local(choice.spec, model_dir):
+            download_ui(choice.spec, model_dir)
+        cached_model(choice)
+        data, root, test_set = data_ui(choice.spec)
+        origin = statistics_ui(choice, data, root)
+        sparse = cached_sparse(choice, data)
+    with threshold_box:
+        layer_alphas = layer_alphas_ui(sparse, alpha) if sparse is not None else {}
+        if not on or sparse is None:
+            alpha, layer_alphas = 0.0, {}
+        st.caption(f"**In use:** {choice.spec.label} · {DATASETS[data].label} · {choice.device}")
+        with st.expander("Getting more models and data"):
+            st.markdown(
+                f"- **RobustBench models**: choose *RobustBench zoo*; weights are read from "
+                f"`{model_dir}/<dataset>/<threat>/<name>.pt` or downloaded there (set `MEANSPARSE_MODELS` to move it).\n"
+                f"- **CIFAR-10/100**: put the python batches or an ImageFolder tree in `{root}` "
+                f"(`MEANSPARSE_DATA` moves it), or press Download.\n"
+                "- **ImageNet**: a local `val/<wnid>/*.JPEG` tree under `<data folder>/imagenet`.\n"
+                "- **Statistics** are cached under `.cache/stats` and reused."
+            )
+    return Setup(choice, sparse, origin, data, root, test_set, alpha, layer_alphas)

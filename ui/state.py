@@ -1,0 +1,129 @@
+"""What one session is working with, kept in ``st.session_state``: its setup, picked image and attack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import streamlit as st
+import torch
+from torch.utils.data import Dataset
+
+from meansparse_core.data import DATASETS, sample_indices
+from meansparse_core.models import ModelSpec
+from meansparse_core.placement import SparseModel
+from meansparse_core.workbench import AttackChoice, attack_image
+from ui.loaders import ModelChoice
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The model, data and threshold one session is working with."""
+
+    model: ModelChoice
+    sparse: SparseModel | None  # None until statistics exist
+    stats_origin: str
+    data: str
+    data_root: str
+    test_set: Dataset | None  # None when the data is not on this machine
+    alpha: float
+    layer_alphas: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def model_id(self) -> str:
+        """Names the weights: the model key, plus the checkpoint digest for uploads."""
+        return f"{self.model.key}@{self.model.weights_digest}" if self.model.checkpoint else self.model.key
+
+    @property
+    def eps(self) -> float:
+        return DATASETS[self.data].linf_eps
+
+
+def setup() -> Setup:
+    """The current session's setup, drawn by ``app.py`` before the page runs."""
+    return st.session_state["setup"]
+
+
+def require_sparse(current: Setup) -> SparseModel:
+    if current.sparse is None:
+        st.info("This page needs MeanSparse statistics: calibrate them in the sidebar first.")
+        st.stop()
+    return current.sparse
+
+
+@dataclass(frozen=True)
+class Picked:
+    """The image a session is looking at."""
+
+    key: str  # "test/<index>" or "upload/<digest>"
+    image: torch.Tensor  # (C, H, W) in [0, 1]
+    label: int | None  # None for uploads until the user names the class
+    caption: str
+
+
+@st.cache_data(show_spinner=False)
+def gallery_order(size: int) -> list[int]:
+    """The test images in the gallery's (seeded, shuffled) order."""
+    return sample_indices(size, size, seed=0)
+
+
+def test_image(current: Setup, index: int) -> Picked:
+    image, label = current.test_set[index]
+    return Picked(f"test/{index}", image, label, f"test image {index} ({current.spec.class_names[label]})")
+
+
+def pick(picked: Picked) -> None:
+    st.session_state["picked"] = picked
+    st.session_state.pop("adversarial", None)
+
+
+def picked_image(current: Setup) -> Picked:
+    """The session's image; the first gallery image when none is picked yet."""
+    picked = st.session_state.get("picked")
+    if picked is not None and picked.image.shape == current.spec.input_size:
+        return picked
+    if current.test_set is None:
+        st.info("No labelled data on this machine: upload an image on the Explore page.")
+        st.stop()
+    pick(test_image(current, gallery_order(len(current.test_set))[0]))
+    return st.session_state["picked"]
+
+
+@dataclass(frozen=True)
+class Crafted:
+    """An adversarial example and what made it."""
+
+    for_key: tuple[str, str]  # (model id, picked image key)
+    choice: AttackChoice
+    alpha: float  # the alpha the attacker saw (0 when it attacked the base model)
+    image: torch.Tensor
+
+    @property
+    def description(self) -> str:
+        c = self.choice
+        unit = "" if c.attack == "pgd-l2" else "/255"
+        against = "the base model" if c.target == "base" else f"MeanSparse at alpha {self.alpha:g} ({c.grad} gradients)"
+        return f"{c.attack} eps {c.eps:g}{unit}, {c.steps} steps, seed {c.seed}, against {against}"
+
+
+def adversarial(current: Setup, picked: Picked) -> Crafted | None:
+    """The session's adversarial example for this model and image, if one was crafted."""
+    crafted: Crafted | None = st.session_state.get("adversarial")
+    return crafted if crafted is not None and crafted.for_key == (current.model_id, picked.key) else None
+
+
+def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted:
+    """Run the attack on the picked image and remember the result for this session."""
+    alpha = current.alpha if choice.target == "sparse" else 0.0
+    with st.spinner(f"Running {choice.attack} ({choice.steps} steps)...", show_time=True):
+        image = attack_image(require_sparse(current), picked.image, picked.label, choice, alpha, current.layer_alphas)
+    crafted = Crafted((current.model_id, picked.key), choice, alpha, image)
+    st.session_state["adversarial"] = crafted
+    return crafted
+
+
+def default_attack(current: Setup) -> AttackChoice:
+    return AttackChoice(attack="pgd", eps=current.eps, steps=10, target="base")
