@@ -55,8 +55,11 @@ class Attack:
         """The attack with the model in whatever mode it is in (adversarial training uses train mode)."""
         if len(images) == 0 or self.eps == 0:
             return images.clone()
+        # Standard (N, C, H, W) strides: images made from HWC arrays by ``permute`` have channels-last
+        # strides, and pyautoattack ``.view``s gradients laid out like its input, which fails on those.
+        images = images.detach().contiguous()
         targets = self._random_targets(images, labels) if self.targeted else None
-        return self._perturb(images.detach(), labels, targets).detach().clamp(0, 1)
+        return self._perturb(images, labels, targets).detach().clamp(0, 1)
 
     def _random_targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A uniformly random class different from each label, fixed by the seed."""
