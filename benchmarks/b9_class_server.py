@@ -45,6 +45,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 STEP_TIMEOUT_MS = 180_000
 FAILED_PAGE = re.compile(r"Traceback|Something went wrong")
+JOB_STATE = re.compile(r"queued, position \d+|evaluation \d+ of")
 SHOTS = ROOT / "artifacts" / "load-test"  # a screenshot of each session that failed a step
 
 
@@ -136,13 +137,12 @@ async def heavy_session(browser, url: str, number: int, ready: asyncio.Event, do
         await form.get_by_text("Also with Square").click()
         await numbers.nth(3).fill("5000")
         await form.get_by_role("button", name="Run").click()
-        await page.get_by_text(re.compile(r"[Qq]ueued|evaluation \d+ of")).first.wait_for()
+        await page.get_by_text(JOB_STATE).first.wait_for()
         started = await main_text(page)
         ready.set()
         await done.wait()
         ended = await main_text(page)
-        state = lambda text: ("queued" if re.search(r"[Qq]ueued", text)
-                              else "running" if re.search(r"evaluation \d+ of", text) else "finished or gone")
+        state = lambda text: next((line for line in text.splitlines() if JOB_STATE.search(line)), "finished")
         return {"session": number, "when_started": state(started), "at_the_end": state(ended)}
     except Exception as exc:  # reported, not raised: the students' figures still count
         ready.set()
@@ -200,13 +200,13 @@ async def look_for_leaks(page, where: str, session: Session, everyone: list[Sess
         session.leaks.append(f"{where}: its image (test image {image}) is not shown")
 
 
-async def class_run(url: str, sessions: int, moves: int) -> dict:
+async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dict:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
-        readies, done = [asyncio.Event(), asyncio.Event()], asyncio.Event()
-        heavy = [asyncio.create_task(heavy_session(browser, url, n, readies[n], done)) for n in range(2)]
+        readies, done = [asyncio.Event() for _ in range(heavy_jobs)], asyncio.Event()
+        heavy = [asyncio.create_task(heavy_session(browser, url, n, readies[n], done)) for n in range(heavy_jobs)]
         for ready in readies:
             await ready.wait()
         load_before = os.getloadavg()
@@ -219,7 +219,7 @@ async def class_run(url: str, sessions: int, moves: int) -> dict:
         await browser.close()
     latencies = sorted(t for s in students for t in s.latencies)
     return {
-        "sessions": sessions, "moves": moves, "seconds": seconds,
+        "sessions": sessions, "moves": moves, "heavy_jobs_started": heavy_jobs, "seconds": seconds,
         "slider_updates": len(latencies),
         "p50_s": statistics.median(latencies) if latencies else None,
         "p95_s": latencies[round(0.95 * (len(latencies) - 1))] if latencies else None,
@@ -235,18 +235,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--moves", type=int, default=5)
+    parser.add_argument("--heavy", type=int, default=2, help="heavy jobs (accuracy sweeps) running meanwhile")
     parser.add_argument("--model", choices=["digits", "cifar"], default="digits")
     parser.add_argument("--cifar-archive", type=Path, default=CIFAR_ARCHIVE)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         server, url = start_server(Path(folder), args.model, args.cifar_archive)
         try:
-            results = asyncio.run(class_run(url, args.sessions, args.moves))
+            results = asyncio.run(class_run(url, args.sessions, args.moves, args.heavy))
         finally:
             server.terminate()
             server.wait(timeout=30)
     results["model"] = args.model
-    print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), two heavy jobs: "
+    print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), {args.heavy} heavy jobs: "
           f"p50 {results['p50_s']:.2f} s, p95 {results['p95_s']:.2f} s, max {results['max_s']:.2f} s; "
           f"{len(results['errors'])} errors, {len(results['leaks'])} leaks; heavy jobs {results['heavy_jobs']}; "
           f"load average {results['load_average_before'][0]:.1f} -> {results['load_average_after'][0]:.1f}")

@@ -30,6 +30,14 @@ def texts(app: AppTest) -> str:
     return "\n".join(e.value for e in [*app.markdown, *app.caption, *app.info, *app.warning, *app.error])
 
 
+def finish_jobs(app: AppTest) -> AppTest:
+    """Wait for the session's heavy jobs (they run in the server's job queue), then rerun to show their results."""
+    for kind in ("attack", "sweep", "calibration"):
+        if f"job/{kind}" in app.session_state:
+            assert app.session_state[f"job/{kind}"].wait(TIMEOUT), f"the {kind} job did not end"
+    return app.run()
+
+
 def check_clean(app: AppTest) -> None:
     assert not app.exception, app.exception
     assert not app.error, [e.value for e in app.error]
@@ -102,7 +110,7 @@ def test_accuracy_page_sweeps_and_exports(tmp_path, monkeypatch):
     number["Test images (N)"].set_value(20)
     number["Steps"].set_value(3)
     next(t for t in app.text_input if t.label.startswith("Alphas")).set_value("0.1, 0.3")
-    app.button(key="FormSubmitter:sweep-Run").click().run()
+    finish_jobs(app.button(key="FormSubmitter:sweep-Run").click().run())
     check_clean(app)
     table = app.dataframe[0].value
     assert list(table.index) == [0.0, 0.1, 0.3]
@@ -143,7 +151,7 @@ def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, mon
         assert "no MeanSparse statistics" in "\n".join(w.value for w in app.sidebar.warning)
         assert "calibrate them in the sidebar" in texts(app)
         app.sidebar.slider(key="calibration_n").set_value(300)
-        app.sidebar.button(key="calibrate").click().run()
+        finish_jobs(app.sidebar.button(key="calibrate").click().run())
         check_clean(app)
         assert "calibrated on 300 digits training images (cached)" in "\n".join(c.value for c in app.sidebar.caption)
         assert list((tmp_path / ".cache" / "stats").glob("*.pt"))

@@ -16,6 +16,7 @@ from meansparse_core.files import file_digest
 from meansparse_core.models import DEFAULT_MODEL_DIR, ModelSpec, bundled_models, is_local, load_model, weight_files
 from meansparse_core.placement import SparseModel
 from meansparse_core.workbench import statistics_path
+from ui import heavy
 from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
                         cached_statistics, cached_zoo)
 from ui.state import Setup
@@ -124,7 +125,10 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
 
 
 def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
-    """Where the statistics in use come from; offers a calibration run with a progress bar when there are none."""
+    """Where the statistics in use come from; offers a calibration run (in the server's job queue) when there are none."""
+    if heavy.collect("calibration") is not None:
+        for cached in (cached_statistics, cached_sparse, cached_live_figures):
+            cached.clear()
     found = cached_statistics(choice, data)
     if found is not None and found.discarded:
         st.warning(found.discarded)
@@ -139,15 +143,18 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
         return "none"
     n = st.slider("Calibration images", 100, len(train), min(5000, len(train)), 100, key="calibration_n")
     if st.button("Calibrate", key="calibrate"):
-        images, _ = load_items(train, sample_indices(len(train), n, seed=0))
-        bar = st.progress(0.0, "Calibrating...")
-        stats = calibrate(cached_model(choice), (b.to(choice.device) for b in images.split(100)), total=n,
-                          progress=lambda done, total: bar.progress(done / total, f"{done}/{total} images"),
-                          meta={"model": choice.key, "data": data, "seed": 0})
-        stats.save(statistics_path(choice.spec, data, choice.weights_digest))
-        for cached in (cached_statistics, cached_sparse, cached_live_figures):
-            cached.clear()
-        st.rerun()
+        model, path = cached_model(choice), statistics_path(choice.spec, data, choice.weights_digest)
+
+        def calibration(job) -> Path:
+            images, _ = load_items(train, sample_indices(len(train), n, seed=0))
+            stats = calibrate(model, (b.to(choice.device) for b in images.split(100)), total=n,
+                              progress=lambda done, total: job.report(done, total, f"{done}/{total} images"),
+                              meta={"model": choice.key, "data": data, "seed": 0})
+            stats.save(path)
+            return path
+
+        heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration)
+    heavy.status_ui("calibration")
     return "none"
 
 

@@ -12,6 +12,7 @@ from meansparse_core.data import DATASETS, sample_indices
 from meansparse_core.models import ModelSpec
 from meansparse_core.placement import SparseModel
 from meansparse_core.workbench import AttackChoice, attack_image
+from ui import heavy
 from ui.loaders import ModelChoice
 
 
@@ -78,6 +79,7 @@ def test_image(current: Setup, index: int) -> Picked:
 def pick(picked: Picked) -> None:
     st.session_state["picked"] = picked
     st.session_state.pop("adversarial", None)
+    heavy.cancel("attack")  # an attack still waiting for the previous image is not wanted any more
 
 
 def picked_image(current: Setup) -> Picked:
@@ -110,17 +112,33 @@ class Crafted:
 
 
 def adversarial(current: Setup, picked: Picked) -> Crafted | None:
-    """The session's adversarial example for this model and image, if one was crafted."""
+    """The session's adversarial example for this model and image, if one was crafted (here or in the queue)."""
+    queued = heavy.collect("attack")
+    if queued is not None:
+        st.session_state["adversarial"] = queued
     crafted: Crafted | None = st.session_state.get("adversarial")
     return crafted if crafted is not None and crafted.for_key == (current.model_id, picked.key) else None
 
 
-def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted:
-    """Run the attack on the picked image and remember the result for this session."""
+def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | None:
+    """Run the attack on the picked image and remember the result for this session.
+
+    A heavy attack (``AttackChoice.heavy``) goes to the server's job queue instead: None now, and
+    ``adversarial`` picks the result up once it is done.
+    """
     alpha = current.alpha if choice.target == "sparse" else 0.0
+    sparse, layer_alphas = require_sparse(current), current.layer_alphas
+
+    def attack(job=None) -> Crafted:
+        image = attack_image(sparse, picked.image, picked.label, choice, alpha, layer_alphas)
+        return Crafted((current.model_id, picked.key), choice, alpha, image)
+
+    if choice.heavy:
+        heavy.submit("attack", f"{choice.attack} ({choice.steps} {'queries' if choice.attack == 'square' else 'steps'}) "
+                               f"on {picked.caption}", attack)
+        return None
     with st.spinner(f"Running {choice.attack} ({choice.steps} steps)...", show_time=True):
-        image = attack_image(require_sparse(current), picked.image, picked.label, choice, alpha, current.layer_alphas)
-    crafted = Crafted((current.model_id, picked.key), choice, alpha, image)
+        crafted = attack()
     st.session_state["adversarial"] = crafted
     return crafted
 

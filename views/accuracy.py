@@ -6,10 +6,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from ui import panels, state
+from ui import heavy, panels, state
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
+from meansparse_core.jobs import Job
 from meansparse_core.workbench import LIMITS, accuracy_table, best_alpha, parse_alphas
 
 ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
@@ -51,22 +52,20 @@ def sweep_ui(current: state.Setup) -> SweepRequest | None:
     return SweepRequest(int(n), settings, parse_alphas(alphas), opinions, int(queries))
 
 
-def run_sweep(current: state.Setup, request: SweepRequest) -> dict:
-    """Run (or read from the result cache) every evaluation, with a progress bar."""
+def run_sweep(current: state.Setup, request: SweepRequest, job: Job) -> tuple[str, dict]:
+    """Run (or read from the result cache) every evaluation, reporting progress to ``job``; (model id, sweep)."""
     indices = sample_indices(len(current.test_set), request.n, seed=0)
     images, labels = load_items(current.test_set, indices)
     device = current.model.device
-    bar = st.progress(0.0, "Starting...")
     key = {"model": current.model_id, "stats": current.sparse.stats.fingerprint(), "data": current.data,
            "data_dir": current.data_root, "n": request.n}
     rows = accuracy_table(current.sparse, images.to(device), labels.to(device), request.settings, request.alphas,
                           request.opinions, request.square_queries,
-                          progress=lambda done, total, what: bar.progress(
-                              done / total, f"evaluation {min(int(done) + 1, total)} of {total}: {what}"),
+                          progress=lambda done, total, what: job.report(
+                              done, total, f"evaluation {min(int(done) + 1, total)} of {total}: {what}"),
                           cache=RESULTS, cache_key=key)
-    bar.empty()
     s = request.settings
-    return {"rows": rows, "n": request.n, "attack": f"{s.attack} eps {s.eps:g}, {s.steps} steps"}
+    return current.model_id, {"rows": rows, "n": request.n, "attack": f"{s.attack} eps {s.eps:g}, {s.steps} steps"}
 
 
 def results_ui(sweep: dict, chosen: float) -> None:
@@ -118,7 +117,12 @@ def main() -> None:
     request = sweep_ui(current)
     sweeps = st.session_state.setdefault("sweeps", {})
     if request is not None:
-        sweeps[current.model_id] = run_sweep(current, request)
+        heavy.submit("sweep", f"Accuracy sweep on {request.n} images", lambda job: run_sweep(current, request, job))
+    finished = heavy.collect("sweep")
+    if finished is not None:
+        model_id, sweep = finished
+        sweeps[model_id] = sweep
+    heavy.status_ui("sweep")
     if current.model_id in sweeps:
         results_ui(sweeps[current.model_id], current.alpha)
     export_ui(current)

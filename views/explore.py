@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ui import panels, state, uploads
+from ui import heavy, panels, state, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare
 
@@ -43,7 +43,8 @@ def images_ui(picked: state.Picked, crafted: state.Crafted | None) -> None:
     columns = st.columns(3)
     columns[0].image(panels.to_display(picked.image, 192), caption=f"clean: {picked.caption}")
     if crafted is None:
-        columns[1].info("Press Attack to craft an adversarial example.")
+        if not heavy.pending("attack"):
+            columns[1].info("Press Attack to craft an adversarial example.")
         return
     perturbation, scale = amplified(crafted.image - picked.image)
     linf = float((crafted.image - picked.image).abs().max()) * 255
@@ -80,6 +81,7 @@ def main() -> None:
         state.craft(current, picked, choice)
     crafted = state.adversarial(current, picked)
     st.subheader("3 · See what each model says")
+    heavy.status_ui("attack")
     images_ui(picked, crafted)
     comparison = compare(sparse, picked.image, crafted.image if crafted else None, picked.label, current.alpha,
                          current.spec.class_names, current.layer_alphas)
