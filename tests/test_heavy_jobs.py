@@ -68,6 +68,13 @@ def test_a_second_session_waits_behind_the_first_and_results_stay_with_their_ses
     assert theirs.for_key[1] == second.session_state["picked"].key
 
 
+def test_pressing_attack_again_with_the_same_settings_keeps_the_place_in_line(busy_server):
+    app = heavy_attack(start())
+    job = app.session_state["job/attack"]
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    assert app.session_state["job/attack"] is job and job.position == 1
+
+
 def test_a_waiting_job_can_be_cancelled(busy_server):
     app = heavy_attack(start())
     job = app.session_state["job/attack"]

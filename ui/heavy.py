@@ -8,7 +8,7 @@ the page reruns and ``collect`` hands it the result. Slider moves and top-5 neve
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, TypeVar
 
 import streamlit as st
 from streamlit.runtime import Runtime
@@ -37,10 +37,14 @@ def _session_alive() -> Callable[[], bool]:
     return lambda: runtime.is_active_session(session)
 
 
-def submit(kind: str, description: str, work: Callable[[Job], T]) -> None:
-    """Queue ``work(job)`` for this session, replacing (and cancelling) its previous job of the same kind."""
+def submit(kind: str, description: str, work: Callable[[Job], T], request: Hashable) -> None:
+    """Queue ``work(job)`` for this session, in place of its previous job of the same kind (cancelled), unless
+    that one was for the same ``request``: a form submitted twice runs once."""
+    if st.session_state.get(f"request/{kind}") == request and pending(kind):
+        return
     cancel(kind)
     st.session_state[f"job/{kind}"] = job_queue().submit(work, description, _session_alive())
+    st.session_state[f"request/{kind}"] = request
 
 
 def cancel(kind: str) -> None:

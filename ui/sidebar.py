@@ -153,7 +153,7 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
             stats.save(path)
             return path
 
-        heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration)
+        heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration, (choice, data, n))
     heavy.status_ui("calibration")
     return "none"
 

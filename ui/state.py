@@ -135,7 +135,8 @@ def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | Non
 
     if choice.heavy:
         heavy.submit("attack", f"{choice.attack} ({choice.steps} {'queries' if choice.attack == 'square' else 'steps'}) "
-                               f"on {picked.caption}", attack)
+                               f"on {picked.caption}", attack,
+                     (current.model_id, picked.key, choice, alpha, tuple(sorted(layer_alphas.items()))))
         return None
     with st.spinner(f"Running {choice.attack} ({choice.steps} steps)...", show_time=True):
         crafted = attack()

@@ -117,7 +117,8 @@ def main() -> None:
     request = sweep_ui(current)
     sweeps = st.session_state.setdefault("sweeps", {})
     if request is not None:
-        heavy.submit("sweep", f"Accuracy sweep on {request.n} images", lambda job: run_sweep(current, request, job))
+        heavy.submit("sweep", f"Accuracy sweep on {request.n} images", lambda job: run_sweep(current, request, job),
+                     (current.model_id, request))
     finished = heavy.collect("sweep")
     if finished is not None:
         model_id, sweep = finished
