@@ -50,17 +50,45 @@ class Sample:
         return shared_edges(*self.arrays(), bins=bins)
 
 
+@dataclass(frozen=True)
+class Perturbation:
+    """The perturbation's size at one tap: L2 norms over the tap's features of one image, averaged over images.
+
+    * ``base``: ||g(x+d) - g(x)||, g the tap's input in the base model (MeanSparse nowhere);
+    * ``before``: the same at the tap's input in the sparsified model (earlier taps sparsified);
+    * ``after``: the same at the operator's output, which is what flows on.
+
+    ``before`` split by where the clean and the adversarial value of each feature lie:
+
+    * ``removed``: the part of ``before`` where both lie inside the band (both become the mean: gone);
+    * ``passed``: the part where both lie outside (unchanged);
+    * ``created``: the part of ``after`` where one lies inside and the other outside, so one of them
+      jumps to the mean: a change of at least alpha * sigma however small the perturbation was.
+
+    For each image, after^2 = passed^2 + created^2.
+    """
+
+    base: float
+    before: float
+    after: float
+    removed: float
+    passed: float
+    created: float
+
+
 @dataclass(frozen=True, eq=False)
 class TapProbe:
     """Summaries of one tap at the probed alpha.
 
     ``standardized`` holds whole-layer values (x - mu_c) / sigma_c, with sigma_c taken as 1 for
-    zero-std channels (never clamped) so that every value stays finite. ``channel_values`` holds
+    zero-std channels (never replaced) so that every value stays finite. ``channel_values`` holds
     raw values of channel ``channel``; the operator's band there is channel_mean +- alpha *
-    channel_std. Fractions clamped are exact over all values of the tap input in the sparse pass.
-    Attenuations are ||f(x_adv) - f(x)|| / ||f(x)|| per image (L2 over all of the tap's features),
-    averaged over the images with f(x) != 0 (0.0 when there is none): f is the base tap input for
-    ``attenuation_base`` and the sparsified tap output for ``attenuation_sparse``.
+    channel_std. Fractions replaced are exact over all values of the tap input in the sparse pass.
+
+    ``perturbation`` holds absolute sizes; ``relative`` the same sizes each divided by one
+    denominator, ``clean_norm`` = ||g(x)||, the norm of the *base* model's clean features at this tap
+    (per image, then averaged over the images where it is not 0). Both models' lines share it, so they
+    compare: a denominator taken from the sparsified features would shrink as alpha grows.
     """
 
     name: str
@@ -70,10 +98,11 @@ class TapProbe:
     channel: int
     channel_mean: float
     channel_std: float
-    fraction_clamped_clean: float
-    fraction_clamped_adv: float
-    attenuation_base: float
-    attenuation_sparse: float
+    fraction_replaced_clean: float
+    fraction_replaced_adv: float
+    clean_norm: float
+    perturbation: Perturbation
+    relative: Perturbation
     standardized: Sample
     channel_values: Sample
 
@@ -122,14 +151,43 @@ def _sample(
     return Sample(clean_before=b[0], clean_after=a[0], adv_before=b[1], adv_after=a[1])
 
 
-def _attenuation(features: torch.Tensor) -> float:
-    """Mean over images of ||adv - clean|| / ||clean||; images whose ratio is undefined (clean
-    features all zero, or not finite) are left out."""
-    clean, adv = features.reshape(2, features.shape[0] // 2, -1)
-    change = torch.linalg.vector_norm(adv - clean, dim=1, dtype=torch.float64)
-    norm = torch.linalg.vector_norm(clean, dim=1, dtype=torch.float64)
-    defined = (norm > 0) & torch.isfinite(norm) & torch.isfinite(change)
-    return (change[defined] / norm[defined]).mean().item() if defined.any() else 0.0
+def _halves(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean and the adversarial half of a stacked batch, one float64 row per image."""
+    clean, adv = features.reshape(2, features.shape[0] // 2, -1).double()
+    return clean, adv
+
+
+def _norms(features: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(features, dim=1)
+
+
+def _mean(values: torch.Tensor) -> float:
+    """Mean over the images where ``values`` is finite (0.0 when there is none)."""
+    finite = values[torch.isfinite(values)]
+    return finite.mean().item() if len(finite) else 0.0
+
+
+def _sparse_perturbation(before: torch.Tensor, after: torch.Tensor, inside: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image sizes of the perturbation around the operator (see ``Perturbation``) from stacked
+    clean/adversarial batches of its input, its output, and the in-band test of its input."""
+    (clean, adv), (clean_after, adv_after) = _halves(before), _halves(after)
+    in_clean, in_adv = inside.reshape(2, inside.shape[0] // 2, -1)
+    change, change_after = adv - clean, adv_after - clean_after
+    return {
+        "before": _norms(change), "after": _norms(change_after),
+        "removed": _norms(change * (in_clean & in_adv)), "passed": _norms(change * ~(in_clean | in_adv)),
+        "created": _norms(change_after * (in_clean ^ in_adv)),
+    }
+
+
+def _sizes(per_image: dict[str, torch.Tensor], clean_norm: torch.Tensor) -> tuple[Perturbation, Perturbation, float]:
+    """(absolute sizes, sizes over the base model's clean norm, that norm), each averaged over images.
+
+    Relative sizes leave out images whose clean norm is 0 or not finite (the ratio is undefined there)."""
+    defined = (clean_norm > 0) & torch.isfinite(clean_norm)
+    absolute = Perturbation(**{k: _mean(v) for k, v in per_image.items()})
+    relative = Perturbation(**{k: _mean(v[defined] / clean_norm[defined]) for k, v in per_image.items()})
+    return absolute, relative, _mean(clean_norm)
 
 
 def probe(
@@ -167,7 +225,8 @@ def probe(
             raise ValueError(f"tap {tap.name!r} has {tap.channels} channels; channel {channels[tap.name]} is out of range.")
     by_name = {s.tap.name: s for s in stats.taps}
     generator = torch.Generator().manual_seed(seed)
-    base_attenuation: dict[str, float] = {}
+    # Per tap, per image: (||g(x+d) - g(x)||, ||g(x)||) in the base pass; the features themselves are dropped.
+    base_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     probes: list[TapProbe] = []
 
     def check_batch(tap: Tap, x: torch.Tensor) -> None:
@@ -177,7 +236,8 @@ def probe(
 
     def record_base(tap: Tap, x: torch.Tensor) -> torch.Tensor:
         check_batch(tap, x)
-        base_attenuation[tap.name] = _attenuation(x)
+        clean_features, adv_features = _halves(x)
+        base_norms[tap.name] = _norms(adv_features - clean_features), _norms(clean_features)
         return x
 
     def record_sparse(tap: Tap, x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +245,12 @@ def probe(
         s, a, c, axis = by_name[tap.name], alphas[tap.name], channels[tap.name], tap.channel_dim
         y = sparsify(x, s.mean, s.std, a, axis)
         # The operator's own test, so that the fraction counts exactly the values it replaced.
-        clamped = ((x - channel_view(s.mean, x, axis)).abs() < channel_view(s.std, x, axis) * a).reshape(2, -1)
-        half = clamped.shape[1]
-        fraction_clean, fraction_adv = (clamped.sum(dim=1).double() / half).tolist()
+        inside = (x - channel_view(s.mean, x, axis)).abs() < channel_view(s.std, x, axis) * a
+        half = inside.numel() // 2
+        fraction_clean, fraction_adv = (inside.reshape(2, -1).sum(dim=1).double() / half).tolist()
+        base_change, clean_norm = base_norms.pop(tap.name)
+        absolute, relative, mean_clean_norm = _sizes({"base": base_change, **_sparse_perturbation(x, y, inside)},
+                                                     clean_norm)
 
         mean, std = s.mean.double().cpu().numpy(), s.std.double().cpu().numpy()
         positions = _positions(half, max_values, generator)
@@ -201,8 +264,8 @@ def probe(
         probes.append(TapProbe(
             name=tap.name, channels=tap.channels, channel_dim=axis, alpha=float(a), channel=c,
             channel_mean=float(mean[c]), channel_std=float(std[c]),
-            fraction_clamped_clean=fraction_clean, fraction_clamped_adv=fraction_adv,
-            attenuation_base=base_attenuation[tap.name], attenuation_sparse=_attenuation(y),
+            fraction_replaced_clean=fraction_clean, fraction_replaced_adv=fraction_adv,
+            clean_norm=mean_clean_norm, perturbation=absolute, relative=relative,
             standardized=standardized, channel_values=channel_values,
         ))
         return y

@@ -84,4 +84,4 @@ def test_feature_capture_of_a_large_model_stays_within_its_budget():
         assert kept <= len(probes) * 8 * max_values * 8
         largest_tap = max(t.channels for t in stats.tap_list) * 32 * 32  # values of one image's biggest tap input
         assert all(s.clean_before.size <= max_values < largest_tap for p in probes for s in (p.standardized,))
-        assert np.isfinite([p.fraction_clamped_adv for p in probes]).all()
+        assert np.isfinite([p.fraction_replaced_adv for p in probes]).all()

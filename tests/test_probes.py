@@ -49,10 +49,27 @@ def numpy_fraction(features, mean, std, alpha):
     return np.mean(np.abs(f - mu) < band)
 
 
-def numpy_attenuation(f_clean, f_adv):
-    c = f_clean.double().numpy().reshape(len(f_clean), -1)
-    a = f_adv.double().numpy().reshape(len(f_adv), -1)
-    return np.mean(np.linalg.norm(a - c, axis=1) / np.linalg.norm(c, axis=1))
+def rows(features):
+    return features.double().numpy().reshape(len(features), -1)
+
+
+def numpy_sizes(model, stats, clean, adversarial, alpha):
+    """Per-image sizes of the perturbation at the first tap, by hand: (base clean norm, {size: norms})."""
+    (before_clean, after_clean), (before_adv, after_adv) = (first_tap(model, stats, x, alpha) for x in (clean, adversarial))
+    s = stats.taps[0]
+    mu, band = s.mean.float().numpy().reshape(1, -1, 1, 1), (s.std.float().numpy() * np.float32(alpha)).reshape(1, -1, 1, 1)
+    in_clean = (np.abs(before_clean.numpy() - mu) < band).reshape(len(clean), -1)
+    in_adv = (np.abs(before_adv.numpy() - mu) < band).reshape(len(clean), -1)
+    change, change_after = rows(before_adv) - rows(before_clean), rows(after_adv) - rows(after_clean)
+    norm = lambda v: np.linalg.norm(v, axis=1)  # noqa: E731
+    sizes = {
+        "base": norm(change),  # at the first tap, the base and the sparsified model see the same input
+        "before": norm(change), "after": norm(change_after),
+        "removed": norm(np.where(in_clean & in_adv, change, 0)),
+        "passed": norm(np.where(~in_clean & ~in_adv, change, 0)),
+        "created": norm(np.where(in_clean != in_adv, change_after, 0)),
+    }
+    return norm(rows(before_clean)), sizes
 
 
 def test_taps_come_in_forward_order(setup):
@@ -68,11 +85,12 @@ def test_alpha_zero_changes_nothing(setup):
         for sample in (p.standardized, p.channel_values):
             np.testing.assert_array_equal(sample.clean_after, sample.clean_before)
             np.testing.assert_array_equal(sample.adv_after, sample.adv_before)
-        assert p.fraction_clamped_clean == 0.0 and p.fraction_clamped_adv == 0.0
-        assert p.attenuation_sparse == p.attenuation_base > 0
+        assert p.fraction_replaced_clean == 0.0 and p.fraction_replaced_adv == 0.0
+        assert p.relative.after == p.relative.before > 0 and p.perturbation.after == p.perturbation.before > 0
+        assert p.perturbation.removed == p.perturbation.created == 0.0
 
 
-def test_fraction_clamped_matches_numpy_and_grows_with_alpha(setup):
+def test_fraction_replaced_matches_numpy_and_grows_with_alpha(setup):
     model, stats, clean, adversarial = setup
     fractions = []
     for alpha in (0.1, 0.5, 1.0):
@@ -80,31 +98,54 @@ def test_fraction_clamped_matches_numpy_and_grows_with_alpha(setup):
         s0, s1 = stats.taps
         before_clean, after_clean = first_tap(model, stats, clean, alpha)
         before_adv, after_adv = first_tap(model, stats, adversarial, alpha)
-        assert p0.fraction_clamped_clean == pytest.approx(numpy_fraction(before_clean, s0.mean, s0.std, alpha))
-        assert p0.fraction_clamped_adv == pytest.approx(numpy_fraction(before_adv, s0.mean, s0.std, alpha))
+        assert p0.fraction_replaced_clean == pytest.approx(numpy_fraction(before_clean, s0.mean, s0.std, alpha))
+        assert p0.fraction_replaced_adv == pytest.approx(numpy_fraction(before_adv, s0.mean, s0.std, alpha))
         # The second tap's input in the sparsified network comes from the first tap's sparsified output.
         with torch.no_grad():
             second = model[2](torch.relu(after_clean))
-        assert p1.fraction_clamped_clean == pytest.approx(numpy_fraction(second, s1.mean, s1.std, alpha))
-        fractions.append(p0.fraction_clamped_clean)
+        assert p1.fraction_replaced_clean == pytest.approx(numpy_fraction(second, s1.mean, s1.std, alpha))
+        fractions.append(p0.fraction_replaced_clean)
     assert 0 < fractions[0] < fractions[1] < fractions[2] < 1
 
 
-def test_attenuation_of_first_tap_matches_numpy(setup):
+@pytest.mark.parametrize("alpha", [0.3, 0.7, 1.5])
+def test_perturbation_sizes_of_first_tap_match_numpy(setup, alpha):
     model, stats, clean, adversarial = setup
-    p0 = probe(model, stats, clean, adversarial, alpha=0.7)[0]
-    before_clean, after_clean = first_tap(model, stats, clean, 0.7)
-    before_adv, after_adv = first_tap(model, stats, adversarial, 0.7)
-    assert p0.attenuation_base == pytest.approx(numpy_attenuation(before_clean, before_adv), rel=1e-5)
-    assert p0.attenuation_sparse == pytest.approx(numpy_attenuation(after_clean, after_adv), rel=1e-5)
-    assert p0.attenuation_sparse != pytest.approx(p0.attenuation_base)
+    p0 = probe(model, stats, clean, adversarial, alpha=alpha)[0]
+    clean_norm, sizes = numpy_sizes(model, stats, clean, adversarial, alpha)
+    assert p0.clean_norm == pytest.approx(clean_norm.mean(), rel=1e-5)
+    for name, per_image in sizes.items():
+        assert getattr(p0.perturbation, name) == pytest.approx(per_image.mean(), rel=1e-5, abs=1e-9), name
+        # One denominator for every line: the base model's clean features.
+        assert getattr(p0.relative, name) == pytest.approx((per_image / clean_norm).mean(), rel=1e-5, abs=1e-9), name
+    # Every feature is removed, passed or mixed; after the operator only passed and created remain.
+    assert sizes["after"] ** 2 == pytest.approx(sizes["passed"] ** 2 + sizes["created"] ** 2, rel=1e-6)
+    assert p0.perturbation.removed > 0 and p0.perturbation.passed > 0 and p0.perturbation.created > 0
 
 
-def test_identical_inputs_give_zero_attenuation(setup):
-    model, stats, clean, _ = setup
-    for p in probe(model, stats, clean, clean.clone(), alpha=0.5):
-        assert p.attenuation_base == 0.0 and p.attenuation_sparse == 0.0
-        assert p.fraction_clamped_clean == p.fraction_clamped_adv > 0
+def test_at_the_first_tap_both_lines_start_from_the_same_perturbation(setup):
+    # The old measure divided the sparsified line by the sparsified clean features' norm, which shrinks
+    # as alpha grows: with MeanSparse then looked worse than without from the first tap on.
+    model, stats, clean, adversarial = setup
+    for alpha in (0.5, 1.0, 2.0):
+        p0 = probe(model, stats, clean, adversarial, alpha=alpha)[0]
+        assert p0.relative.before == pytest.approx(p0.relative.base)
+        assert p0.perturbation.before == pytest.approx(p0.perturbation.base)
+
+
+def test_created_change_is_at_least_the_band_edge_jump():
+    # One feature, mean 0, band +-1: clean 0.9 (inside: becomes 0), adversarial 1.1 (outside: stays).
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    stats = calibrate(model, [torch.tensor([[1.0], [-1.0]])])
+    assert stats.taps[0].mean.item() == 0.0
+    (p,) = probe(model, stats, torch.tensor([[0.9]]), torch.tensor([[1.1]]), alpha=1.0 / stats.taps[0].std.item())
+    assert p.perturbation.before == pytest.approx(0.2)
+    assert p.perturbation.created == p.perturbation.after == pytest.approx(1.1)
+    assert p.perturbation.removed == p.perturbation.passed == 0.0
+    assert p.relative.after == pytest.approx(1.1 / 0.9)
 
 
 def test_unsampled_values_are_the_features_in_order(setup):
@@ -142,7 +183,7 @@ def test_layer_alphas_override_alpha_and_unknown_names_are_refused(setup):
     model, stats, clean, adversarial = setup
     p0, p1 = probe(model, stats, clean, adversarial, alpha=0.5, layer_alphas={"3": 0.0})
     assert (p0.alpha, p1.alpha) == (0.5, 0.0)
-    assert p0.fraction_clamped_clean > 0 and p1.fraction_clamped_clean == 0.0
+    assert p0.fraction_replaced_clean > 0 and p1.fraction_replaced_clean == 0.0
     with pytest.raises(KeyError):
         probe(model, stats, clean, adversarial, alpha=0.5, layer_alphas={"nope": 0.1})
     with pytest.raises(ValueError):
@@ -160,13 +201,13 @@ def test_zero_variance_gives_no_nan_or_inf(dead):
     assert (stats.taps[0].std == 0).any()
     clean, adversarial = images(2, 3), images(2, 4)
     for p in probe(model, stats, clean, adversarial, alpha=0.5, channel=0):
-        numbers = [p.channel_mean, p.channel_std, p.fraction_clamped_clean, p.fraction_clamped_adv,
-                   p.attenuation_base, p.attenuation_sparse]
+        numbers = [p.channel_mean, p.channel_std, p.fraction_replaced_clean, p.fraction_replaced_adv, p.clean_norm,
+                   *vars(p.perturbation).values(), *vars(p.relative).values()]
         assert all(math.isfinite(v) for v in numbers), (p.name, numbers)
         for array in (*p.standardized.arrays(), *p.channel_values.arrays()):
             assert array.size > 0 and np.isfinite(array).all(), p.name
     if dead == "whole layer":
-        assert probe(model, stats, clean, adversarial, alpha=0.5)[0].attenuation_base == 0.0
+        assert probe(model, stats, clean, adversarial, alpha=0.5)[0].relative.base == 0.0
 
 
 def test_sampling_is_bounded_and_repeatable(setup):
@@ -181,7 +222,7 @@ def test_sampling_is_bounded_and_repeatable(setup):
             assert not np.array_equal(sa, sc)
         np.testing.assert_array_equal(a.channel_values.clean_before, b.channel_values.clean_before)
         # Fractions are exact, not sampled: the seed cannot change them.
-        assert a.fraction_clamped_clean == c.fraction_clamped_clean
+        assert a.fraction_replaced_clean == c.fraction_replaced_clean
 
 
 def test_histogram_matches_numpy_and_shared_edges_cover_everything(setup):
