@@ -140,6 +140,29 @@ class AttackChoice:
         second or two."""
         return self.attack == "autoattack" or (self.attack == "square" and self.steps > HEAVY_SQUARE_QUERIES)
 
+    @property
+    def effort(self) -> str:
+        """How long the attack searches, in its own units: FGSM takes one step, Square counts queries,
+        AutoAttack runs its fixed standard schedule (``steps`` is unused by both of these)."""
+        if self.attack == "fgsm":
+            return "one step"
+        if self.attack == "autoattack":
+            return "its standard schedule"
+        if self.attack == "square":
+            return f"{self.steps:,} {'query' if self.steps == 1 else 'queries'}"
+        return f"{self.steps:,} {'step' if self.steps == 1 else 'steps'}"
+
+    @property
+    def description(self) -> str:
+        """The attack in words, e.g. ``pgd eps 8/255, 10 steps``."""
+        eps = f"{self.eps:g}" if self.attack == "pgd-l2" else f"{self.eps:g}/255"
+        return f"{self.attack} eps {eps}, {self.effort}{', targeted' if self.targeted else ''}"
+
+    def not_found(self) -> str:
+        """What to say when the attack found no adversarial example (see ``found_adversarial``)."""
+        return (f"No adversarial example found within {self.effort}: the attacked model still classifies the "
+                "image correctly. Try more " + ("queries" if self.attack == "square" else "steps") + " or a larger eps.")
+
 
 #: Square runs longer than this are heavy jobs (see ``AttackChoice.heavy``).
 HEAVY_SQUARE_QUERIES = 300
@@ -167,6 +190,31 @@ def attack_image(sparse: SparseModel, image: torch.Tensor, label: int | None, ch
     if label is None:
         label = int(predict(sparse.model, image[None].to(device))[0])
     return attack(image[None].to(device), torch.tensor([label], device=device))[0].cpu()
+
+
+def found_adversarial(sparse: SparseModel, image: torch.Tensor, adversarial: torch.Tensor, label: int | None,
+                      choice: AttackChoice, alpha: float = 0.0,
+                      layer_alphas: Mapping[str, float] | None = None) -> bool:
+    """Whether ``adversarial`` (made by ``attack_image`` with these arguments) fools the model it attacked.
+
+    Judged against ``label``, or, without one, against the base model's prediction on the clean image.
+    An attack that fails returns the clean image (or one the model still gets right), which otherwise
+    looks like a bug.
+    """
+    attacked = sparse.model if choice.target == "base" else classifier(sparse, alpha, layer_alphas=layer_alphas)
+    device = next(sparse.model.parameters()).device
+    if label is None:
+        label = int(predict(sparse.model, image[None].to(device))[0])
+    return int(predict(attacked, adversarial[None].to(device))[0]) != label
+
+
+#: Square's queries by default on one image: measured on the demo models (benchmarks/lecture_measurements.py).
+SQUARE_DEFAULT_QUERIES = 1000
+
+
+def default_steps(attack: str) -> int:
+    """Steps (queries for Square) an attack on one image starts with."""
+    return SQUARE_DEFAULT_QUERIES if attack == "square" else 10
 
 
 def amplified(perturbation: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -262,26 +310,38 @@ def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor 
 
 
 @dataclass(frozen=True)
+class Turns:
+    """Items of the live set on which MeanSparse changes the verdict on the adversarial example, as
+    positions in the live set; on each, the base model gets the clean image right."""
+
+    rescued: tuple[int, ...]  # the attack fools the base model but not MeanSparse
+    broken: tuple[int, ...]  # the attack fools MeanSparse but not the base model
+
+
+@dataclass(frozen=True)
 class LiveAccuracy:
     """A fixed evaluation set with adversarial examples crafted once against the base model.
 
     Re-scoring it at a new alpha costs two forward passes, so it can follow the slider. Its robust
     figure is *transfer* accuracy (the attacker never saw MeanSparse), which is not the adaptive
-    robust accuracy of a sweep.
+    robust accuracy of a sweep. ``indices`` are the items' indices in their dataset, ``choice`` the
+    attack that made the adversarial examples.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     adversarial: torch.Tensor
     attack: str
+    indices: tuple[int, ...] = ()
+    choice: AttackChoice | None = None
 
     @classmethod
     def craft(cls, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, choice: AttackChoice,
-              batch_size: int = 100) -> "LiveAccuracy":
+              batch_size: int = 100, indices: Sequence[int] = ()) -> "LiveAccuracy":
         attack = make_attack(choice.attack, model, choice.eps, choice.steps, choice.targeted, choice.seed)
         adversarial = torch.cat([attack(images[i:i + batch_size], labels[i:i + batch_size])
                                  for i in range(0, len(labels), batch_size)])
-        return cls(images, labels, adversarial, f"{choice.attack} eps {choice.eps:g}, {choice.steps} steps")
+        return cls(images, labels, adversarial, choice.description, tuple(indices), choice)
 
     def at(self, sparse: SparseModel, alpha: float,
            layer_alphas: Mapping[str, float] | None = None) -> tuple[float, float]:
@@ -290,6 +350,15 @@ class LiveAccuracy:
         both = predict(model, torch.cat([self.images, self.adversarial]))
         clean, adv = (both == torch.cat([self.labels, self.labels])).float().split(len(self.labels))
         return float(clean.mean()), float(adv.mean())
+
+    def turns(self, sparse: SparseModel, alpha: float, layer_alphas: Mapping[str, float] | None = None) -> Turns:
+        """The items MeanSparse at ``alpha`` rescues and those it breaks (see ``Turns``)."""
+        base_clean, base_adv = (predict(sparse.model, torch.cat([self.images, self.adversarial])) ==
+                                torch.cat([self.labels, self.labels])).split(len(self.labels))
+        sparse_adv = predict(classifier(sparse, alpha, layer_alphas=layer_alphas), self.adversarial) == self.labels
+        positions = lambda mask: tuple(torch.nonzero(mask).flatten().tolist())  # noqa: E731
+        return Turns(rescued=positions(base_clean & ~base_adv & sparse_adv),
+                     broken=positions(base_clean & base_adv & ~sparse_adv))
 
 
 def nearest(rows: Sequence[dict], alpha: float) -> dict | None:
@@ -319,9 +388,11 @@ def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tens
                    cache: ResultCache | None = None, cache_key: dict | None = None) -> list[dict]:
     """Clean and robust accuracy at each alpha (alpha 0 is the base model), one row per alpha.
 
-    Each row has ``alpha``, ``clean``, ``robust`` and one ``robust_<opinion>`` column per second
-    opinion (BPDA is skipped at alpha 0, where it equals the plain attack). ``progress(done, total,
-    what)`` follows every batch: ``done`` counts evaluations, with a fraction for the one running.
+    Each row has ``alpha``, ``clean``, ``robust``, one ``robust_<opinion>`` column per second opinion
+    and ``worst``, the lowest robust accuracy of the attacks run: an attack that fails does not make a
+    model robust. BPDA is not run at alpha 0, where the operator is the identity and BPDA *is* the plain
+    attack: its column there repeats ``robust``. ``progress(done, total, what)`` follows every batch:
+    ``done`` counts evaluations, with a fraction for the one running.
     """
     jobs = [(a, "robust", replace(settings, alpha=float(a))) for a in sorted(set(alphas) | {0.0})]
     jobs += [(a, f"robust_{o}", second_opinion(one, o, square_queries))
@@ -338,11 +409,40 @@ def accuracy_table(sparse: SparseModel, images: torch.Tensor, labels: torch.Tens
         row[column] = result.robust_acc
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
+    if "bpda" in opinions:
+        rows[0.0]["robust_bpda"] = rows[0.0]["robust"]
+    for row in rows.values():
+        row["worst"] = min(v for k, v in row.items() if k.startswith("robust"))
     return [rows[a] for a in sorted(rows)]
 
 
+#: Headers of an accuracy table's columns, for people.
+COLUMN_LABELS = {"alpha": "alpha", "clean": "clean", "robust": "robust (exact gradients)",
+                 "robust_bpda": "robust (BPDA)", "robust_square": "robust (Square)", "worst": "worst case"}
+
+
 def best_alpha(rows: Sequence[dict], max_clean_drop: float = 0.01) -> float:
-    """The alpha with the best robust accuracy whose clean accuracy is within ``max_clean_drop`` of the base."""
+    """The alpha with the best worst-case robust accuracy (see ``accuracy_table``) whose clean accuracy is
+    within ``max_clean_drop`` of the base model's; the smallest such alpha on a tie."""
     base = next(r for r in rows if r["alpha"] == 0)
     allowed = [r for r in rows if r["clean"] >= base["clean"] - max_clean_drop]
-    return max(allowed, key=lambda r: (r["robust"], -r["alpha"]))["alpha"]
+    return max(allowed, key=lambda r: (r.get("worst", r["robust"]), -r["alpha"]))["alpha"]
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for an accuracy of ``correct`` out of ``n`` (95% for z = 1.96).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0% or 100%.
+    """
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"An accuracy needs 0 <= correct <= n and n > 0 (got {correct} of {n}).")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def with_interval(accuracy: float, n: int) -> str:
+    """An accuracy on ``n`` items with its 95% Wilson interval, e.g. ``71% (62-79%)``."""
+    low, high = wilson_interval(round(accuracy * n), n)
+    return f"{accuracy:.0%} ({low:.0%}–{high:.0%})"

@@ -10,9 +10,10 @@ from meansparse_core.data import load_dataset, load_items
 from meansparse_core.evaluation import EvalSettings, ResultCache, predict
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import (AttackChoice, Comparison, LiveAccuracy, TopK, accuracy_table, amplified,
-                                       attack_image, best_alpha, compare, find_statistics, nearest, statistics_path,
-                                       top_k)
+from meansparse_core.workbench import (COLUMN_LABELS, AttackChoice, Comparison, LiveAccuracy, TopK, accuracy_table,
+                                       amplified, attack_image, best_alpha, compare, default_steps, find_statistics,
+                                       found_adversarial, nearest, statistics_path, top_k, wilson_interval,
+                                       with_interval)
 
 SPEC = find_model("bundled/digits-cnn")
 
@@ -95,7 +96,10 @@ def test_accuracy_table_rows_and_cache(tmp_path, digits):
                           progress=lambda done, total, what: calls.append((done, total)), cache=cache,
                           cache_key={"model": SPEC.key})
     assert [r["alpha"] for r in rows] == [0.0, 0.1, 0.3]
-    assert "robust_bpda" not in rows[0] and {"clean", "robust", "robust_bpda"} <= set(rows[1])
+    # At alpha 0 BPDA is the plain attack: the column repeats it instead of showing a hole (None).
+    assert rows[0]["robust_bpda"] == rows[0]["robust"] and {"clean", "robust", "robust_bpda"} <= set(rows[1])
+    assert all(r["worst"] == min(r["robust"], r["robust_bpda"]) for r in rows)
+    assert all(COLUMN_LABELS[column] for row in rows for column in row)
     assert calls[-1] == (5, 5) and len(list(tmp_path.glob("*.json"))) == 5
     again = accuracy_table(sparse, images, labels, settings, [0.1, 0.3], opinions=("bpda",), cache=cache,
                            cache_key={"model": SPEC.key})
@@ -107,3 +111,56 @@ def test_best_and_nearest_alpha():
             {"alpha": 0.2, "clean": 0.85, "robust": 0.6}]
     assert best_alpha(rows) == 0.1  # 0.2 is more robust but costs five points of clean accuracy
     assert nearest(rows, 0.16)["alpha"] == 0.2 and nearest([], 0.1) is None
+
+
+def test_best_alpha_is_chosen_on_the_worst_case_not_on_exact_gradients():
+    # The exact-gradient attack gains 2 of 200 at alpha 0.25 while BPDA loses: gradient masking, not robustness.
+    rows = [{"alpha": 0.0, "clean": 0.7, "robust": 0.40, "robust_bpda": 0.40, "worst": 0.40},
+            {"alpha": 0.25, "clean": 0.7, "robust": 0.41, "robust_bpda": 0.38, "worst": 0.38}]
+    assert best_alpha(rows) == 0.0
+
+
+@pytest.mark.parametrize("correct, n, low, high", [
+    (8, 10, 0.4902, 0.9433),  # by hand: p = 0.8, centre (0.8 + 1.9208/10) / 1.38416, half-width 0.2265
+    (0, 10, 0.0, 0.2775),  # not empty at 0%, unlike the normal approximation
+    (2, 200, 0.00275, 0.03572),
+    (200, 200, 0.98116, 1.0),
+])
+def test_wilson_interval_matches_the_formula_by_hand(correct, n, low, high):
+    assert wilson_interval(correct, n) == pytest.approx((low, high), abs=6e-5)
+    assert with_interval(correct / n, n).startswith(f"{correct / n:.0%} (")
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_attack_wording_counts_what_each_attack_uses():
+    assert AttackChoice("square", steps=1000).effort == "1,000 queries"
+    assert AttackChoice("pgd", steps=1).effort == "1 step" and AttackChoice("fgsm", steps=10).effort == "one step"
+    assert "10" not in AttackChoice("autoattack", steps=10).description  # steps are unused there
+    assert AttackChoice("pgd", eps=8).description == "pgd eps 8/255, 10 steps"
+    assert "1,000 queries" in AttackChoice("square", steps=1000).not_found()
+    assert default_steps("square") >= 100 and default_steps("pgd") == 10
+
+
+def test_an_attack_that_finds_nothing_says_so(digits):
+    _, sparse, images, labels = digits
+    image, label = images[0], int(labels[0])
+    nothing = AttackChoice(eps=0.0, target="base")
+    assert not found_adversarial(sparse, image, attack_image(sparse, image, label, nothing), label, nothing)
+    strong = AttackChoice(eps=64, steps=20, target="base")
+    assert found_adversarial(sparse, image, attack_image(sparse, image, label, strong), label, strong)
+
+
+def test_turns_find_the_images_meansparse_rescues_and_breaks(digits):
+    model, sparse, images, labels = digits
+    live = LiveAccuracy.craft(model, images, labels, AttackChoice(eps=32, steps=5, target="base"), batch_size=16,
+                              indices=range(100, 140))
+    assert live.indices[0] == 100 and live.choice.eps == 32
+    for alpha in (0.0, 0.5):
+        turns = live.turns(sparse, alpha)
+        base_clean, base_adv = predict(model, images) == labels, predict(model, live.adversarial) == labels
+        sparse_adv = predict(sparse.at(alpha), live.adversarial) == labels
+        for i in range(len(labels)):
+            assert (i in turns.rescued) == bool(base_clean[i] and not base_adv[i] and sparse_adv[i])
+            assert (i in turns.broken) == bool(base_clean[i] and base_adv[i] and not sparse_adv[i])
+    assert live.turns(sparse, 0.0) == type(turns)((), ())  # alpha 0 is the base model: nothing changes

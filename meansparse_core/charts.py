@@ -1,0 +1,185 @@
+"""Every chart the app draws, as Plotly figures (no Streamlit here), and how they are exported.
+
+One function, ``names_axis``, decides how layer and class names are plotted: as categories in the
+order given (forward order for layers). Left to itself Plotly reads names such as ``3``, ``11`` or
+digit classes ``0``-``9`` as numbers, then drops names like ``8.body.2`` and invents ticks for
+layers that do not exist. Example::
+
+    figure = perturbation_chart(probes)
+    st.plotly_chart(figure, config=download_config("perturbation"))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .probes import Sample, TapProbe
+from .workbench import TopK, wilson_interval
+
+CLEAN, ADVERSARIAL, WITH_MEANSPARSE, GOOD, BAD = "#1f77b4", "#d62728", "#ff7f0e", "#2e7d32", "#c62828"
+FONT_SIZE = 15  # readable from the back of a lecture room
+LEGEND_BELOW = dict(orientation="h", y=-0.3, x=0)
+
+#: Size of a downloaded chart: 1600 x 900 at scale 2 is 3200 x 1800 pixels, sharp on a 4K projector.
+SLIDE_WIDTH, SLIDE_HEIGHT, SLIDE_SCALE = 1600, 900, 2
+EXPORT_FORMATS = ("png", "svg")
+
+
+def names_axis(names: Sequence[str]) -> dict:
+    """Axis settings that plot ``names`` as categories, in the order given (never as numbers)."""
+    return dict(type="category", categoryorder="array", categoryarray=[str(n) for n in names])
+
+
+def _style(figure: go.Figure, height: int, title: str | None = None) -> go.Figure:
+    figure.update_layout(height=height, font_size=FONT_SIZE, title=title, legend=LEGEND_BELOW,
+                         margin=dict(t=50 if title else 30, b=10, l=10, r=10))
+    return figure
+
+
+def download_config(name: str, fmt: str = "png") -> dict:
+    """Plotly config whose camera button saves the chart as ``fmt`` (png or svg) at slide resolution."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"Charts download as {' or '.join(EXPORT_FORMATS)}, not {fmt!r}.")
+    return {"displaylogo": False, "toImageButtonOptions": {
+        "format": fmt, "filename": name, "width": SLIDE_WIDTH, "height": SLIDE_HEIGHT, "scale": SLIDE_SCALE}}
+
+
+# --- Explore ---------------------------------------------------------------------------------
+
+
+def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figure:
+    """Side-by-side top-k bars (most probable on top), the true class in green, the others in red."""
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.1)
+    for column, (_, top) in enumerate(panels, start=1):
+        classes = list(top.classes)[::-1]
+        figure.add_trace(go.Bar(x=list(top.probabilities)[::-1], y=classes, orientation="h", showlegend=False,
+                                marker_color=[GOOD if c == true_class else BAD for c in classes],
+                                hovertemplate="%{y}: %{x:.1%}<extra></extra>"), row=1, col=column)
+        figure.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=column)
+        figure.update_yaxes(**names_axis(classes), row=1, col=column)
+    return _style(figure, 280)
+
+
+# --- Layers ----------------------------------------------------------------------------------
+
+HISTOGRAM_VIEWS = {
+    "clean_before": ("clean", CLEAN, "solid", 1),
+    "adv_before": ("adversarial", ADVERSARIAL, "solid", 1),
+    "clean_after": ("clean", CLEAN, "dot", 2),
+    "adv_after": ("adversarial", ADVERSARIAL, "dot", 2),
+}
+
+#: Below this many values per view a histogram says little; the chart says how many there are.
+FEW_VALUES = 64
+
+
+def _decade_ticks(top: float) -> tuple[list[float], list[str]]:
+    """Tick positions at powers of ten up to ``top`` and their labels (1, 10, 100, 1k, ...)."""
+    powers = [10.0 ** k for k in range(0, max(1, math.ceil(math.log10(max(top, 1.0)))) + 1)]
+    return powers, [f"{p / 1000:g}k" if p >= 1000 else f"{p:g}" for p in powers]
+
+
+def histogram_chart(sample: Sample, centre: float, band: float, x_title: str) -> go.Figure:
+    """Before (left) and after (right) the operator, clean and adversarial, over shared bins, with the band.
+
+    Both panels share one log count axis (same type and range) and one x title. When the sample is
+    small (the last layers of one image have few positions per channel) the title says how small.
+    """
+    edges = sample.edges(bins=60)
+    centres = (edges[:-1] + edges[1:]) / 2
+    values = len(sample.clean_before)
+    note = f" · only {values} values per curve" if values < FEW_VALUES else ""
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                           subplot_titles=["before MeanSparse", "after MeanSparse"], x_title=x_title + note)
+    top = 1
+    for view, (name, colour, dash, col) in HISTOGRAM_VIEWS.items():
+        counts, _ = np.histogram(getattr(sample, view), edges)
+        top = max(top, int(counts.max(initial=0)))
+        figure.add_trace(go.Scatter(x=centres, y=counts, name=name, legendgroup=name, showlegend=col == 1,
+                                    mode="lines", line_shape="hvh", line=dict(color=colour, dash=dash)),
+                         row=1, col=col)
+    if band > 0:
+        for col in (1, 2):
+            figure.add_vrect(x0=centre - band, x1=centre + band, fillcolor="grey", opacity=0.18, line_width=0,
+                             row=1, col=col)
+    ticks, labels = _decade_ticks(top)
+    # type and range on both axes: ``shared_yaxes`` shares the range only, not the log type.
+    figure.update_yaxes(type="log", range=[-0.1, math.log10(top) + 0.1], tickvals=ticks, ticktext=labels)
+    figure.update_yaxes(title_text="count", row=1, col=1)
+    return _style(figure, 340)
+
+
+def fraction_replaced_chart(probes: Sequence[TapProbe]) -> go.Figure:
+    """Per layer, in forward order: the fraction of clean and adversarial values the operator replaced."""
+    names = [p.name for p in probes]
+    figure = go.Figure([
+        go.Bar(x=names, y=[p.fraction_replaced_clean for p in probes], name="clean", marker_color=CLEAN),
+        go.Bar(x=names, y=[p.fraction_replaced_adv for p in probes], name="adversarial", marker_color=ADVERSARIAL),
+    ])
+    figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
+    figure.update_yaxes(tickformat=".0%", rangemode="tozero")
+    return _style(figure, 340, "Fraction of values replaced by the mean, per layer")
+
+
+def perturbation_chart(probes: Sequence[TapProbe], relative: bool = True) -> go.Figure:
+    """How much of the perturbation is left at each layer, without and with MeanSparse.
+
+    ``relative``: over the base model's clean features (one denominator for both lines); else the
+    absolute L2 norm.
+    """
+    names = [p.name for p in probes]
+    sizes = [p.relative if relative else p.perturbation for p in probes]
+    figure = go.Figure([
+        go.Scatter(x=names, y=[s.base for s in sizes], name="without MeanSparse", mode="lines+markers",
+                   line_color=CLEAN),
+        go.Scatter(x=names, y=[s.after for s in sizes], name="with MeanSparse (after the operator)",
+                   mode="lines+markers", line_color=WITH_MEANSPARSE),
+    ])
+    figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
+    figure.update_yaxes(rangemode="tozero", title_text="‖f(x+δ) − f(x)‖ / ‖f_base(x)‖" if relative
+                        else "‖f(x+δ) − f(x)‖")
+    return _style(figure, 360, "Perturbation left at each layer" + (" (relative)" if relative else " (absolute)"))
+
+
+SPLIT = {"removed": ("removed: both inside the band", GOOD), "passed": ("passed: both outside", "#7f7f7f"),
+         "created": ("created: one inside, one outside", BAD)}
+
+
+def perturbation_split_chart(probes: Sequence[TapProbe]) -> go.Figure:
+    """Per layer, the perturbation around the operator split into removed, passed and created
+    (relative to the base model's clean features; after² = passed² + created²)."""
+    names = [p.name for p in probes]
+    figure = go.Figure([go.Bar(x=names, y=[getattr(p.relative, key) for p in probes], name=name, marker_color=colour)
+                        for key, (name, colour) in SPLIT.items()])
+    figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
+    figure.update_yaxes(rangemode="tozero", title_text="‖part of the perturbation‖ / ‖f_base(x)‖")
+    return _style(figure, 360, "What the operator did to the perturbation")
+
+
+# --- Accuracy --------------------------------------------------------------------------------
+
+
+def sweep_chart(rows: Sequence[dict], columns: dict[str, str], n: int, chosen: float,
+                best: float | None) -> go.Figure:
+    """Accuracy against alpha, one line per column (``{key: label}``), each point with its 95% Wilson
+    interval over ``n`` images; the sidebar's alpha and the best alpha marked."""
+    figure = go.Figure()
+    for key, label in columns.items():
+        points = [(r["alpha"], r[key]) for r in rows if r.get(key) is not None]
+        low_high = [wilson_interval(round(value * n), n) for _, value in points]
+        figure.add_trace(go.Scatter(
+            x=[a for a, _ in points], y=[v for _, v in points], name=label, mode="lines+markers",
+            error_y=dict(type="data", symmetric=False, array=[hi - v for (_, v), (_, hi) in zip(points, low_high)],
+                         arrayminus=[v - lo for (_, v), (lo, _) in zip(points, low_high)], thickness=1)))
+    figure.add_vline(x=chosen, line_dash="dash", annotation_text=f"sidebar alpha {chosen:g}")
+    if best is not None:
+        figure.add_vline(x=best, line_dash="dot", line_color=GOOD, annotation_text=f"best worst-case {best:g}",
+                         annotation_position="bottom right")
+    figure.update_xaxes(title_text="alpha (0 = base model)")
+    figure.update_yaxes(title_text="accuracy (95% Wilson interval)", tickformat=".0%")
+    return _style(figure, 400)

@@ -1,0 +1,77 @@
+"""Charts: every axis of layer or class names is categorical in forward order; histograms share a log axis."""
+
+import numpy as np
+import pytest
+import torch
+
+from meansparse_core import attach
+from meansparse_core.charts import (download_config, fraction_replaced_chart, histogram_chart, names_axis,
+                                    perturbation_chart, perturbation_split_chart, sweep_chart, top_k_chart)
+from meansparse_core.models import bundled_models, load_model
+from meansparse_core.probes import Sample, probe
+from meansparse_core.workbench import TopK, find_statistics
+
+
+@pytest.fixture(scope="module", params=["cifar-resnet9", "digits-cnn"])
+def demo_probes(request):
+    spec = next(s for s in bundled_models() if s.name == request.param)
+    model = load_model(spec).eval()
+    stats = find_statistics(spec, model, spec.dataset).stats
+    clean = torch.rand(1, *spec.input_size, generator=torch.Generator().manual_seed(0))
+    return probe(model, stats, clean, (clean + 0.03).clamp(0, 1), alpha=0.5), [t.name for t in stats.tap_list]
+
+
+def test_layer_charts_show_every_tap_name_as_a_category_in_forward_order(demo_probes):
+    probes, names = demo_probes
+    assert any(n.isdigit() for n in names)  # names Plotly would otherwise read as numbers
+    for figure in (fraction_replaced_chart(probes), perturbation_chart(probes), perturbation_chart(probes, False),
+                   perturbation_split_chart(probes)):
+        axis = figure.layout.xaxis
+        assert axis.type == "category" and list(axis.categoryarray) == names
+        for trace in figure.data:
+            assert list(trace.x) == names
+
+
+def test_cifar_tap_names_with_dots_are_kept():
+    spec = next(s for s in bundled_models() if s.name == "cifar-resnet9")
+    names = [t.name for t in find_statistics(spec, load_model(spec), "cifar10").stats.tap_list]
+    assert {"8.body.2", "17.body.5"} <= set(names)
+    assert names_axis(names)["categoryarray"] == names
+
+
+def test_digit_classes_label_the_top_k_bars():
+    digits = TopK(tuple("7194"), (0.6, 0.2, 0.1, 0.1))
+    figure = top_k_chart([("base · clean", digits), ("MeanSparse · clean", digits)], true_class="7")
+    for axis in (figure.layout.yaxis, figure.layout.yaxis2):
+        assert axis.type == "category" and list(axis.categoryarray) == ["4", "9", "1", "7"]
+    assert figure.data[0].marker.color[-1] == "#2e7d32"  # the true class, on top, in green
+
+
+@pytest.mark.parametrize("values", [2000, 9])
+def test_histogram_panels_share_one_log_axis_and_one_x_title(values):
+    rng = np.random.default_rng(0)
+    sample = Sample(*(rng.normal(size=values) for _ in range(4)))
+    figure = histogram_chart(sample, 0.0, 0.5, "standard deviations")
+    y1, y2 = figure.layout.yaxis, figure.layout.yaxis2
+    assert y1.type == y2.type == "log" and y2.matches == "y" and tuple(y1.range) == tuple(y2.range)
+    assert all(np.log10(v) == round(np.log10(v)) for v in y1.tickvals)  # decades only
+    x_titles = [a.text for a in figure.layout.annotations if "standard deviations" in a.text]
+    assert len(x_titles) == 1 and not figure.layout.xaxis.title.text and not figure.layout.xaxis2.title.text
+    assert ("only 9 values" in x_titles[0]) == (values == 9)
+
+
+def test_sweep_chart_draws_wilson_intervals_and_both_alphas():
+    rows = [{"alpha": 0.0, "clean": 0.7, "robust": 0.4, "worst": 0.4},
+            {"alpha": 0.2, "clean": 0.69, "robust": 0.45, "worst": 0.38}]
+    figure = sweep_chart(rows, {"clean": "clean", "worst": "worst case"}, n=200, chosen=0.2, best=0.0)
+    clean = figure.data[0]
+    assert list(clean.x) == [0.0, 0.2] and 0.05 < clean.error_y.array[0] + clean.error_y.arrayminus[0] < 0.15
+    assert len(figure.layout.shapes) == 2
+
+
+def test_downloads_are_slide_sized_png_or_svg():
+    for fmt in ("png", "svg"):
+        options = download_config("sweep", fmt)["toImageButtonOptions"]
+        assert options["format"] == fmt and options["width"] * options["scale"] >= 1920
+    with pytest.raises(ValueError):
+        download_config("sweep", "gif")
