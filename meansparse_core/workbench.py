@@ -274,7 +274,7 @@ class Comparison:
     def verdict(self) -> str:
         """One sentence on what the attack did to each model."""
         if self.base_adv is None or self.sparse_adv is None:
-            image = f"Clean image of a {self.label}" if self.label_known else "Clean image, true class unknown"
+            image = f"Clean image, true class {self.label}" if self.label_known else "Clean image, true class unknown"
             return (f"{image}: the base model says {self.base_clean.best}, "
                     f"MeanSparse at alpha {self.alpha:g} says {self.sparse_clean.best}. Run an attack to compare.")
         base_ok, sparse_ok = self.base_adv.best == self.label, self.sparse_adv.best == self.label
@@ -440,6 +440,19 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sweep_csv(rows: Sequence[dict], n: int) -> str:
+    """An accuracy table as CSV: each accuracy with the bounds of its 95% Wilson interval on ``n`` images."""
+    columns = [c for c in COLUMN_LABELS if c != "alpha" and any(c in r for r in rows)]
+    lines = [",".join(["alpha", "n"] + [f"{c}{end}" for c in columns for end in ("", "_low", "_high")])]
+    for row in rows:
+        cells = [f"{row['alpha']:g}", str(n)]
+        for c in columns:
+            low, high = wilson_interval(round(row[c] * n), n)
+            cells += [f"{row[c]:.4f}", f"{low:.4f}", f"{high:.4f}"]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def with_interval(accuracy: float, n: int) -> str:

@@ -53,7 +53,7 @@ def test_opens_on_the_offline_model_with_statistics(explore):
     sidebar = "\n".join(c.value for c in explore.sidebar.caption)
     assert "digits-cnn" in sidebar and "shipped with the model" in sidebar
     assert "Run an attack to compare" in texts(explore)
-    assert [m.value.endswith("%") for m in explore.metric][:2] == [True, True]
+    assert [m.value.endswith("%)") for m in explore.metric][:2] == [True, True]  # with its interval
 
 
 def test_alpha_changes_the_sparsified_predictions_only():
@@ -90,12 +90,19 @@ def test_layers_page_updates_with_alpha():
     app = start()
     app.switch_page("views/layers.py").run()
     check_clean(app)
-    for key in ("channel_histogram", "layer_histogram", "attenuation"):
+    for key in ("channel_histogram", "layer_histogram", "perturbation", "perturbation_split"):
         assert chart(app, key)["data"]
-    clamped = chart(app, "clamped")["data"][0]["y"]
+    taps = [t.name for t in app.selectbox(key="layer").options_values] if hasattr(app.selectbox(key="layer"),
+                                                                               "options_values") else None
+    replaced = chart(app, "fraction_replaced")
+    assert replaced["layout"]["xaxis"]["type"] == "category"
+    assert taps is None or replaced["layout"]["xaxis"]["categoryarray"] == taps
     app.sidebar.slider(key="alpha").set_value(0.8).run()
     check_clean(app)
-    assert all(after > before for before, after in zip(clamped, chart(app, "clamped")["data"][0]["y"]))
+    after = chart(app, "fraction_replaced")["data"][0]["y"]
+    assert all(a > b for b, a in zip(replaced["data"][0]["y"], after))
+    configs = [json.loads(e.proto.config) for e in app.get("plotly_chart")]
+    assert all(c["toImageButtonOptions"]["format"] == "png" for c in configs)
     app.selectbox(key="layer").select_index(2).run()
     check_clean(app)
     assert app.subheader[0].value == f"Layer {app.selectbox(key='layer').value.name}"
@@ -113,9 +120,11 @@ def test_accuracy_page_sweeps_and_exports(tmp_path, monkeypatch):
     finish_jobs(app.button(key="FormSubmitter:sweep-Run").click().run())
     check_clean(app)
     table = app.dataframe[0].value
-    assert list(table.index) == [0.0, 0.1, 0.3]
-    assert {"clean", "robust", "robust_bpda"} <= set(table.columns)
+    assert list(table.index) == ["0", "0.1", "0.3"]
+    assert {"clean", "robust (exact gradients)", "robust (BPDA)", "worst case"} <= set(table.columns)
+    assert all("(" in cell and "%" in cell for cell in table.iloc[0])  # every accuracy with its interval
     assert "sweep_chart" in str([e.proto.id for e in app.get("plotly_chart")])
+    assert "eps 32/255" in texts(app) and "best worst-case" in json.dumps(chart(app, "sweep_chart"))
     app.button(key="prepare_export").click().run()
     check_clean(app)
     assert app.session_state["export"][:2] == b"PK"  # a torch.save zip archive

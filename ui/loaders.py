@@ -63,9 +63,10 @@ def cached_dataset(data: str, root: str, split: str) -> Dataset:
 @st.cache_resource(show_spinner="Crafting the live evaluation set (once per model)...", max_entries=4)
 def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float) -> LiveAccuracy:
     dataset = cached_dataset(data, root, "test")
-    images, labels = load_items(dataset, sample_indices(len(dataset), LIMITS.live_set, seed=0))
+    indices = sample_indices(len(dataset), LIMITS.live_set, seed=0)
+    images, labels = load_items(dataset, indices)
     return LiveAccuracy.craft(cached_model(choice), images.to(choice.device), labels.to(choice.device),
-                              AttackChoice(eps=eps, target="base"))
+                              AttackChoice(eps=eps, target="base"), indices=indices)
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)

@@ -9,7 +9,8 @@ import numpy as np
 import streamlit as st
 import torch
 
-from meansparse_core.workbench import LIMITS, nearest
+from meansparse_core.charts import EXPORT_FORMATS, download_config
+from meansparse_core.workbench import nearest, with_interval
 from ui.loaders import cached_live_figures, cached_live_set
 from ui.state import Setup, gallery_order, pick, test_image
 
@@ -39,8 +40,10 @@ def accuracy_panel_ui(current: Setup) -> None:
     clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
                                           tuple(sorted(current.layer_alphas.items())))
     left, middle, right = st.columns(3)
-    left.metric(f"Clean accuracy ({LIMITS.live_set} test images, live)", f"{clean:.0%}")
-    middle.metric("Transfer robust accuracy (live)", f"{transfer:.0%}",
+    n = len(live.labels)
+    left.metric(f"Clean accuracy ({n} test images, live)", with_interval(clean, n),
+                help="In brackets: the 95% Wilson interval, how far the figure could move on other images.")
+    middle.metric("Transfer robust accuracy (live)", with_interval(transfer, n),
                   help=f"Adversarial examples crafted once against the base model ({live.attack}); "
                        "the attacker never saw MeanSparse, so this is not adaptive robustness.")
     rows = st.session_state.get("sweeps", {}).get(current.model_id)
@@ -48,8 +51,26 @@ def accuracy_panel_ui(current: Setup) -> None:
     if row is None:
         right.metric("Adaptive robust accuracy", "—", help="Run a sweep on the Accuracy page.")
     else:
-        right.metric(f"Adaptive robust accuracy (sweep, alpha {row['alpha']:g})", f"{row['robust']:.0%}",
-                     help=f"{rows['attack']} on {rows['n']} images, attacking MeanSparse itself.")
+        right.metric(f"Adaptive robust accuracy, worst case (sweep, alpha {row['alpha']:g})",
+                     with_interval(row.get("worst", row["robust"]), rows["n"]),
+                     help=f"{rows['attack']} on {rows['n']} images, attacking MeanSparse itself; the lowest "
+                          "figure of the attacks the sweep ran.")
+
+
+def chart_ui(figure, key: str) -> None:
+    """A Plotly chart whose camera button (top right) saves it at slide resolution, as PNG or SVG."""
+    st.plotly_chart(figure, key=key, config=download_config(key, st.session_state.get("figure_format", "png")))
+
+
+def figure_format_ui() -> None:
+    """The format the charts' camera buttons save in, kept for the session across pages."""
+    formats = list(EXPORT_FORMATS)
+    # A plain key outlives the page (a widget's own state is dropped on pages that do not draw it); the
+    # callback runs before the rerun, so the charts above already use the new format.
+    st.radio("Charts download as (camera button at a chart's top right)", formats, horizontal=True,
+             index=formats.index(st.session_state.get("figure_format", "png")), format_func=str.upper,
+             key="figure_format_choice",
+             on_change=lambda: st.session_state.update(figure_format=st.session_state["figure_format_choice"]))
 
 
 def to_display(image: torch.Tensor, size: int = 128) -> np.ndarray:

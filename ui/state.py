@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from meansparse_core.data import DATASETS, sample_indices
 from meansparse_core.models import ModelSpec
 from meansparse_core.placement import SparseModel
-from meansparse_core.workbench import AttackChoice, attack_image
+from meansparse_core.workbench import AttackChoice, LiveAccuracy, attack_image, found_adversarial
 from ui import heavy
 from ui.loaders import ModelChoice
 
@@ -102,13 +102,13 @@ class Crafted:
     choice: AttackChoice
     alpha: float  # the alpha the attacker saw (0 when it attacked the base model)
     image: torch.Tensor
+    found: bool = True  # whether it fools the model it attacked
 
     @property
     def description(self) -> str:
         c = self.choice
-        unit = "" if c.attack == "pgd-l2" else "/255"
         against = "the base model" if c.target == "base" else f"MeanSparse at alpha {self.alpha:g} ({c.grad} gradients)"
-        return f"{c.attack} eps {c.eps:g}{unit}, {c.steps} steps, seed {c.seed}, against {against}"
+        return f"{c.description}, seed {c.seed}, against {against}"
 
 
 def adversarial(current: Setup, picked: Picked) -> Crafted | None:
@@ -131,17 +131,26 @@ def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | Non
 
     def attack(job=None) -> Crafted:
         image = attack_image(sparse, picked.image, picked.label, choice, alpha, layer_alphas)
-        return Crafted((current.model_id, picked.key), choice, alpha, image)
+        found = found_adversarial(sparse, picked.image, image, picked.label, choice, alpha, layer_alphas)
+        return Crafted((current.model_id, picked.key), choice, alpha, image, found)
 
     if choice.heavy:
-        heavy.submit("attack", f"{choice.attack} ({choice.steps} {'queries' if choice.attack == 'square' else 'steps'}) "
-                               f"on {picked.caption}", attack,
+        heavy.submit("attack", f"{choice.attack} ({choice.effort}) on {picked.caption}", attack,
                      (current.model_id, picked.key, choice, alpha, tuple(sorted(layer_alphas.items()))))
         return None
-    with st.spinner(f"Running {choice.attack} ({choice.steps} steps)...", show_time=True):
+    with st.spinner(f"Running {choice.attack} ({choice.effort})...", show_time=True):
         crafted = attack()
     st.session_state["adversarial"] = crafted
     return crafted
+
+
+def pick_live_item(current: Setup, live: LiveAccuracy, position: int) -> None:
+    """Pick item ``position`` of the live set with its adversarial example (crafted against the base model)."""
+    picked = test_image(current, live.indices[position])
+    pick(picked)
+    adversarial = live.adversarial[position].cpu()
+    found = found_adversarial(require_sparse(current), picked.image, adversarial, picked.label, live.choice)
+    st.session_state["adversarial"] = Crafted((current.model_id, picked.key), live.choice, 0.0, adversarial, found)
 
 
 def default_attack(current: Setup) -> AttackChoice:

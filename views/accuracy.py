@@ -3,15 +3,16 @@
 from dataclasses import dataclass
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from ui import heavy, panels, state
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
+from meansparse_core.charts import sweep_chart
 from meansparse_core.jobs import Job
-from meansparse_core.workbench import LIMITS, accuracy_table, best_alpha, parse_alphas
+from meansparse_core.workbench import (COLUMN_LABELS, LIMITS, AttackChoice, accuracy_table, best_alpha, parse_alphas,
+                                       sweep_csv, with_interval)
 
 ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
 RESULTS = ResultCache(".cache/results")
@@ -65,29 +66,29 @@ def run_sweep(current: state.Setup, request: SweepRequest, job: Job) -> tuple[st
                               done, total, f"evaluation {min(int(done) + 1, total)} of {total}: {what}"),
                           cache=RESULTS, cache_key=key)
     s = request.settings
-    return current.model_id, {"rows": rows, "n": request.n, "attack": f"{s.attack} eps {s.eps:g}, {s.steps} steps"}
+    attack = AttackChoice(s.attack, s.eps, s.steps).description
+    if "square" in request.opinions:
+        attack += f"; Square {AttackChoice('square', s.eps, request.square_queries).effort}"
+    return current.model_id, {"rows": rows, "n": request.n, "attack": attack}
 
 
 def results_ui(sweep: dict, chosen: float) -> None:
-    rows = sweep["rows"]
+    rows, n = sweep["rows"], sweep["n"]
     suggested = best_alpha(rows)
-    table = pd.DataFrame(rows).set_index("alpha")
-    st.dataframe(table.style.format("{:.1%}"), key="sweep_table")
-    figure = go.Figure()
-    names = {"clean": "clean", "robust": "robust", "robust_bpda": "robust, BPDA", "robust_square": "robust, Square"}
-    for column in table.columns:
-        figure.add_trace(go.Scatter(x=table.index, y=table[column], name=names[column], mode="lines+markers"))
-    figure.add_vline(x=chosen, line_dash="dash", annotation_text=f"sidebar alpha {chosen:g}")
-    figure.add_vline(x=suggested, line_dash="dot", line_color="green", annotation_text=f"best robust {suggested:g}",
-                     annotation_position="bottom right")
-    figure.update_layout(xaxis_title="alpha (0 = base model)", yaxis_title="accuracy", yaxis_tickformat=".0%",
-                         height=380, margin=dict(t=20, b=10))
-    st.plotly_chart(figure, key="sweep_chart")
-    st.caption(f"{sweep['attack']} on {sweep['n']} test images. Only images still classified correctly are "
-               "attacked. If the robust line rises but the BPDA or Square line does not, the gain is gradient "
-               "masking, not robustness. Best robust: the alpha with the highest robust accuracy whose clean "
-               "accuracy is within 1 point of the base model.")
-
+    columns = {c: COLUMN_LABELS[c] for c in COLUMN_LABELS if c != "alpha" and c in rows[0]}
+    table = pd.DataFrame([{"alpha": f"{r['alpha']:g}", **{label: with_interval(r[c], n) for c, label in columns.items()}}
+                          for r in rows]).set_index("alpha")
+    st.dataframe(table, key="sweep_table")
+    panels.chart_ui(sweep_chart(rows, columns, n, chosen, suggested), "sweep_chart")
+    st.caption(f"{sweep['attack']} on {n} test images; every accuracy with its 95% Wilson interval. Only images "
+               "still classified correctly are attacked. *Worst case* is the lowest robust accuracy of the attacks "
+               "run: if the exact-gradient line rises but the BPDA or Square line does not, the gain is gradient "
+               "masking, not robustness. At alpha 0 MeanSparse is off, so BPDA is the plain attack there. Best "
+               "worst-case: the alpha with the highest worst-case accuracy whose clean accuracy is within 1 point "
+               "of the base model.")
+    st.download_button("Download the sweep (CSV)", sweep_csv(rows, n), file_name="meansparse-sweep.csv",
+                       mime="text/csv", key="download_sweep")
+    panels.figure_format_ui()
 
 
 def export_ui(current: state.Setup) -> None:

@@ -1,19 +1,43 @@
 """Explore: one image, its adversarial version, and what the base and the sparsified model make of each."""
 
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from ui import heavy, panels, state, uploads
+from ui import heavy, loaders, panels, state, uploads
 from meansparse_core.attacks import ATTACKS
-from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare
+from meansparse_core.charts import top_k_chart
+from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
 
 
 def image_ui(current: state.Setup) -> state.Picked:
     st.subheader("1 · Pick an image")
     panels.gallery_ui(current)
     uploads.upload_ui(current)
+    turns_ui(current)
     return state.picked_image(current)
+
+
+def turns_ui(current: state.Setup) -> None:
+    """One click to an image MeanSparse rescues at this alpha, or one it breaks (from the live set)."""
+    if current.test_set is None:
+        return
+    left, right = st.columns(2)
+    wanted = ("rescued" if left.button("Find an image MeanSparse rescues at this alpha", key="find_rescued")
+              else "broken" if right.button("Find an image MeanSparse breaks at this alpha", key="find_broken")
+              else None)
+    if wanted is None:
+        return
+    live = loaders.cached_live_set(current.model, current.data, current.data_root, current.eps)
+    positions = getattr(live.turns(current.sparse, current.alpha, current.layer_alphas), wanted)
+    if not positions:
+        st.info(f"None of the {len(live.labels)} live-set images is {wanted} at alpha {current.alpha:g} by "
+                f"{live.attack} against the base model: try another alpha.")
+        return
+    shown = st.session_state.get("picked")
+    keys = [f"test/{live.indices[p]}" for p in positions]
+    # Each click shows the next one, so a lecturer can go through them.
+    following = (keys.index(shown.key) + 1) % len(keys) if shown is not None and shown.key in keys else 0
+    state.pick_live_item(current, live, positions[following])
+    st.caption(f"{following + 1} of {len(positions)} live-set images {wanted} at alpha {current.alpha:g}.")
 
 
 def attack_ui(current: state.Setup) -> AttackChoice | None:
@@ -26,7 +50,9 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
         l2 = attack == "pgd-l2"
         eps = columns[0].number_input("eps (L2 norm)" if l2 else "eps (/255)", 0.0, 10.0 if l2 else 64.0,
                                       0.5 if l2 else current.eps, 0.05 if l2 else 0.5)
-        steps = columns[1].number_input("Queries" if attack == "square" else "Steps", 1, LIMITS.steps_for(attack), 10)
+        steps = columns[1].number_input("Queries" if attack == "square" else "Steps", 1, LIMITS.steps_for(attack),
+                                        default_steps(attack), disabled=attack in ("fgsm", "autoattack"),
+                                        help="FGSM takes one step and AutoAttack its standard schedule: unused there.")
         seed = columns[2].number_input("Seed", 0, 2**31 - 1, 0)
         columns = st.columns(3)
         target = columns[0].radio("Attack which model", ["sparse", "base"], horizontal=True,
@@ -51,21 +77,15 @@ def images_ui(picked: state.Picked, crafted: state.Crafted | None) -> None:
     columns[1].image(panels.to_display(perturbation, 192), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
     columns[2].image(panels.to_display(crafted.image, 192), caption="adversarial")
     st.caption(f"Adversarial example: {crafted.description}. It stays fixed while alpha moves.")
+    if not crafted.found:
+        st.warning(crafted.choice.not_found())
 
 
 def predictions_ui(comparison: Comparison) -> None:
-    panels = [("base · clean", comparison.base_clean), ("MeanSparse · clean", comparison.sparse_clean),
-              ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
-    panels = [(title, top) for title, top in panels if top is not None]
-    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.08)
-    for column, (_, top) in enumerate(panels, start=1):
-        colours = ["#2e7d32" if c == comparison.label else "#c62828" for c in top.classes]
-        figure.add_trace(go.Bar(x=list(top.probabilities)[::-1], y=list(top.classes)[::-1], orientation="h",
-                                marker_color=colours[::-1], showlegend=False,
-                                hovertemplate="%{y}: %{x:.1%}<extra></extra>"), row=1, col=column)
-        figure.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=column)
-    figure.update_layout(height=260, margin=dict(t=30, b=10, l=10, r=10))
-    st.plotly_chart(figure, key="predictions")
+    tops = [("base · clean", comparison.base_clean), ("MeanSparse · clean", comparison.sparse_clean),
+            ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
+    panels.chart_ui(top_k_chart([(title, top) for title, top in tops if top is not None], comparison.label),
+                    "predictions")
     st.caption("Top-5 probabilities; green is the true class.")
 
 
