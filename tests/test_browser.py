@@ -114,8 +114,8 @@ def test_opens_slides_attacks_and_shows_layers(page):
     page.screenshot(path=SHOTS / "3-attack.png", full_page=True)
 
     page.get_by_role("link", name="Layers").click()
-    expect(page.get_by_text("Fraction of values clamped").first).to_be_visible()
-    expect(page.get_by_text("of the adversarial values clamped")).to_be_visible()
+    expect(page.get_by_text("Fraction of values replaced").first).to_be_visible()
+    expect(page.get_by_text("of the adversarial values replaced")).to_be_visible()
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "4-layers.png", full_page=True)
 

@@ -56,6 +56,8 @@ def test_verdict_names_what_the_attack_did():
     assert "fools the base model (1) but not MeanSparse" in Comparison("7", 0.2, seven, seven, one, seven).verdict
     assert "fools MeanSparse (1) but not the base" in Comparison("7", 0.2, seven, seven, seven, one).verdict
     assert "fools both models" in Comparison("7", 0.2, seven, seven, one, one).verdict
+    plane = TopK(("airplane",), (1.0,))
+    assert " a airplane" not in Comparison("airplane", 0.2, plane, plane, None, None).verdict
 
 
 def test_attack_on_one_image_stays_in_budget_and_targets_the_chosen_model(digits):
