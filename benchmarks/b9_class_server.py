@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 STEP_TIMEOUT_MS = 180_000
 FAILED_PAGE = re.compile(r"Traceback|Something went wrong")
 JOB_STATE = re.compile(r"queued, position \d+|evaluation \d+ of")
-SHOTS = ROOT / "artifacts" / "load-test"  # a screenshot of each session that failed a step
+SHOTS = ROOT / "artifacts" / "load-test"  # the server's log, and a screenshot of each session that failed a step
 
 
 @dataclass
@@ -246,6 +247,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(folder) / "server.log", SHOTS / "server.log")
     results["model"] = args.model
     print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), {args.heavy} heavy jobs: "
           f"p50 {results['p50_s']:.2f} s, p95 {results['p95_s']:.2f} s, max {results['max_s']:.2f} s; "

@@ -23,6 +23,7 @@ thread, so the threads a web server starts later for its pages keep every core.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -30,6 +31,7 @@ from typing import Callable, Generic, Literal, TypeVar
 
 import torch
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 
@@ -97,6 +99,7 @@ class Job(Generic[T]):
         if not self.wanted:
             return self._end("cancelled", JobCancelled(f"{self.description} was cancelled."))
         self.state = "running"
+        log.info("%s: running", self.description)
         try:
             result = self._work(self)
         except JobCancelled as exc:
@@ -107,6 +110,7 @@ class Job(Generic[T]):
         self._end("done")
 
     def _end(self, state: State, error: BaseException | None = None) -> None:
+        log.info("%s: %s%s", self.description, state, f" ({error})" if error else "")
         self._error, self.state = error, state
         if state == "done":
             self.progress = 1.0
@@ -178,6 +182,7 @@ class JobQueue:
                 raise RuntimeError("This job queue is closed.")
             self._waiting.append(job)
             self._changed.notify()
+        log.info("%s: queued at position %d", description, self.position(job))
         return job
 
     def position(self, job: Job) -> int | None:
