@@ -101,3 +101,13 @@ def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch):
     app = finish_jobs(heavy_attack(start()))
     assert [e.value for e in app.error] == ["Square needs at least one query; raise Queries."]
     assert not app.exception and "job/attack" not in app.session_state
+
+
+def test_the_server_skips_the_full_garbage_collection_after_every_script_run():
+    """Streamlit's default collects after every run, every poll of a queued job included: with torch loaded
+    that held the interpreter lock long enough to stall every session (BENCHMARKS.md, B9)."""
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    assert config["runner"]["postScriptGC"] is False
