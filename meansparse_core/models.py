@@ -33,7 +33,11 @@ from .files import load_weights
 from .data import DATASETS, DataUnavailable, Preparation, Progress, download
 from .robustbench_compat import import_robustbench
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: The bundled demo models; MEANSPARSE_ASSETS points elsewhere (a training session's own bundle, say).
+ASSETS = Path(os.environ.get("MEANSPARSE_ASSETS") or Path(__file__).resolve().parent.parent / "assets")
+#: Which bundled model stands for its dataset, best first: the GPU-trained CIFAR-10 model once its
+#: files are in assets/, else the CPU-trained one (which stays as the small option).
+PREFERRED_BUNDLED = ("cifar-resnet9-w64", "cifar-resnet9", "digits-cnn")
 DEFAULT_MODEL_DIR = Path(os.environ.get("MEANSPARSE_MODELS", "models"))
 GDRIVE_URL = "https://drive.google.com/uc?export=download&confirm=t&id={}"
 _ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
@@ -105,6 +109,13 @@ def bundled_models() -> list[ModelSpec]:
         ModelSpec(f"bundled/{name}", m["label"], "bundled", name, m["dataset"], m["threat_model"])
         for name, m in _bundled_manifests().items()
     ]
+
+
+def preferred_bundled(dataset: str) -> ModelSpec | None:
+    """The bundled model the app opens on for ``dataset`` (``PREFERRED_BUNDLED`` order), or None if none has it."""
+    specs = {s.name: s for s in bundled_models() if s.dataset == dataset}
+    ranked = [specs[name] for name in PREFERRED_BUNDLED if name in specs] + list(specs.values())
+    return ranked[0] if ranked else None
 
 
 def bundled_statistics_path(spec: ModelSpec) -> Path | None:

@@ -7,12 +7,37 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 #: The team's shared datasets folder, ../shared/datasets next to the checkout (or where
 #: MEANSPARSE_SHARED_DATASETS points, for a clone elsewhere).
 SHARED_DATASETS = Path(os.environ.get("MEANSPARSE_SHARED_DATASETS",
                                       Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SHARED_CIFAR = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where tests that take the `device` fixture run; with cuda, only those run (the "
+                          "operator, placement, statistics and fused-kernel tests), the others are skipped")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cpu":
+        return
+    elsewhere = pytest.mark.skip(reason="runs on the CPU only; --device cuda runs the tests that take `device`")
+    for item in items:
+        if "device" not in getattr(item, "fixturenames", ()):
+            item.add_marker(elsewhere)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the test runs on: the CPU unless pytest was given ``--device cuda`` (skips where there is no CUDA)."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device here")
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session")

@@ -25,34 +25,35 @@ def numpy_sparsify(x, mean, std, alpha, axis):
     return np.where(np.abs(x - mean) < alpha * std, np.broadcast_to(mean, x.shape), x)
 
 
-def random_case(shape, axis, seed=0):
+def random_case(shape, axis, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     channels = shape[axis]
     mean = torch.randn(channels, generator=gen) * 0.3
     std = torch.rand(channels, generator=gen) + 0.1
-    return x, mean, std
+    return x.to(device), mean.to(device), std.to(device)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 3.0])
-def test_matches_numpy(layout, alpha):
+def test_matches_numpy(layout, alpha, device):
     shape, axis = LAYOUTS[layout]
-    x, mean, std = random_case(shape, axis)
-    expected = numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), np.float32(alpha), axis)
+    x, mean, std = random_case(shape, axis, device=device)
+    expected = numpy_sparsify(x.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy(), np.float32(alpha), axis)
     got = sparsify(x, mean, std, alpha, channel_dim=axis)
-    np.testing.assert_array_equal(got.numpy(), expected)
+    assert got.device == x.device
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)
     assert (got != x).any(), "a test case that clamps nothing proves nothing"
 
 
-def test_alpha_zero_returns_input_itself():
-    x, mean, std = random_case((2, 5, 3, 3), 1)
+def test_alpha_zero_returns_input_itself(device):
+    x, mean, std = random_case((2, 5, 3, 3), 1, device=device)
     assert sparsify(x, mean, std, 0.0) is x
     assert MeanSparse(mean, std)(x, alpha=0.0) is x
 
 
-def test_zero_std_channels_are_never_clamped_and_no_nan_appears():
-    x, mean, std = random_case((4, 5, 3, 3), 1)
+def test_zero_std_channels_are_never_clamped_and_no_nan_appears(device):
+    x, mean, std = random_case((4, 5, 3, 3), 1, device=device)
     std[2] = 0.0
     x[:, 2] = mean[2]  # even values exactly at the mean stay as they are
     for alpha in [0.5, 1e30, float("inf")]:
@@ -64,8 +65,8 @@ def test_zero_std_channels_are_never_clamped_and_no_nan_appears():
     assert torch.equal(y[:, others], mean[others].view(1, -1, 1, 1).expand_as(y[:, others]))
 
 
-def test_nan_input_passes_through_without_spreading():
-    x, mean, std = random_case((2, 5, 3, 3), 1)
+def test_nan_input_passes_through_without_spreading(device):
+    x, mean, std = random_case((2, 5, 3, 3), 1, device=device)
     x[0, 1, 0, 0] = float("nan")
     y = sparsify(x, mean, std, 1.0)
     assert torch.isnan(y).sum() == 1 and torch.isnan(y[0, 1, 0, 0])
@@ -81,8 +82,8 @@ def test_bad_arguments_are_refused():
         sparsify(x, mean, std, 0.5, grad="bogus")
 
 
-def test_exact_gradient_is_zero_inside_the_band_and_straight_through_is_identity():
-    x, mean, std = random_case((3, 5, 4, 4), 1)
+def test_exact_gradient_is_zero_inside_the_band_and_straight_through_is_identity(device):
+    x, mean, std = random_case((3, 5, 4, 4), 1, device=device)
     inside = (x - mean.view(1, -1, 1, 1)).abs() < 0.7 * std.view(1, -1, 1, 1)
     assert inside.any() and (~inside).any()
     grads = {}
@@ -94,8 +95,8 @@ def test_exact_gradient_is_zero_inside_the_band_and_straight_through_is_identity
     assert torch.equal(grads["straight-through"], torch.ones_like(x))
 
 
-def test_straight_through_forward_equals_exact_forward():
-    x, mean, std = random_case((2, 9, 5), -1)
+def test_straight_through_forward_equals_exact_forward(device):
+    x, mean, std = random_case((2, 9, 5), -1, device=device)
     exact = sparsify(x, mean, std, 0.6, channel_dim=-1)
     bpda = sparsify(x, mean, std, 0.6, channel_dim=-1, grad="straight-through")
     assert torch.equal(exact, bpda)
@@ -120,10 +121,10 @@ def _robustbench_layer(module_path, channels, mean, var, threshold):
     ],
 )
 @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.25, 0.8, 2.0])
-def test_same_outputs_as_robustbench_meansparse(module_path, shape, axis, threshold):
-    x, mean, _ = random_case(shape, axis, seed=3)
-    var = torch.rand(shape[axis]) * 2
-    theirs = _robustbench_layer(module_path, shape[axis], mean, var, threshold)(x)
+def test_same_outputs_as_robustbench_meansparse(module_path, shape, axis, threshold, device):
+    x, mean, _ = random_case(shape, axis, seed=3, device=device)
+    var = (torch.rand(shape[axis]) * 2).to(device)
+    theirs = _robustbench_layer(module_path, shape[axis], mean, var, threshold).to(device)(x)
     ours = sparsify(x, mean, var.sqrt(), threshold, channel_dim=axis)
     assert torch.equal(ours, theirs)
 
@@ -181,15 +182,15 @@ FUSED_CASES = {"nchw": ((8, 24, 32, 32), 1, False), "channels_last": ((8, 24, 32
 
 @pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_fused_operator_equals_the_eager_one_bit_for_bit(case, dtype):
+def test_the_fused_operator_equals_the_eager_one_bit_for_bit(case, dtype, device):
     from meansparse_core.fusion import MIN_ELEMENTS
     from meansparse_core.operator import _fused_exact_gradient, _fused_sparsify, _per_channel, _sparsify_eager, channel_view
 
     shape, axis, channels_last = FUSED_CASES[case]
-    x, mean, std = random_case(shape, axis, seed=5)
+    x, mean, std = random_case(shape, axis, seed=5, device=device)
     x, mean, std = x.to(dtype), mean.to(dtype), std.to(dtype)
     std[0] = 0.0  # a dead channel
-    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=dtype)
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=dtype, device=device)
     band = std * 0.5
     x.select(axis, 1).fill_(mean[1] + band[1])  # a whole channel exactly on the band's edge
     if channels_last:
@@ -208,7 +209,7 @@ def test_the_fused_operator_equals_the_eager_one_bit_for_bit(case, dtype):
             _fused_sparsify.enabled = _fused_exact_gradient.enabled = fuse
             leaf = x.detach().clone().requires_grad_(True)
             y = sparsify(leaf, mean, std, 0.5, axis, grad)
-            y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape))
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).view(y.shape))
             grads.append(leaf.grad)
         _fused_sparsify.enabled = _fused_exact_gradient.enabled = True
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)

@@ -101,16 +101,16 @@ class TokenNet(nn.Module):
         return self.head(tokens.mean(dim=1))
 
 
-def calibrated(model, n=16, shape=(3, 8, 8)):
+def calibrated(model, n=16, shape=(3, 8, 8), device="cpu"):
     torch.manual_seed(0)
-    model.eval()
-    images = torch.rand(n, *shape)
+    model.to(device).eval()
+    images = torch.rand(n, *shape).to(device)
     return images, calibrate(model, [images[:10], images[10:]])
 
 
-def test_functional_taps_are_found_and_equal_a_hand_placed_operator():
+def test_functional_taps_are_found_and_equal_a_hand_placed_operator(device):
     model = FunctionalNet()
-    images, stats = calibrated(model)
+    images, stats = calibrated(model, device=device)
     assert [(t.name, t.kind, t.channels) for t in stats.tap_list] == [
         ("relu", "function", 6), ("relu#2", "function", 6), ("relu#3", "function", 6), ("silu", "function", 6)
     ]
@@ -143,11 +143,11 @@ class MixedNet(nn.Module):
         return F.relu(self.gelu(h) - 0.1) + self.act(h)
 
 
-def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks():
+def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device):
     from meansparse_core.placement import route_taps
 
     model = MixedNet()
-    images, stats = calibrated(model)
+    images, stats = calibrated(model, device=device)
     assert [t.name for t in stats.tap_list] == ["act", "gelu", "relu", "act#2"]
     seen = []
     route_taps(model, stats.tap_list, lambda tap, x: seen.append(tap.name) or x, images)
@@ -167,16 +167,16 @@ def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks():
     assert not attach(plain, calibrated(plain)[1])._functional, "PyTorch modules alone need no function mode"
 
 
-def test_channel_last_features_use_the_last_axis():
+def test_channel_last_features_use_the_last_axis(device):
     model = TokenNet()
-    images, stats = calibrated(model, shape=(3, 16, 16))
+    images, stats = calibrated(model, shape=(3, 16, 16), device=device)
     assert [(t.name, t.channel_dim, t.channels) for t in stats.tap_list] == [("act", 3, 12), ("gelu", 2, 7)]
 
 
 @pytest.mark.parametrize("net", [FunctionalNet, ModuleNet, TokenNet])
-def test_attach_alpha_zero_is_bit_identical_and_detach_restores(net):
+def test_attach_alpha_zero_is_bit_identical_and_detach_restores(net, device):
     model = net()
-    images, stats = calibrated(model, shape=(3, 16, 16))
+    images, stats = calibrated(model, shape=(3, 16, 16), device=device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         base = model(images)
@@ -190,9 +190,9 @@ def test_attach_alpha_zero_is_bit_identical_and_detach_restores(net):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_layer_alphas_override_the_global_alpha():
+def test_layer_alphas_override_the_global_alpha(device):
     model = FunctionalNet()
-    images, stats = calibrated(model)
+    images, stats = calibrated(model, device=device)
     sparse = attach(model, stats)
     with torch.no_grad():
         only_silu = sparse(images, alpha=0.0, layer_alphas={"silu": 0.8})
@@ -205,9 +205,9 @@ def test_layer_alphas_override_the_global_alpha():
         sparse(images, alpha=0.1, layer_alphas={"nope": 0.3})
 
 
-def test_straight_through_gradients_flow_where_exact_ones_vanish():
+def test_straight_through_gradients_flow_where_exact_ones_vanish(device):
     model = TokenNet()  # GELU's derivative is non-zero at the clamped values, unlike ReLU's
-    images, stats = calibrated(model, shape=(3, 16, 16))
+    images, stats = calibrated(model, shape=(3, 16, 16), device=device)
     sparse = attach(model, stats)
     grads = {}
     for mode in ["exact", "straight-through"]:
@@ -218,9 +218,9 @@ def test_straight_through_gradients_flow_where_exact_ones_vanish():
     assert torch.count_nonzero(grads["straight-through"]) > 0
 
 
-def test_fixed_alpha_view_is_a_plain_module():
+def test_fixed_alpha_view_is_a_plain_module(device):
     model = FunctionalNet()
-    images, stats = calibrated(model)
+    images, stats = calibrated(model, device=device)
     sparse = attach(model, stats)
     view = sparse.at(alpha=0.3, grad="straight-through")
     with torch.no_grad():

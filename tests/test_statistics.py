@@ -11,13 +11,13 @@ from meansparse_core.statistics import RunningMoments
 
 
 @pytest.mark.parametrize("shape, axis", [((5, 4, 3, 3), 1), ((5, 7, 4), 2), ((5, 3, 2, 4), 3), ((5, 4), 1)])
-def test_running_moments_match_numpy_over_uneven_batches(shape, axis):
+def test_running_moments_match_numpy_over_uneven_batches(shape, axis, device):
     gen = torch.Generator().manual_seed(0)
     # Large offset and small spread: averaging per-batch variances or float32 sums would show.
     batches = [torch.randn((n, *shape[1:]), generator=gen) * 0.01 + 1000.0 for n in (7, 13, 1, 30, 2)]
     moments = RunningMoments(shape[axis])
     for b in batches:
-        moments.update(b, axis)
+        moments.update(b.to(device), axis)
     everything = np.moveaxis(torch.cat(batches).double().numpy(), axis, 0).reshape(shape[axis], -1)
     assert moments.count == everything.shape[1]
     np.testing.assert_allclose(moments.mean.numpy(), everything.mean(axis=1), rtol=1e-13)
@@ -25,7 +25,7 @@ def test_running_moments_match_numpy_over_uneven_batches(shape, axis):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "transposed"])
-def test_fused_moments_of_large_batches_match_numpy(layout):
+def test_fused_moments_of_large_batches_match_numpy(layout, device):
     """Batches over fusion.MIN_ELEMENTS take the compiled float64 pass; strided ones take a copy."""
     from meansparse_core.statistics import _fused_moments
 
@@ -38,7 +38,7 @@ def test_fused_moments_of_large_batches_match_numpy(layout):
         batches = [b.transpose(2, 3) for b in batches]
     moments = RunningMoments(shape[axis])
     for b in batches:
-        moments.update(b, axis)
+        moments.update(b.to(device), axis)
     assert layout == "transposed" or _fused_moments.kernel is not None, "the compiled pass ran"
     everything = np.moveaxis(torch.cat(batches).double().numpy(), axis, 0).reshape(shape[axis], -1)
     np.testing.assert_allclose(moments.mean.numpy(), everything.mean(axis=1), rtol=1e-13)
@@ -63,9 +63,9 @@ class ConvNet(nn.Module):
         return self.fc(self.act(h).mean(dim=(2, 3)))
 
 
-def test_calibrate_matches_numpy_with_an_uneven_last_batch():
+def test_calibrate_matches_numpy_with_an_uneven_last_batch(device):
     torch.manual_seed(0)
-    model = ConvNet()
+    model = ConvNet().to(device)
     model.bn.running_mean.fill_(0.3)  # eval-mode batch norm must use these, not batch statistics
     images = torch.rand(50, 3, 8, 8)
     calls = []
@@ -76,7 +76,7 @@ def test_calibrate_matches_numpy_with_an_uneven_last_batch():
     assert stats.meta["n_images"] == 50
     with torch.no_grad():
         model.eval()
-        expected = [f.double().numpy() for f in model.features(images)]
+        expected = [f.double().cpu().numpy() for f in model.features(images.to(device))]
     for tap_stats, feats in zip(stats.taps, expected):
         per_channel = np.moveaxis(feats, 1, 0).reshape(4, -1)
         assert tap_stats.count == per_channel.shape[1]

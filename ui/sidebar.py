@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from meansparse_core import calibrate
 from meansparse_core.data import DATASETS, DEFAULT_ROOT, DataUnavailable, load_dataset, load_items, sample_indices
 from meansparse_core.files import file_digest
-from meansparse_core.models import DEFAULT_MODEL_DIR, ModelSpec, bundled_models, is_local, load_model, weight_files
+from meansparse_core.models import (DEFAULT_MODEL_DIR, ModelSpec, bundled_models, is_local, load_model,
+                                    preferred_bundled, weight_files)
 from meansparse_core.placement import SparseModel
 from meansparse_core.workbench import statistics_path
 from ui import heavy
@@ -26,13 +27,14 @@ DEFAULT_ALPHA = 0.2
 
 
 def default_model() -> str:
-    """The CIFAR-10 demo model when CIFAR-10 is on this machine, else the offline digits model."""
-    bundled = {s.dataset: s.key for s in bundled_models()}
+    """The preferred CIFAR-10 demo model when CIFAR-10 is on this machine, else the offline digits model."""
+    digits = preferred_bundled("digits").key
     try:
         cached_dataset("cifar10", str(DEFAULT_ROOT), "test")
-        return bundled.get("cifar10", bundled["digits"])
     except (DataUnavailable, OSError):
-        return bundled["digits"]
+        return digits
+    cifar = preferred_bundled("cifar10")
+    return cifar.key if cifar else digits
 
 
 def _saved_upload(upload) -> str:

@@ -1,0 +1,454 @@
+"""Issue 20's whole GPU session: train the GPU demo model, calibrate it, measure its card, test CUDA, run B1/B3.
+
+Run it through ``benchmarks/gpu_session.sh`` (which installs the carried wheels first); that file's
+header gives the exact device-tool calls. Every step is a job with a time limit; jobs run in
+priority order, two at a time where they share the GPU well (the CUDA tests run beside training;
+the timing benchmarks B1 and B3 run alone). A job stopped by its limit or by the call's deadline
+keeps what it finished (the training checkpoint after each epoch; the evaluation journal after
+each attacked batch), and the same command resumes it: the second device call continues the first.
+
+Planned device time on one H100 (estimates before any GPU run: the script measures and adapts;
+15 minutes in all, start-ups included):
+
+==============================  =========  ==========================================================
+step                            budget     what
+==============================  =========  ==========================================================
+call 1: machine start            ~90 s     (the tool's; counts against the 15 minutes)
+setup                            ~20 s     install the wheels; decode the CIFAR-10 JPEG archive once
+probe                            ~15 s     seconds per PGD-AT step; picks attack steps and epochs
+train                            270 s     cifar-resnet9-w64, PGD-AT, bf16 autocast, channels-last,
+                                           uint8 images augmented on the GPU; <= 40 epochs that fit
+  beside it: tests_cuda          <= 240 s  operator, placement, statistics, fused-kernel tests on CUDA
+calibrate                        <= 60 s   exact statistics over all 50,000 training images
+clean / PGD-20 on 10,000         <= 90 s   the targets: clean >= 80%, PGD-20 (step 2/255) >= 45%
+sweep (N = 1,000, 14 alphas)     <= 150 s  PGD-20 per alpha; ``best_alpha`` picks the card's alpha
+AutoAttack base / MeanSparse     <= 240 s  each, N = 1,000 (two lanes side by side)
+APGD-CE x3 (base, exact, BPDA)   <= 90 s   each, N = 1,000, 100 steps
+Square x2 (base, MeanSparse)     <= 120 s  each, N = 1,000, 1,000 queries
+PGD-20 on 10,000 at the alpha    <= 90 s
+B3, B1 (--device cuda)           <= 120 s  each, alone on the GPU
+call 1 ends                       570 s    of command time (timeout_s 590): results packed to $OUT
+call 2: machine start            ~90 s     only if call 1 reports unfinished jobs; same command,
+call 2: the rest                 <= 150 s  resumes where call 1 stopped
+==============================  =========  ==========================================================
+
+Evaluation rows run with the project's CLI (``python -m meansparse_core evaluate|sweep ...
+--device cuda``) in float32 with PyTorch's defaults (cuDNN may use TF32 for convolutions; the
+results file records the setting). ``--tiny`` runs everything on the CPU at toy scale (a few
+batches, N = 20) into another state folder: the rehearsal before any device call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "cifar-resnet9-w64"
+KEY = f"bundled/{MODEL}"
+LABEL = "cifar-resnet9-w64 (CIFAR-10, Linf PGD-AT eps 8/255, GPU)"
+ALPHAS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6,0.7,0.8,1,1.5"
+DEVICE_TESTS = ["tests/test_operator.py", "tests/test_placement.py", "tests/test_statistics.py"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What differs between the GPU session and its CPU rehearsal."""
+
+    device: str
+    train_n: int | None  # training images (None: all 50,000)
+    train_seconds: float
+    max_epochs: int
+    batch_size: int
+    card_n: int  # N for AutoAttack, APGD, Square and the sweep
+    full_n: int | None  # N for the clean and PGD-20 rows (None: all 10,000)
+    calibrate_n: int | None
+    eval_batch: int
+    deadline: float  # seconds of this call
+
+    @property
+    def tiny(self) -> bool:
+        return self.device == "cpu"
+
+
+GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570)
+TINY = Scale("cpu", 256, 60, 1, 64, 20, 20, 200, 20, 1800)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def cifar_batches_from_archive(archive: Path, dest: Path) -> Path:
+    """The CIFAR-10 JPEG archive (``cifar10-jpeg/{train,test}/<class>/<image>``) as python batches in ``dest``.
+
+    Same pixels, labels and order as ``FolderDataset`` reading the extracted tree (classes and
+    files sorted by name), so ``--n N --seed S`` draws the same images; but every later load
+    is one unpickling instead of 60,000 JPEG decodes, and nothing is extracted to disk.
+    """
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    from meansparse_core.data import FolderDataset, fit_image
+
+    if (dest / "batches.meta").exists():
+        return dest
+    files: dict[str, dict[str, dict[str, bytes]]] = {"train": {}, "test": {}}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) >= 3 and parts[-3] in files and \
+                    Path(member.name).suffix.lower() in FolderDataset.EXTENSIONS:
+                files[parts[-3]].setdefault(parts[-2], {})[parts[-1]] = tar.extractfile(member).read()
+
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            return fit_image(image, (3, 32, 32)).mul(255).round().byte().numpy().reshape(-1)
+
+    classes = sorted(files["train"])
+    dest.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for split, names in (("train", ["data_batch_1"]), ("test", ["test_batch"])):
+            items = [(files[split][c][name], label) for label, c in enumerate(classes) for name in sorted(files[split][c])]
+            images = np.stack(list(pool.map(decode, [data for data, _ in items], chunksize=256)))
+            batch = {b"data": images, b"labels": [label for _, label in items]}
+            (dest / names[0]).write_bytes(pickle.dumps(batch))
+    (dest / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in classes]}))
+    return dest
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One step: a command (argv, or a function of the results so far), its time limit and what it needs."""
+
+    name: str
+    argv: list[str] | Callable[[dict], list[str]]
+    limit: float
+    needs: tuple[str, ...] = ()
+    alone: bool = False  # timing benchmarks: nothing else on the GPU meanwhile
+    assets: bool = False  # reads the new bundle (MEANSPARSE_ASSETS points at the session's assets)
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    started: float = 0.0
+
+
+class Session:
+    """The state folder, the results so far, and the scheduler."""
+
+    def __init__(self, state: Path, scale: Scale) -> None:
+        self.state, self.scale = state, scale
+        self.start = time.perf_counter()
+        for folder in ("logs", "assets", "run", "work"):
+            (state / folder).mkdir(parents=True, exist_ok=True)
+        self.results_path = state / "results.json"
+        self.results: dict = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+
+    def left(self) -> float:
+        return self.scale.deadline - (time.perf_counter() - self.start)
+
+    def save(self) -> None:
+        self.results_path.write_text(json.dumps(self.results, indent=2) + "\n")
+
+    def done(self, name: str) -> bool:
+        return self.results.get(name, {}).get("status") == "done"
+
+    def run(self, jobs: list[Job], lanes: int = 2) -> None:
+        """Start jobs in list order once what they need is done, ``lanes`` at a time, until all end or time runs out.
+
+        A job whose needs failed or were stopped is left for the next call; an ``alone`` job waits
+        for the GPU to be free and holds back the jobs after it.
+        """
+        waiting = [j for j in jobs if not self.done(j.name)]
+        running: list[Job] = []
+        while waiting or running:
+            for job in list(running):
+                over = time.perf_counter() - job.started > job.limit or self.left() < 5
+                if job.process.poll() is not None or over:
+                    running.remove(job)
+                    self._finish(job, stop=over and job.process.poll() is None)
+            pending = {j.name for j in waiting + running}
+            for job in list(waiting):
+                unmet = [n for n in job.needs if not self.done(n)]
+                if any(n not in pending for n in unmet):
+                    waiting.remove(job)
+                    continue
+                if unmet:
+                    continue
+                if len(running) >= lanes or (running and (job.alone or any(r.alone for r in running))):
+                    break
+                if self.left() < 30:
+                    waiting.clear()
+                    break
+                waiting.remove(job)
+                self._launch(job)
+                running.append(job)
+            time.sleep(0.2 if self.scale.tiny else 1.0)
+
+    def _launch(self, job: Job) -> None:
+        argv = job.argv(self.results) if callable(job.argv) else job.argv
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PYTHONUNBUFFERED="1")
+        if job.assets:
+            env["MEANSPARSE_ASSETS"] = str(self.state / "assets")
+        logs = self.state / "logs"
+        with open(logs / f"{job.name}.log", "ab") as log:
+            log.write(f"\n$ {' '.join(argv)}\n".encode())
+        job.started = time.perf_counter()
+        # stdout to a file, not a pipe: a long pytest report would fill a pipe and stall the job
+        job.process = subprocess.Popen(argv, cwd=self.state / "work", env=env, stdout=open(logs / f"{job.name}.out", "wb"),
+                                       stderr=open(logs / f"{job.name}.log", "ab"))
+        self.results[job.name] = {"status": "running", "command": _shown(argv, self.state),
+                                  "calls": self.results.get(job.name, {}).get("calls", 0) + 1,
+                                  "started_at_s": round(time.perf_counter() - self.start, 1)}
+        print(f"[{time.perf_counter() - self.start:6.0f}s] start {job.name}", flush=True)
+
+    def _finish(self, job: Job, stop: bool) -> None:
+        if stop:  # what it finished is on disk (checkpoint, journal); the next call resumes it
+            job.process.terminate()
+            job.process.wait(30)
+        out = (self.state / "logs" / f"{job.name}.out").read_text(errors="replace")
+        record = self.results[job.name]
+        record["wall_s"] = round(time.perf_counter() - job.started, 1)
+        record["ended_at_s"] = round(time.perf_counter() - self.start, 1)
+        returncode = job.process.returncode
+        record["status"] = "stopped" if stop else "done" if returncode == 0 else f"failed ({returncode})"
+        try:
+            record["output"] = json.loads(out)
+        except ValueError:
+            record["output"] = out[-4000:]
+        self.save()
+        print(f"[{time.perf_counter() - self.start:6.0f}s] {record['status']:>10} {job.name} ({record['wall_s']} s)",
+              flush=True)
+
+
+def _shown(argv: list[str], state: Path) -> str:
+    """The command as the card cites it: ``python -m ...`` with the session's folders named, not spelt out."""
+    text = " ".join(["python" if a == sys.executable else a for a in argv])
+    return text.replace(str(state / "data"), "<cifar10-batches>").replace(str(state / "assets"), "assets")
+
+
+# --- the session's jobs ------------------------------------------------------------------------
+
+
+def plan_training(session: Session, data_dir: Path) -> list[str]:
+    """The training command, its attack steps and epochs fixed once (by a measured step) and stored for resuming."""
+    plan_path = session.state / "run" / "plan.json"
+    if not plan_path.exists():
+        from meansparse_core.training import seconds_per_step
+
+        scale = session.scale
+        images = scale.train_n or 50_000
+        steps_per_epoch = -(-images // scale.batch_size)
+        args = argparse.Namespace(arch=MODEL, data="cifar10", eps=8.0, step_size=None, batch_size=scale.batch_size,
+                                  lr=0.2, seed=0, device=scale.device, amp=True, attack_steps=5)
+        measured = {}
+        for steps in (5, 3, 2):  # the most attack steps that leave at least 20 epochs (all epochs in tiny)
+            args.attack_steps = steps
+            measured[steps] = seconds_per_step(args, steps=2 if scale.tiny else 10)
+            epochs = int(scale.train_seconds / (1.05 * measured[steps] * steps_per_epoch))
+            if epochs >= min(20, scale.max_epochs):
+                break
+        plan = {"attack_steps": steps, "epochs": max(1, min(scale.max_epochs, epochs)),
+                "seconds_per_step": measured, "steps_per_epoch": steps_per_epoch}
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    plan = json.loads(plan_path.read_text())
+    session.results["plan"] = plan
+    session.save()
+    argv = [sys.executable, "-m", "meansparse_core.training", "--arch", MODEL, "--data", "cifar10",
+            "--data-dir", str(data_dir), "--eps", "8", "--attack-steps", str(plan["attack_steps"]),
+            "--epochs", str(plan["epochs"]), "--batch-size", str(session.scale.batch_size), "--lr", "0.2",
+            "--seed", "0", "--amp", "--device", session.scale.device, "--run-dir", str(session.state / "run"),
+            "--out", str(session.state / "assets" / MODEL), "--label", LABEL,
+            "--time-limit", str(session.scale.train_seconds * 1.3)]
+    return argv + (["--train-n", str(session.scale.train_n)] if session.scale.train_n else [])
+
+
+def chosen_alpha(results: dict) -> float:
+    """The sweep's alpha by the project's rule (``workbench.best_alpha``)."""
+    from meansparse_core.workbench import best_alpha
+
+    rows = [{"alpha": r["alpha"], "clean": r["clean_acc"], "robust": r["robust_acc"]} for r in results["sweep"]["output"]]
+    return best_alpha(rows)
+
+
+def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
+    s = session.scale
+    cli = [sys.executable, "-m", "meansparse_core"]
+    common = ["--model", KEY, "--data-dir", str(data_dir), "--eps", "8", "--device", s.device, "--json",
+              "--batch-size", str(s.eval_batch)]
+    full = ["--n", str(s.full_n)] if s.full_n else []
+    card = ["--n", str(s.card_n)]
+    pgd20 = ["--attack", "pgd", "--steps", "20", "--step", "2"]
+
+    def at_alpha(*rest: str) -> Callable[[dict], list[str]]:
+        return lambda results: [*cli, "evaluate", *common, *rest, "--alpha", f"{chosen_alpha(results):g}"]
+
+    def evaluate(name: str, *rest: str, alpha: float = 0.0, limit: float = 90) -> Job:
+        return Job(name, [*cli, "evaluate", *common, *rest, "--alpha", f"{alpha:g}"], limit, ("calibrate",), assets=True)
+
+    benchmark = [sys.executable]
+    return [
+        Job("train", train_argv, s.train_seconds * 1.4),
+        Job("tests_cuda", [sys.executable, "-m", "pytest", *DEVICE_TESTS, "-q", "-p", "no:cacheprovider",
+                           "--device", s.device, "--junitxml", str(session.state / "logs" / "tests_cuda.xml")], 240),
+        Job("calibrate", [*cli, "calibrate", "--model", KEY, "--data-dir", str(data_dir), "--device", s.device,
+                          "--json", "--batch-size", "1000", "--out",
+                          str(session.state / "assets" / f"{MODEL}.stats.pt")]
+            + (["--n", str(s.calibrate_n)] if s.calibrate_n else []), 60, ("train",), assets=True),
+        evaluate("clean_full", *full, "--attack", "fgsm", "--eps", "0"),
+        evaluate("pgd20_full", *full, *pgd20),
+        Job("sweep", [*cli, "sweep", *common, *card, *pgd20, "--alphas", ALPHAS], 150, ("calibrate",), assets=True),
+        evaluate("clean_500", "--n", "500" if not s.tiny else str(s.card_n), "--attack", "fgsm", "--eps", "0", limit=30),
+        evaluate("autoattack_base", *card, "--attack", "autoattack", limit=240),
+        Job("autoattack_sparse", at_alpha(*card, "--attack", "autoattack"), 240, ("sweep",), assets=True),
+        Job("apgd_bpda", at_alpha(*card, "--attack", "apgd-ce", "--steps", "100", "--grad", "straight-through"), 90,
+            ("sweep",), assets=True),
+        Job("apgd_sparse", at_alpha(*card, "--attack", "apgd-ce", "--steps", "100"), 90, ("sweep",), assets=True),
+        evaluate("apgd_base", *card, "--attack", "apgd-ce", "--steps", "100"),
+        evaluate("square_base", *card, "--attack", "square", "--steps", "1000", limit=120),
+        Job("square_sparse", at_alpha(*card, "--attack", "square", "--steps", "1000"), 120, ("sweep",), assets=True),
+        Job("pgd20_full_sparse", at_alpha(*full, *pgd20), 90, ("sweep",), assets=True),
+        Job("b3", [*benchmark, str(ROOT / "benchmarks" / "b3_attacks.py"), "--device", s.device]
+            + (["--n", "8", "--rounds", "1"] if s.tiny else []), 120, alone=True),
+        Job("b1", [*benchmark, str(ROOT / "benchmarks" / "b1_operator.py"), "--device", s.device]
+            + (["--batch", "4", "--rounds", "1"] if s.tiny else []), 120, alone=True),
+    ]
+
+
+# --- device facts and packing ----------------------------------------------------------------
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.__version__, "python": sys.version.split()[0],
+            "gpu": torch.cuda.get_device_name() if cuda else "none", "cpus": os.cpu_count(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def pack(session: Session, out: Path) -> None:
+    """What comes back from the device (at most 8 files): the bundle, and everything else in one archive."""
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = [session.state / "assets" / f"{MODEL}{suffix}" for suffix in (".pt", ".json", ".stats.pt")]
+    with tarfile.open(out / "bundle.tar", "w") as tar:
+        for path in bundle:
+            if path.exists():
+                tar.add(path, arcname=path.name)
+    with tarfile.open(out / "session.tar.gz", "w:gz") as tar:
+        for name in ("results.json", "logs", "run/plan.json", "work/.cache/results", "results"):
+            if (session.state / name).exists():
+                tar.add(session.state / name, arcname=name)
+        for result in (ROOT / "benchmarks" / "results").glob("b[13]_*.json"):
+            tar.add(result, arcname=f"benchmarks/{result.name}")
+
+
+def restore(session: Session, returned: Path) -> None:
+    """On a fresh machine, start from what an earlier call sent back (files copied into ``returned``)."""
+    if (session.state / "results.json").exists() or not (returned / "session.tar.gz").exists():
+        return
+    with tarfile.open(returned / "bundle.tar") as tar:
+        tar.extractall(session.state / "assets", filter="data")
+    with tarfile.open(returned / "session.tar.gz") as tar:
+        tar.extractall(session.state, filter="data")
+    session.results = json.loads(session.results_path.read_text())
+    print(f"restored from {returned}: done {[k for k in session.results if session.done(k)]}", flush=True)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def write_device_blocker(site: Path, wheels: Path) -> list[str]:
+    """A ``sitecustomize`` in ``site`` that refuses every module the GPU machine would lack.
+
+    Allowed: the packages in ``gpu_device_packages.txt``, the carried wheels and this project;
+    every other distribution installed here has its top-level modules refused, so the CPU
+    rehearsal fails where the device run would.
+    """
+    from importlib.metadata import distributions
+
+    listed = (ROOT / "benchmarks" / "gpu_device_packages.txt").read_text().splitlines()
+    allowed = {_normal(n) for n in listed if n and not n.startswith("#")} | {"meansparse-explorer"}
+    allowed |= {_normal(w.name.split("-")[0]) for w in wheels.glob("*.whl")}
+    provided: dict[str, set[str]] = {}
+    for dist in distributions():
+        tops = (dist.read_text("top_level.txt") or "").split()
+        tops += [f.parts[0].removesuffix(".py") for f in dist.files or []
+                 if len(f.parts) > 0 and f.parts[0] != ".." and not f.parts[0].endswith((".dist-info", ".pth", ".data"))]
+        provided.setdefault(_normal(dist.metadata["Name"] or ""), set()).update(t for t in tops if t.isidentifier())
+    usable = set().union(*(tops for name, tops in provided.items() if name in allowed))
+    blocked = sorted(set().union(*(tops for name, tops in provided.items() if name not in allowed)) - usable)
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(f'''"""Written by benchmarks/gpu_session.py: modules the GPU machine lacks cannot be imported here either."""
+import sys
+
+BLOCKED = {set(blocked)!r}
+
+
+class NotOnTheDevice:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} on the GPU machine (carry it as a wheel)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotOnTheDevice())
+''')
+    return blocked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, required=True, help="cifar10-jpeg.tar.gz")
+    parser.add_argument("--state", type=Path, required=True, help="working folder, kept between calls")
+    parser.add_argument("--out", type=Path, required=True, help="where the files that come back go")
+    parser.add_argument("--returned", type=Path, help="files an earlier call sent back, for a fresh machine")
+    parser.add_argument("--deadline", type=float, help="seconds this call may take (default: the scale's)")
+    parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy scale")
+    parser.add_argument("--write-blocker", type=Path, metavar="SITE",
+                        help="only write SITE/sitecustomize.py, which refuses modules the device lacks, and stop")
+    args = parser.parse_args(argv)
+    if args.write_blocker:
+        blocked = write_device_blocker(args.write_blocker, args.archive.parent / "wheels")
+        print(f"{len(blocked)} top-level modules refused, e.g. {', '.join(b for b in blocked if not b.startswith('_'))[:300]}")
+        return 0
+    scale = TINY if args.tiny else GPU
+    if args.deadline:
+        scale = Scale(**{**scale.__dict__, "deadline": args.deadline})
+    session = Session(args.state.resolve(), scale)
+    if args.returned:
+        restore(session, args.returned)
+    session.results["environment"] = environment()
+    data_dir = cifar_batches_from_archive(args.archive, session.state / "data")
+    print(f"[{time.perf_counter() - session.start:6.0f}s] data ready in {data_dir}", flush=True)
+    steps = jobs(session, data_dir, plan_training(session, data_dir) if not session.done("train") else [])
+    try:
+        session.run(steps)
+    finally:
+        pack(session, args.out)
+    unfinished = [job.name for job in steps if not session.done(job.name)]
+    print(json.dumps({"unfinished": unfinished, "seconds": round(time.perf_counter() - session.start)}))
+    return 0 if not unfinished else 4
+
+
+if __name__ == "__main__":
+    sys.exit(main())
