@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +60,8 @@ MODEL = "cifar-resnet9-w64"
 KEY = f"bundled/{MODEL}"
 LABEL = "cifar-resnet9-w64 (CIFAR-10, Linf PGD-AT eps 8/255, GPU)"
 ALPHAS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6,0.7,0.8,1,1.5"
-DEVICE_TESTS = ["tests/test_operator.py", "tests/test_placement.py", "tests/test_statistics.py"]
+DEVICE_TESTS = [str(ROOT / "tests" / name) for name in ("test_operator.py", "test_placement.py", "test_statistics.py",
+                                                        "test_training.py")]
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,15 @@ class Scale:
     calibrate_n: int | None
     eval_batch: int
     deadline: float  # seconds of this call
+    slack: float  # every job's time limit is multiplied by this
 
     @property
     def tiny(self) -> bool:
         return self.device == "cpu"
 
 
-GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570)
-TINY = Scale("cpu", 256, 60, 1, 64, 20, 20, 200, 20, 1800)
+GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570, 1.0)
+TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0)  # a shared 2-core CPU: limits only catch hangs
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -151,8 +153,8 @@ class Job:
 class Session:
     """The state folder, the results so far, and the scheduler."""
 
-    def __init__(self, state: Path, scale: Scale) -> None:
-        self.state, self.scale = state, scale
+    def __init__(self, state: Path, scale: Scale, out: Path | None = None) -> None:
+        self.state, self.scale, self.out = state, scale, out
         self.start = time.perf_counter()
         for folder in ("logs", "assets", "run", "work"):
             (state / folder).mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,7 @@ class Session:
         running: list[Job] = []
         while waiting or running:
             for job in list(running):
-                over = time.perf_counter() - job.started > job.limit or self.left() < 5
+                over = time.perf_counter() - job.started > job.limit * self.scale.slack or self.left() < 5
                 if job.process.poll() is not None or over:
                     running.remove(job)
                     self._finish(job, stop=over and job.process.poll() is None)
@@ -221,7 +223,11 @@ class Session:
     def _finish(self, job: Job, stop: bool) -> None:
         if stop:  # what it finished is on disk (checkpoint, journal); the next call resumes it
             job.process.terminate()
-            job.process.wait(30)
+            try:
+                job.process.wait(15)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+                job.process.wait()
         out = (self.state / "logs" / f"{job.name}.out").read_text(errors="replace")
         record = self.results[job.name]
         record["wall_s"] = round(time.perf_counter() - job.started, 1)
@@ -235,6 +241,8 @@ class Session:
         self.save()
         print(f"[{time.perf_counter() - self.start:6.0f}s] {record['status']:>10} {job.name} ({record['wall_s']} s)",
               flush=True)
+        if self.out is not None:  # after every job, so that a call cut short still brings back what is done
+            pack(self, self.out)
 
 
 def _shown(argv: list[str], state: Path) -> str:
@@ -250,6 +258,8 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
     """The training command, its attack steps and epochs fixed once (by a measured step) and stored for resuming."""
     plan_path = session.state / "run" / "plan.json"
     if not plan_path.exists():
+        import torch
+
         from meansparse_core.training import seconds_per_step
 
         scale = session.scale
@@ -261,6 +271,8 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
         for steps in (5, 3, 2):  # the most attack steps that leave at least 20 epochs (all epochs in tiny)
             args.attack_steps = steps
             measured[steps] = seconds_per_step(args, steps=2 if scale.tiny else 10)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the jobs run in their own processes
             epochs = int(scale.train_seconds / (1.05 * measured[steps] * steps_per_epoch))
             if epochs >= min(20, scale.max_epochs):
                 break
@@ -275,7 +287,7 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
             "--epochs", str(plan["epochs"]), "--batch-size", str(session.scale.batch_size), "--lr", "0.2",
             "--seed", "0", "--amp", "--device", session.scale.device, "--run-dir", str(session.state / "run"),
             "--out", str(session.state / "assets" / MODEL), "--label", LABEL,
-            "--time-limit", str(session.scale.train_seconds * 1.3)]
+            "--time-limit", str(session.scale.train_seconds * 1.3 * session.scale.slack)]
     return argv + (["--train-n", str(session.scale.train_n)] if session.scale.train_n else [])
 
 
@@ -305,7 +317,8 @@ def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
     benchmark = [sys.executable]
     return [
         Job("train", train_argv, s.train_seconds * 1.4),
-        Job("tests_cuda", [sys.executable, "-m", "pytest", *DEVICE_TESTS, "-q", "-p", "no:cacheprovider",
+        Job("tests_cuda", [sys.executable, "-m", "pytest", *DEVICE_TESTS, "-c", str(ROOT / "pyproject.toml"),
+                           "--rootdir", str(ROOT), "-q", "-p", "no:cacheprovider",
                            "--device", s.device, "--junitxml", str(session.state / "logs" / "tests_cuda.xml")], 240),
         Job("calibrate", [*cli, "calibrate", "--model", KEY, "--data-dir", str(data_dir), "--device", s.device,
                           "--json", "--batch-size", "1000", "--out",
@@ -373,6 +386,32 @@ def restore(session: Session, returned: Path) -> None:
     print(f"restored from {returned}: done {[k for k in session.results if session.done(k)]}", flush=True)
 
 
+def card_rows(results: dict) -> str:
+    """A draft of the card's measured rows (markdown) from a session's ``results.json``: every row names its command."""
+    gpu = results.get("environment", {}).get("gpu", "?")
+    lines = ["| model | attack | N | accuracy | command (seconds on " + gpu + ") |", "|---|---|---|---|---|"]
+    for name, record in results.items():
+        output = record.get("output") if isinstance(record, dict) else None
+        if not isinstance(output, dict) or "robust_acc" not in output:
+            continue
+        clean = output["attack"] == "fgsm" and output["eps"] == 0
+        model = "base" if output["alpha"] == 0 else f"MeanSparse, alpha {output['alpha']:g}"
+        attack = "clean" if clean else f"{output['attack']}, {output['steps']} steps, {output['grad']} gradients"
+        accuracy = output["clean_acc"] if clean else output["robust_acc"]
+        lines.append(f"| {model} | {attack} | {output['n']:,} | {accuracy:.2%} | `{record['command']}` "
+                     f"({output['seconds']:.0f} s) |")
+    sweep = results.get("sweep", {}).get("output")
+    if isinstance(sweep, list):
+        lines += ["", f"Sweep (`{results['sweep']['command']}`); chosen alpha {chosen_alpha(results):g}:", "",
+                  "| alpha | clean | PGD-20 |", "|---|---|---|"]
+        lines += [f"| {r['alpha']:g} | {r['clean_acc']:.2%} | {r['robust_acc']:.2%} |" for r in sweep]
+    for name in ("tests_cuda", "b3", "b1"):
+        if isinstance(results.get(name, {}).get("output"), str):
+            lines += ["", f"{name} ({results[name]['status']}): `{results[name]['command']}`", "",
+                      "    " + results[name]["output"].strip().replace("\n", "\n    ")[-1500:]]
+    return "\n".join(lines)
+
+
 def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -418,23 +457,29 @@ sys.meta_path.insert(0, NotOnTheDevice())
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, required=True, help="cifar10-jpeg.tar.gz")
-    parser.add_argument("--state", type=Path, required=True, help="working folder, kept between calls")
-    parser.add_argument("--out", type=Path, required=True, help="where the files that come back go")
+    parser.add_argument("--archive", type=Path, help="cifar10-jpeg.tar.gz")
+    parser.add_argument("--state", type=Path, help="working folder, kept between calls")
+    parser.add_argument("--out", type=Path, help="where the files that come back go")
     parser.add_argument("--returned", type=Path, help="files an earlier call sent back, for a fresh machine")
     parser.add_argument("--deadline", type=float, help="seconds this call may take (default: the scale's)")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy scale")
+    parser.add_argument("--card", type=Path, metavar="RESULTS", help="only print the card's rows from a results.json")
     parser.add_argument("--write-blocker", type=Path, metavar="SITE",
                         help="only write SITE/sitecustomize.py, which refuses modules the device lacks, and stop")
     args = parser.parse_args(argv)
+    if args.card:
+        print(card_rows(json.loads(args.card.read_text())))
+        return 0
     if args.write_blocker:
-        blocked = write_device_blocker(args.write_blocker, args.archive.parent / "wheels")
+        blocked = write_device_blocker(args.write_blocker, ROOT / "carry" / "wheels")
         print(f"{len(blocked)} top-level modules refused, e.g. {', '.join(b for b in blocked if not b.startswith('_'))[:300]}")
         return 0
+    if not (args.archive and args.state and args.out):
+        parser.error("a session needs --archive, --state and --out")
     scale = TINY if args.tiny else GPU
     if args.deadline:
-        scale = Scale(**{**scale.__dict__, "deadline": args.deadline})
-    session = Session(args.state.resolve(), scale)
+        scale = replace(scale, deadline=args.deadline)
+    session = Session(args.state.resolve(), scale, args.out)
     if args.returned:
         restore(session, args.returned)
     session.results["environment"] = environment()

@@ -19,7 +19,10 @@
 #    If the machine went cold in between, first copy call 1's bundle.tar and session.tar.gz
 #    (from files_at) into carry/returned/: the fresh machine starts from them (a training run
 #    stopped mid-way restarts, since its checkpoint is too big to come back).
-# 4. Here: unpack bundle.tar into assets/, write assets/cifar-resnet9-w64.md from results.json.
+# 4. Here: unpack bundle.tar into assets/ and session.tar.gz anywhere; draft the card's rows with
+#      python benchmarks/gpu_session.py --card <unpacked>/results.json
+#    then write assets/cifar-resnet9-w64.md, measure its CPU speed (benchmarks/b5_interactivity.py),
+#    and add its clean-accuracy check on the 500-image subset to tests/test_bundled_models.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(robustbench==1.1.1 pyautoattack==0.2.0 geotorch==0.4.0 gdown==5.1.0 beautifulsoup4==4.15.0 soupsieve==4.1.3)
@@ -51,8 +54,7 @@ tiny)
     work="${TMPDIR:-/tmp}/gpu-session-tiny"
     rm -rf "$work/site" && mkdir -p "$work"
     python -m pip install -q --no-index --no-deps --no-compile --target "$work/site" carry/wheels/*.whl
-    python benchmarks/gpu_session.py --archive carry/cifar10-jpeg.tar.gz --state "$work/state" --out "$work/out" \
-        --write-blocker "$work/site"
+    python benchmarks/gpu_session.py --write-blocker "$work/site"
     PYTHONPATH="$work/site" python benchmarks/gpu_session.py --tiny --archive carry/cifar10-jpeg.tar.gz \
         --state "$work/state" --out "$work/out"
     ;;

@@ -65,12 +65,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> tor
     return crops
 
 
-def _new_run(args: argparse.Namespace, steps_per_epoch: int, device: torch.device):
+def _new_run(args: argparse.Namespace, total_steps: int, device: torch.device):
     torch.manual_seed(args.seed)
     # channels-last convolutions run about 1.4x faster on CPU (oneDNN) and use the tensor cores' layout on GPUs
     model = build_architecture(args.arch).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=total_steps)
     return model, optimizer, schedule
 
 
@@ -100,7 +100,7 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespac
 def seconds_per_step(args: argparse.Namespace, steps: int = 10) -> float:
     """Seconds one training step takes with ``args`` (after two warm-up steps), on random images."""
     device = torch.device(args.device)
-    model, optimizer, _ = _new_run(args, 1, device)
+    model, optimizer, _ = _new_run(args, steps + 2, device)
     generator = torch.Generator().manual_seed(args.seed)
     size = DATASETS[args.data].image_size
     images = torch.randint(0, 256, (args.batch_size, *size), generator=generator, dtype=torch.uint8).to(device)
@@ -128,7 +128,7 @@ def train(args: argparse.Namespace) -> nn.Module | None:
     images, labels = training_images(load_dataset(args.data, "train", args.data_dir), args.train_n, args.seed)
     images, labels = images.to(device), labels.to(device)
     steps_per_epoch = -(-len(labels) // args.batch_size)
-    model, optimizer, schedule = _new_run(args, steps_per_epoch, device)
+    model, optimizer, schedule = _new_run(args, args.epochs * steps_per_epoch, device)
     generator = torch.Generator().manual_seed(args.seed)
     checkpoint = Path(args.run_dir) / "checkpoint.pt"
     first_epoch = 0

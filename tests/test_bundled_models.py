@@ -47,3 +47,16 @@ def test_cifar10_demo_model_is_as_accurate_as_its_card(shared_cifar10):
     assert abs(accuracy - CIFAR_CLEAN_500) <= 0.02, f"clean accuracy {accuracy:.3f}; the card says {CIFAR_CLEAN_500}"
     manifest = json.loads(Path(ASSETS / "cifar-resnet9.json").read_text())
     assert manifest["training"]["eps"] == 8.0 and manifest["dataset"] == "cifar10"
+
+
+def test_the_gpu_trained_cifar_model_is_preferred_once_its_files_are_in_assets(tmp_path, monkeypatch):
+    from meansparse_core import models
+
+    monkeypatch.setattr(models, "ASSETS", tmp_path)
+    for name in ("digits-cnn", "cifar-resnet9"):
+        (tmp_path / f"{name}.json").write_text((ASSETS / f"{name}.json").read_text())
+    assert models.preferred_bundled("cifar10").name == "cifar-resnet9", "the CPU model while the GPU one is absent"
+    manifest = json.loads((ASSETS / "cifar-resnet9.json").read_text())
+    (tmp_path / "cifar-resnet9-w64.json").write_text(json.dumps({**manifest, "architecture": "cifar-resnet9-w64"}))
+    assert models.preferred_bundled("cifar10").name == "cifar-resnet9-w64"
+    assert models.preferred_bundled("digits").name == "digits-cnn" and models.preferred_bundled("imagenet") is None

@@ -1,0 +1,91 @@
+"""The GPU session script's CPU-testable parts: the data it makes, its scheduler, its device emulation."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from meansparse_core.data import FolderDataset, load_dataset, load_items
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "benchmarks" / "gpu_session.py")
+gpu_session = sys.modules["gpu_session"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_session)
+
+
+def jpeg_archive(path: Path) -> Path:
+    """A CIFAR-shaped archive: cifar10-jpeg/{train,test}/<class>/<image>.jpg, listed out of order."""
+    generator = torch.Generator().manual_seed(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, count in (("test", 2), ("train", 3)):
+            for label in ("frog", "cat"):
+                for i in reversed(range(count)):
+                    pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8).numpy()
+                    data = io.BytesIO()
+                    Image.fromarray(pixels).save(data, "JPEG")
+                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/{label}/{i:04d}.jpg")
+                    info.size = len(data.getvalue())
+                    tar.addfile(info, io.BytesIO(data.getvalue()))
+    return path
+
+
+def test_archive_becomes_batches_with_the_folder_datasets_pixels_labels_and_order(tmp_path):
+    archive = jpeg_archive(tmp_path / "cifar.tar.gz")
+    batches = gpu_session.cifar_batches_from_archive(archive, tmp_path / "batches")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "tree", filter="data")
+    for split in ("train", "test"):
+        ours = load_dataset("cifar10", split, batches)
+        folder = FolderDataset(tmp_path / "tree" / "cifar10-jpeg" / split, (3, 32, 32))
+        assert ours.classes == folder.classes == ["cat", "frog"]
+        for got, expected in zip(load_items(ours, range(len(ours))), load_items(folder, range(len(folder)))):
+            assert torch.equal(got, expected)
+
+
+def python_job(name, code, limit=60.0, **options):
+    return gpu_session.Job(name, [sys.executable, "-c", code], limit, **options)
+
+
+def test_jobs_run_in_order_stop_at_their_limit_and_resume_in_the_next_call(tmp_path):
+    scale = replace(gpu_session.TINY, slack=1.0)
+    session = gpu_session.Session(tmp_path, scale)
+    jobs = [
+        python_job("first", "print('{\"ok\": 1}')"),
+        python_job("slow", "import time; time.sleep(60)", limit=1),
+        python_job("after_slow", "print(1)", needs=("slow",)),
+        python_job("after_first", "print(2)", needs=("first",)),
+    ]
+    session.run(jobs)
+    status = {name: session.results[name]["status"] for name in ("first", "slow", "after_first")}
+    assert status == {"first": "done", "slow": "stopped", "after_first": "done"}
+    assert session.results["first"]["output"] == {"ok": 1}
+    assert "after_slow" not in session.results, "what needs a stopped job waits for the next call"
+    jobs[1] = python_job("slow", "print(3)")
+    again = gpu_session.Session(tmp_path, scale)
+    again.run(jobs)
+    assert again.results["first"]["calls"] == 1, "a finished job is not run again"
+    assert again.results["slow"]["status"] == again.results["after_slow"]["status"] == "done"
+
+
+def test_the_rehearsal_refuses_what_the_device_lacks(tmp_path):
+    blocked = gpu_session.write_device_blocker(tmp_path, ROOT / "carry" / "wheels")
+    assert "streamlit" in blocked and "tqdm" not in blocked and "meansparse_core" not in blocked
+    probe = "import importlib, sys\nfor m in sys.argv[1:]:\n    try: importlib.import_module(m); print(m, 'ok')\n" \
+            "    except ImportError: print(m, 'refused')"
+    shown = subprocess.run([sys.executable, "-c", probe, "streamlit", "tqdm", "numpy"], capture_output=True, text=True,
+                           env={"PYTHONPATH": str(tmp_path), "PATH": ""}, check=True).stdout
+    assert shown.split("\n")[:3] == ["streamlit refused", "tqdm ok", "numpy ok"]
+
+
+@pytest.mark.parametrize("name", ["train", "calibrate", "autoattack_sparse", "b1"])
+def test_every_planned_job_is_there_once(tmp_path, name):
+    session = gpu_session.Session(tmp_path, gpu_session.GPU)
+    names = [job.name for job in gpu_session.jobs(session, tmp_path, ["train"])]
+    assert names.count(name) == 1 and len(names) == len(set(names))
