@@ -79,6 +79,7 @@ class Scale:
     eval_batch: int
     deadline: float  # seconds of this call
     slack: float  # every job's time limit is multiplied by this
+    alphas: str = ALPHAS  # the sweep's
 
     @property
     def tiny(self) -> bool:
@@ -86,7 +87,7 @@ class Scale:
 
 
 GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570, 1.0)
-TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0)  # a shared 2-core CPU: limits only catch hangs
+TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0, "0,0.5")  # a shared 2-core CPU: limits only catch hangs
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class Job:
     needs: tuple[str, ...] = ()
     alone: bool = False  # timing benchmarks: nothing else on the GPU meanwhile
     assets: bool = False  # reads the new bundle (MEANSPARSE_ASSETS points at the session's assets)
+    results_codes: tuple[int, ...] = (0,)  # exit statuses that are a result (pytest's 1: some tests failed)
     process: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
 
@@ -213,8 +215,8 @@ class Session:
             log.write(f"\n$ {' '.join(argv)}\n".encode())
         job.started = time.perf_counter()
         # stdout to a file, not a pipe: a long pytest report would fill a pipe and stall the job
-        job.process = subprocess.Popen(argv, cwd=self.state / "work", env=env, stdout=open(logs / f"{job.name}.out", "wb"),
-                                       stderr=open(logs / f"{job.name}.log", "ab"))
+        with open(logs / f"{job.name}.out", "wb") as out, open(logs / f"{job.name}.log", "ab") as log:
+            job.process = subprocess.Popen(argv, cwd=self.state / "work", env=env, stdout=out, stderr=log)
         self.results[job.name] = {"status": "running", "command": _shown(argv, self.state),
                                   "calls": self.results.get(job.name, {}).get("calls", 0) + 1,
                                   "started_at_s": round(time.perf_counter() - self.start, 1)}
@@ -233,7 +235,8 @@ class Session:
         record["wall_s"] = round(time.perf_counter() - job.started, 1)
         record["ended_at_s"] = round(time.perf_counter() - self.start, 1)
         returncode = job.process.returncode
-        record["status"] = "stopped" if stop else "done" if returncode == 0 else f"failed ({returncode})"
+        record["exit_status"] = returncode
+        record["status"] = "stopped" if stop else "done" if returncode in job.results_codes else "failed"
         try:
             record["output"] = json.loads(out)
         except ValueError:
@@ -248,7 +251,8 @@ class Session:
 def _shown(argv: list[str], state: Path) -> str:
     """The command as the card cites it: ``python -m ...`` with the session's folders named, not spelt out."""
     text = " ".join(["python" if a == sys.executable else a for a in argv])
-    return text.replace(str(state / "data"), "<cifar10-batches>").replace(str(state / "assets"), "assets")
+    return (text.replace(str(state / "data"), "<cifar10-batches>").replace(str(state / "assets"), "assets")
+            .replace(str(state), "<state>").replace(str(ROOT) + "/", ""))
 
 
 # --- the session's jobs ------------------------------------------------------------------------
@@ -302,31 +306,33 @@ def chosen_alpha(results: dict) -> float:
 def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
     s = session.scale
     cli = [sys.executable, "-m", "meansparse_core"]
-    common = ["--model", KEY, "--data-dir", str(data_dir), "--eps", "8", "--device", s.device, "--json",
-              "--batch-size", str(s.eval_batch)]
+    common = ["--model", KEY, "--data-dir", str(data_dir), "--device", s.device, "--json", "--batch-size",
+              str(s.eval_batch)]
     full = ["--n", str(s.full_n)] if s.full_n else []
     card = ["--n", str(s.card_n)]
     pgd20 = ["--attack", "pgd", "--steps", "20", "--step", "2"]
 
     def at_alpha(*rest: str) -> Callable[[dict], list[str]]:
-        return lambda results: [*cli, "evaluate", *common, *rest, "--alpha", f"{chosen_alpha(results):g}"]
+        return lambda results: [*cli, "evaluate", *common, "--eps", "8", *rest, "--alpha", f"{chosen_alpha(results):g}"]
 
-    def evaluate(name: str, *rest: str, alpha: float = 0.0, limit: float = 90) -> Job:
-        return Job(name, [*cli, "evaluate", *common, *rest, "--alpha", f"{alpha:g}"], limit, ("calibrate",), assets=True)
+    def evaluate(name: str, *rest: str, limit: float = 90) -> Job:
+        eps = [] if "--eps" in rest else ["--eps", "8"]
+        return Job(name, [*cli, "evaluate", *common, *eps, *rest, "--alpha", "0"], limit, ("calibrate",), assets=True)
 
     benchmark = [sys.executable]
     return [
         Job("train", train_argv, s.train_seconds * 1.4),
         Job("tests_cuda", [sys.executable, "-m", "pytest", *DEVICE_TESTS, "-c", str(ROOT / "pyproject.toml"),
                            "--rootdir", str(ROOT), "-q", "-p", "no:cacheprovider",
-                           "--device", s.device, "--junitxml", str(session.state / "logs" / "tests_cuda.xml")], 240),
+                           "--device", s.device, "--junitxml", str(session.state / "logs" / "tests_cuda.xml")], 240,
+            results_codes=(0, 1)),
         Job("calibrate", [*cli, "calibrate", "--model", KEY, "--data-dir", str(data_dir), "--device", s.device,
                           "--json", "--batch-size", "1000", "--out",
                           str(session.state / "assets" / f"{MODEL}.stats.pt")]
             + (["--n", str(s.calibrate_n)] if s.calibrate_n else []), 60, ("train",), assets=True),
         evaluate("clean_full", *full, "--attack", "fgsm", "--eps", "0"),
         evaluate("pgd20_full", *full, *pgd20),
-        Job("sweep", [*cli, "sweep", *common, *card, *pgd20, "--alphas", ALPHAS], 150, ("calibrate",), assets=True),
+        Job("sweep", [*cli, "sweep", *common, "--eps", "8", *card, *pgd20, "--alphas", s.alphas], 150, ("calibrate",), assets=True),
         evaluate("clean_500", "--n", "500" if not s.tiny else str(s.card_n), "--attack", "fgsm", "--eps", "0", limit=30),
         evaluate("autoattack_base", *card, "--attack", "autoattack", limit=240),
         Job("autoattack_sparse", at_alpha(*card, "--attack", "autoattack"), 240, ("sweep",), assets=True),
@@ -388,7 +394,7 @@ def restore(session: Session, returned: Path) -> None:
 
 def card_rows(results: dict) -> str:
     """A draft of the card's measured rows (markdown) from a session's ``results.json``: every row names its command."""
-    gpu = results.get("environment", {}).get("gpu", "?")
+    gpu = results.get("environment", {}).get("gpu", "none").replace("none", "the CPU")
     lines = ["| model | attack | N | accuracy | command (seconds on " + gpu + ") |", "|---|---|---|---|---|"]
     for name, record in results.items():
         output = record.get("output") if isinstance(record, dict) else None

@@ -89,3 +89,16 @@ def test_every_planned_job_is_there_once(tmp_path, name):
     session = gpu_session.Session(tmp_path, gpu_session.GPU)
     names = [job.name for job in gpu_session.jobs(session, tmp_path, ["train"])]
     assert names.count(name) == 1 and len(names) == len(set(names))
+
+
+def test_what_comes_back_restores_a_fresh_machine(tmp_path):
+    first = gpu_session.Session(tmp_path / "device", gpu_session.GPU)
+    first.results["calibrate"] = {"status": "done", "output": {"taps": 8}}
+    first.save()
+    for suffix in (".pt", ".json", ".stats.pt"):
+        (first.state / "assets" / f"{gpu_session.MODEL}{suffix}").write_text(suffix)
+    gpu_session.pack(first, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bundle.tar", "session.tar.gz"]
+    fresh = gpu_session.Session(tmp_path / "fresh", gpu_session.GPU)
+    gpu_session.restore(fresh, tmp_path / "out")
+    assert fresh.done("calibrate") and (fresh.state / "assets" / f"{gpu_session.MODEL}.stats.pt").read_text() == ".stats.pt"
