@@ -50,7 +50,8 @@ def main() -> None:
         print(f"{name:20} {params / 1e6:5.2f}M parameters, fp16 {2 * params / 1e6:4.1f} MB: PGD-10 on one image "
               f"{results[name]['wall_seconds'] * 1000:5.0f} ms wall, {results[name]['cpu_seconds'] * 1000:5.0f} ms CPU "
               f"({args.threads} threads)")
-    save(f"arch_pgd_cost_{args.threads}threads", {"rounds": args.rounds, "threads": args.threads, "architectures": results})
+    save(f"arch_pgd_cost_{args.threads}threads",
+         {"rounds": args.rounds, "threads": args.threads, "architectures": results})
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class Scale:
     deadline: float  # seconds of this call
     slack: float  # every job's time limit is multiplied by this
     alphas: str = ALPHAS  # the sweep's
+    apgd_steps: int = 100
+    square_queries: int = 1000
 
     @property
     def tiny(self) -> bool:
@@ -87,7 +89,8 @@ class Scale:
 
 
 GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570, 1.0)
-TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0, "0,0.5")  # a shared 2-core CPU: limits only catch hangs
+# On a shared 2-core CPU the limits only catch hangs.
+TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0, "0,0.5", 10, 50)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -126,7 +129,8 @@ def cifar_batches_from_archive(archive: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for split, names in (("train", ["data_batch_1"]), ("test", ["test_batch"])):
-            items = [(files[split][c][name], label) for label, c in enumerate(classes) for name in sorted(files[split][c])]
+            items = [(files[split][c][name], label)
+                     for label, c in enumerate(classes) for name in sorted(files[split][c])]
             images = np.stack(list(pool.map(decode, [data for data, _ in items], chunksize=256)))
             batch = {b"data": images, b"labels": [label for _, label in items]}
             (dest / names[0]).write_bytes(pickle.dumps(batch))
@@ -299,7 +303,8 @@ def chosen_alpha(results: dict) -> float:
     """The sweep's alpha by the project's rule (``workbench.best_alpha``)."""
     from meansparse_core.workbench import best_alpha
 
-    rows = [{"alpha": r["alpha"], "clean": r["clean_acc"], "robust": r["robust_acc"]} for r in results["sweep"]["output"]]
+    rows = [{"alpha": r["alpha"], "clean": r["clean_acc"], "robust": r["robust_acc"]}
+            for r in results["sweep"]["output"]]
     return best_alpha(rows)
 
 
@@ -311,6 +316,8 @@ def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
     full = ["--n", str(s.full_n)] if s.full_n else []
     card = ["--n", str(s.card_n)]
     pgd20 = ["--attack", "pgd", "--steps", "20", "--step", "2"]
+    apgd = ["--attack", "apgd-ce", "--steps", str(s.apgd_steps)]
+    square = ["--attack", "square", "--steps", str(s.square_queries)]
 
     def at_alpha(*rest: str) -> Callable[[dict], list[str]]:
         return lambda results: [*cli, "evaluate", *common, "--eps", "8", *rest, "--alpha", f"{chosen_alpha(results):g}"]
@@ -332,16 +339,16 @@ def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
             + (["--n", str(s.calibrate_n)] if s.calibrate_n else []), 60, ("train",), assets=True),
         evaluate("clean_full", *full, "--attack", "fgsm", "--eps", "0"),
         evaluate("pgd20_full", *full, *pgd20),
-        Job("sweep", [*cli, "sweep", *common, "--eps", "8", *card, *pgd20, "--alphas", s.alphas], 150, ("calibrate",), assets=True),
-        evaluate("clean_500", "--n", "500" if not s.tiny else str(s.card_n), "--attack", "fgsm", "--eps", "0", limit=30),
+        Job("sweep", [*cli, "sweep", *common, "--eps", "8", *card, *pgd20, "--alphas", s.alphas], 150, ("calibrate",),
+            assets=True),
+        evaluate("clean_500", "--n", str(s.card_n) if s.tiny else "500", "--attack", "fgsm", "--eps", "0", limit=30),
         evaluate("autoattack_base", *card, "--attack", "autoattack", limit=240),
         Job("autoattack_sparse", at_alpha(*card, "--attack", "autoattack"), 240, ("sweep",), assets=True),
-        Job("apgd_bpda", at_alpha(*card, "--attack", "apgd-ce", "--steps", "100", "--grad", "straight-through"), 90,
-            ("sweep",), assets=True),
-        Job("apgd_sparse", at_alpha(*card, "--attack", "apgd-ce", "--steps", "100"), 90, ("sweep",), assets=True),
-        evaluate("apgd_base", *card, "--attack", "apgd-ce", "--steps", "100"),
-        evaluate("square_base", *card, "--attack", "square", "--steps", "1000", limit=120),
-        Job("square_sparse", at_alpha(*card, "--attack", "square", "--steps", "1000"), 120, ("sweep",), assets=True),
+        Job("apgd_bpda", at_alpha(*card, *apgd, "--grad", "straight-through"), 90, ("sweep",), assets=True),
+        Job("apgd_sparse", at_alpha(*card, *apgd), 90, ("sweep",), assets=True),
+        evaluate("apgd_base", *card, *apgd),
+        evaluate("square_base", *card, *square, limit=120),
+        Job("square_sparse", at_alpha(*card, *square), 120, ("sweep",), assets=True),
         Job("pgd20_full_sparse", at_alpha(*full, *pgd20), 90, ("sweep",), assets=True),
         Job("b3", [*benchmark, str(ROOT / "benchmarks" / "b3_attacks.py"), "--device", s.device]
             + (["--n", "8", "--rounds", "1"] if s.tiny else []), 120, alone=True),
@@ -438,12 +445,12 @@ def write_device_blocker(site: Path, wheels: Path) -> list[str]:
     for dist in distributions():
         tops = (dist.read_text("top_level.txt") or "").split()
         tops += [f.parts[0].removesuffix(".py") for f in dist.files or []
-                 if len(f.parts) > 0 and f.parts[0] != ".." and not f.parts[0].endswith((".dist-info", ".pth", ".data"))]
+                 if f.parts and f.parts[0] != ".." and not f.parts[0].endswith((".dist-info", ".pth", ".data"))]
         provided.setdefault(_normal(dist.metadata["Name"] or ""), set()).update(t for t in tops if t.isidentifier())
     usable = set().union(*(tops for name, tops in provided.items() if name in allowed))
     blocked = sorted(set().union(*(tops for name, tops in provided.items() if name not in allowed)) - usable)
     site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(f'''"""Written by benchmarks/gpu_session.py: modules the GPU machine lacks cannot be imported here either."""
+    (site / "sitecustomize.py").write_text(f'''"""Written by benchmarks/gpu_session.py: what the GPU machine lacks is refused here too."""
 import sys
 
 BLOCKED = {set(blocked)!r}
@@ -452,7 +459,8 @@ BLOCKED = {set(blocked)!r}
 class NotOnTheDevice:
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} on the GPU machine (carry it as a wheel)", name=name)
+            raise ModuleNotFoundError(f"No module named {{name!r}} on the GPU machine (carry it as a wheel)",
+                                      name=name)
         return None
 
 
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.write_blocker:
         blocked = write_device_blocker(args.write_blocker, ROOT / "carry" / "wheels")
-        print(f"{len(blocked)} top-level modules refused, e.g. {', '.join(b for b in blocked if not b.startswith('_'))[:300]}")
+        print(f"{len(blocked)} top-level modules refused: {', '.join(b for b in blocked if not b.startswith('_'))}")
         return 0
     if not (args.archive and args.state and args.out):
         parser.error("a session needs --archive, --state and --out")

@@ -57,8 +57,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> tor
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
     rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-    crops = padded[torch.arange(n, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None],
-                   rows, cols]
+    crops = padded[torch.arange(n, device=device)[:, None, None, None],
+                   torch.arange(c, device=device)[None, :, None, None], rows, cols]
     if flip:
         mirrored = (torch.rand(n, generator=generator) < 0.5).to(device)
         crops = torch.where(mirrored[:, None, None, None], crops.flip(-1), crops)
@@ -169,7 +169,8 @@ def write_bundle(model: nn.Module, args: argparse.Namespace) -> None:
         "label": args.label or f"{args.arch} ({args.data}, Linf PGD-AT eps {args.eps:g}/255)",
         "architecture": args.arch, "dataset": args.data, "threat_model": "Linf",
         "weights": out.with_suffix(".pt").name, "statistics": out.name + ".stats.pt",
-        "training": {k: v for k, v in vars(args).items() if k not in ("out", "label", "run_dir", "data_dir", "device", "time_limit")},
+        "training": {k: v for k, v in vars(args).items()
+                     if k not in ("out", "label", "run_dir", "data_dir", "device", "time_limit")},
     }
     out.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -190,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True, help="checkpoints for resuming")
     parser.add_argument("--out", required=True, help="bundle path without suffix, e.g. assets/digits-cnn")
     parser.add_argument("--label")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 mixed precision for training (weights stay float32)")
-    parser.add_argument("--train-n", type=int, default=None, help="train on this many images drawn by --seed (default: all)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 mixed precision for training (weights stay float32)")
+    parser.add_argument("--train-n", type=int, default=None,
+                        help="train on this many images drawn by --seed (default: all)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: stop before an epoch that would end later (the same command resumes)")
     args = parser.parse_args(argv)

@@ -101,4 +101,5 @@ def test_what_comes_back_restores_a_fresh_machine(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bundle.tar", "session.tar.gz"]
     fresh = gpu_session.Session(tmp_path / "fresh", gpu_session.GPU)
     gpu_session.restore(fresh, tmp_path / "out")
-    assert fresh.done("calibrate") and (fresh.state / "assets" / f"{gpu_session.MODEL}.stats.pt").read_text() == ".stats.pt"
+    assert fresh.done("calibrate")
+    assert (fresh.state / "assets" / f"{gpu_session.MODEL}.stats.pt").read_text() == ".stats.pt"
