@@ -1,13 +1,17 @@
-"""Command line: ``python -m meansparse_core {models,calibrate,evaluate,sweep,export} ...``.
+"""Command line: ``python -m meansparse_core {models,calibrate,evaluate,sweep,reproduce,export} ...``.
 
 Long work shows tqdm progress bars on stderr; ``--json`` prints machine-readable results on stdout.
 Bad arguments, unknown models and missing data end with a one-line error and exit status 2.
+Started by ``torchrun --nproc-per-node K -m meansparse_core -- evaluate ...``, calibrate, evaluate,
+sweep and reproduce share their work among the K ranks (distributed.py); only rank 0 prints and
+writes. The ``--`` keeps torchrun from reading ``--n`` as an abbreviation of its own options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +20,19 @@ import torch
 from tqdm import tqdm
 
 from . import attach, calibrate
+from . import distributed
 from .attacks import ATTACKS
 from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
 from .files import file_digest
-from .evaluation import EvalSettings, ResultCache, sweep
+from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
 from .operator import GRAD_MODES
+from .outcomes import write_items
 from .statistics import Statistics
 from .workbench import find_statistics, statistics_path
 
 CACHE = Path(".cache")
+GROUP = distributed.SOLO  # the torchrun ranks sharing this command's work; set by main()
 
 
 @contextmanager
@@ -39,6 +46,8 @@ def progress_bar(description: str, unit: str = "img"):
 
     def update(done: float, total: int) -> None:
         nonlocal bar
+        if not GROUP.is_main:
+            return
         if bar is None:
             bar = tqdm(desc=description, total=total, unit=unit, file=sys.stderr, leave=False)
         bar.total = total
@@ -71,15 +80,24 @@ def _model(args) -> tuple[ModelSpec, torch.nn.Module]:
     return spec, model.to(_device(args.device))
 
 
-def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _dataset(args, spec: ModelSpec, split: str):
     data = args.data or spec.dataset
     if DATASETS[data].image_size != spec.input_size:
         raise ValueError(f"{spec.name} takes {spec.dataset} images, not {data}; pick --data {spec.dataset}.")
     with progress_bar(f"{data} download", "B") as update:
-        dataset = load_dataset(data, split, args.data_dir, update)
-    indices = sample_indices(len(dataset), n if n else len(dataset), args.seed)
+        return load_dataset(data, split, args.data_dir, update)
+
+
+def _load(args, dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = load_items(dataset, indices)
     return images.to(_device(args.device)), labels.to(_device(args.device))
+
+
+def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` items of ``split`` sampled by --seed (all without ``n``), and their indices in the split."""
+    dataset = _dataset(args, spec, split)
+    indices = sample_indices(len(dataset), n if n else len(dataset), args.seed)
+    return *_load(args, dataset, indices), indices
 
 
 def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
@@ -129,28 +147,44 @@ def cmd_models(args) -> None:
 
 def cmd_calibrate(args) -> None:
     spec, model = _model(args)
-    images, _ = _items(args, spec, "train", args.n)
+    images, _, _ = _items(args, spec, "train", args.n)
     with progress_bar("calibration") as update:
         stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
-                          meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed})
+                          meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed}, group=GROUP)
     out = Path(args.out) if args.out else statistics_path(spec, args.data or spec.dataset, _weights_digest(args))
-    stats.save(out)
+    if GROUP.is_main:
+        stats.save(out)
     summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
                "statistics": str(out)}
     print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps over {len(images)} images -> {out}")
+
+
+def _run_name(result: EvalResult) -> str:
+    s = result.settings
+    return f"alpha={s.alpha:g} {s.attack}{' targeted' if s.targeted else ''} eps={s.eps:g} {s.grad}"
+
+
+def _report_resumed(results: list[EvalResult]) -> None:
+    resumed = sum(r.resumed_batches for r in results)
+    if resumed and GROUP.is_main:
+        print(f"resumed {resumed} attacked batches from the journal", file=sys.stderr)
 
 
 def _evaluation_run(args, alphas: list[float]) -> list[dict]:
     spec, model = _model(args)
     stats = _statistics(args, spec, model)
     sparse = attach(model, stats)
-    images, labels = _items(args, spec, "test", args.n)
+    images, labels, indices = _items(args, spec, "test", args.n)
     context = {"model": spec.key, "data": args.data or spec.dataset}
     cache_key = {**context, "weights": _weights_digest(args) or spec.key,
                  "stats": stats.fingerprint(), "data_dir": args.data_dir, "n": len(labels)}
     with progress_bar("alphas", "alpha") as update:
         results = sweep(sparse, images, labels, _settings(args), alphas, progress=update,
-                        cache=None if args.no_cache else ResultCache(CACHE / "results"), cache_key=cache_key)
+                        cache=None if args.no_cache else ResultCache(CACHE / "results"), cache_key=cache_key,
+                        group=GROUP)
+    _report_resumed(results)
+    if args.items and GROUP.is_main:
+        write_items(args.items, [(_run_name(r), r.outcomes) for r in results], indices)
     return [r.as_record(**context) for r in results]
 
 
@@ -216,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_model.add_argument("--checkpoint", help="your own weights for the model's architecture (state dict)")
     with_model.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: the model's)")
     with_model.add_argument("--data-dir", help="folder with the dataset (python batches or ImageFolder tree)")
-    with_model.add_argument("--n", type=int, default=None, help="number of items sampled by --seed (default: all)")
+    with_model.add_argument("--n", "--n-items", dest="n", type=int, default=None,
+                            help="number of items sampled by --seed (default: all)")
     with_model.add_argument("--seed", type=int, default=0)
     with_model.add_argument("--batch-size", type=int, default=100)
     with_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -236,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     attacked.add_argument("--grad", choices=GRAD_MODES, default="exact", help="gradients through MeanSparse")
     attacked.add_argument("--targeted", action="store_true")
     attacked.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+    attacked.add_argument("--items", help="also write per-item outcomes to this CSV file (format: outcomes.py)")
 
     ev = commands.add_parser("evaluate", parents=[attacked], help="clean and robust accuracy at one alpha")
     ev.add_argument("--alpha", type=_non_negative, default=0.0)
@@ -254,14 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global GROUP
     args = build_parser().parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)
         return 2
+    where, stdout = "", sys.stdout
     try:
-        args.run(args)
+        GROUP = distributed.join(_device(getattr(args, "device", "cpu")))
+        where = f"rank {GROUP.rank}: " if GROUP.world_size > 1 else ""
+        with open(os.devnull, "w") as silent:
+            if not GROUP.is_main:
+                sys.stdout = silent  # only rank 0 prints results
+            args.run(args)
     except (KeyError, ValueError, FileNotFoundError, DataUnavailable, ModelUnavailable) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {where}{message}", file=sys.stderr)
         return 2
+    except torch.distributed.DistError as exc:  # another rank died: torchrun ends the job or restarts it
+        print(f"error: {where}lost another rank of the job ({' '.join(str(exc).split())[:200]})", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = stdout
+        distributed.leave()
+        GROUP = distributed.SOLO
     return 0

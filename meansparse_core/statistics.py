@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .distributed import SOLO, Group
 from .files import atomic_write
 from .fusion import Fused, as_rows
 from .placement import Tap, eval_mode, find_taps, route_taps
@@ -43,12 +44,18 @@ _fused_moments = Fused(_batch_moments)
 
 
 class RunningMoments:
-    """Streaming per-channel count, mean and sum of squared deviations, merged exactly in float64."""
+    """Streaming per-channel count, mean and sum of squared deviations, merged exactly in float64.
 
-    def __init__(self, channels: int) -> None:
+    With ``keep_batches``, each batch's own moments are also kept in ``batches`` (count, mean,
+    centred sum), so that the ranks of a torchrun job can hand them to rank 0, which merges them
+    in a single process's order and gets its bits exactly.
+    """
+
+    def __init__(self, channels: int, keep_batches: bool = False) -> None:
         self.count = 0
         self.mean = torch.zeros(channels, dtype=torch.float64)
         self.m2 = torch.zeros(channels, dtype=torch.float64)
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor]] | None = [] if keep_batches else None
 
     def update(self, x: torch.Tensor, channel_dim: int) -> None:
         n_b = x.numel() // max(x.shape[channel_dim], 1)
@@ -61,6 +68,12 @@ class RunningMoments:
         rows = view[0] if view else x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim], 1)
         var_b, mean_b = (_fused_moments if _fused_moments.worth_it(rows) else _batch_moments)(rows)
         mean_b, m2_b = mean_b.cpu(), var_b.cpu() * n_b
+        if self.batches is not None:
+            self.batches.append((n_b, mean_b, m2_b))
+        self.add(n_b, mean_b, m2_b)
+
+    def add(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Merge one batch's count, mean and centred sum of squares (Chan et al.)."""
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * (n_b / n)
@@ -191,18 +204,26 @@ def calibrate(
     total: int | None = None,
     device: torch.device | str | None = None,
     meta: dict[str, str | int | float] | None = None,
+    group: Group = SOLO,
 ) -> Statistics:
     """Exact per-channel mean and std of every tap's input over all ``batches``, model in eval mode.
 
     ``batches`` yields input tensors or (inputs, labels) pairs; ``progress(done, total)`` is called
     after each batch with the number of items seen (``total`` defaults to ``len(batches.dataset)``).
-    The model's train/eval mode is restored afterwards. Example::
+    The model's train/eval mode is restored afterwards. With a ``group`` of several ranks
+    (torchrun), ``batches`` must be a sequence; each rank measures a contiguous share of it, rank 0
+    merges every batch's moments in order, and all ranks return statistics bit-identical to one
+    process's. Example::
 
         stats = calibrate(model, DataLoader(train_set, batch_size=256))
     """
     if total is None:
         total = len(getattr(batches, "dataset", ())) or 0
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    shared = group.world_size > 1
+    if shared:
+        share = group.shard(len(batches))
+        batches = [batches[k] for k in share]
     taps: list[Tap] | None = None
     moments: dict[str, RunningMoments] = {}
 
@@ -216,15 +237,38 @@ def calibrate(
             x = _inputs_of(batch).to(device)
             if taps is None:
                 taps = find_taps(model, x[:1])
-                moments = {t.name: RunningMoments(t.channels) for t in taps}
+                moments = {t.name: RunningMoments(t.channels, keep_batches=shared) for t in taps}
             route_taps(model, taps, record, x)
             seen += x.shape[0]
             if progress is not None:
                 progress(seen, max(total, seen))
+    if shared:
+        return _merged(group, taps, moments, seen, meta)
     if taps is None:
         raise ValueError("The calibration set is empty: give it at least one image.")
     stats = [TapStatistics(t, moments[t.name].mean, moments[t.name].std, moments[t.name].count) for t in taps]
     return Statistics(stats, {"n_images": seen, **(meta or {})})
+
+
+def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMoments], seen: int,
+            meta: dict | None) -> Statistics:
+    """Every rank's batch moments merged on rank 0 in batch order, the result shared with all ranks."""
+    shares = group.gather((taps, {name: m.batches for name, m in moments.items()}, seen))
+    payload = None
+    if group.is_main:
+        taps = next((t for t, _, _ in shares if t is not None), None)
+        if taps is not None:
+            merged = {t.name: RunningMoments(t.channels) for t in taps}
+            for _, logs, _ in shares:  # rank order is batch order: shares are contiguous
+                for name, log in logs.items():
+                    for n_b, mean_b, m2_b in log:
+                        merged[name].add(n_b, mean_b, m2_b)
+            stats = [TapStatistics(t, merged[t.name].mean, merged[t.name].std, merged[t.name].count) for t in taps]
+            payload = Statistics(stats, {"n_images": sum(n for _, _, n in shares), **(meta or {})}).to_payload()
+    payload = group.broadcast(payload)
+    if payload is None:
+        raise ValueError("The calibration set is empty: give it at least one image.")
+    return Statistics.from_payload(payload)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meansparse_core.evaluation import EvalResult, EvalSettings, ResultCache
+from meansparse_core.outcomes import Outcomes
 from meansparse_core.files import CacheWarning
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
 from meansparse_core.statistics import Statistics, calibrate
@@ -65,6 +66,12 @@ def test_a_damaged_or_foreign_statistics_cache_is_discarded_with_a_warning(tmp_p
     assert again.discarded is None and again.stats.fingerprint() == rebuilt.fingerprint()
 
 
+def outcomes(n: int, correct: int, robust: int) -> Outcomes:
+    """n items of class 0: ``correct`` predicted right, the first ``robust`` of them surviving the attack."""
+    broken = [""] * robust + ["pgd"] * (correct - robust) + ["clean"] * (n - correct)
+    return Outcomes((0,) * n, (0,) * correct + (1,) * (n - correct), tuple(broken))
+
+
 def record(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -77,7 +84,7 @@ def test_a_damaged_result_is_discarded_rerun_and_rewritten(tmp_path, content):
 
     def run(journal):
         runs.append(1)
-        return EvalResult(0.75, 0.25, 8, 1.0, settings)
+        return EvalResult(outcomes(8, correct=6, robust=2), 1.0, settings)
 
     cache.get_or_run({"model": "m"}, settings, run)
     [path] = tmp_path.glob("*.json")
@@ -112,7 +119,7 @@ def _write_many(path: str, seed: int, rounds: int) -> None:
     folder, settings = Path(path).parent / "results", EvalSettings()
     for _ in range(rounds):
         stats.save(path)
-        ResultCache(folder).get_or_run({}, settings, lambda journal: EvalResult(0.5, 0.25, 100 + seed, 1.0, settings))
+        ResultCache(folder).get_or_run({}, settings, lambda journal: EvalResult(outcomes(100 + seed, 50, 25), 1.0, settings))
         for result in folder.glob("*.json"):
             result.unlink(missing_ok=True)  # so that the next round writes it again
 
