@@ -227,11 +227,45 @@ class AutoAttack(_Reference):
         reference.verbose = False
         return reference
 
+    broken_by: list[str] = []  # after each call: per item, the component that broke it ("" if none)
+
     def _perturb(self, images, labels, targets):
         if targets is not None:
             raise ValueError("AutoAttack standard already includes targeted attacks; run it untargeted.")
-        adversarial, _ = self.make().run_standard_evaluation(images, labels, batch_size=len(images))
+        reference = self.make()
+        self._watch_components(reference, images, labels)
+        adversarial, _ = reference.run_standard_evaluation(images, labels, batch_size=len(images))
         return adversarial
+
+    def _watch_components(self, reference, images, labels) -> None:
+        """Record which component breaks each item, for per-item results.
+
+        AutoAttack runs its components in turn on the items no earlier one broke, in item order;
+        wrapping each component's ``perturb`` follows the same items.
+        """
+        with torch.no_grad():
+            attacked = (reference.get_logits(images).argmax(1) == labels).nonzero().flatten().tolist()
+        self.broken_by = [""] * len(images)
+
+        def watched(component, name_of):
+            perturb = component.perturb
+
+            def run(x, y):
+                nonlocal attacked
+                adversarial = perturb(x, y)
+                with torch.no_grad():
+                    fooled = (reference.get_logits(adversarial).argmax(1) != y).tolist()
+                for item, broke in zip(attacked, fooled):
+                    if broke:
+                        self.broken_by[item] = name_of()
+                attacked = [item for item, broke in zip(attacked, fooled) if not broke]
+                return adversarial
+            return run
+
+        reference.apgd.perturb = watched(reference.apgd, lambda: f"apgd-{reference.apgd.loss}")
+        reference.apgd_targeted.perturb = watched(reference.apgd_targeted, lambda: "apgd-t")
+        reference.fab.perturb = watched(reference.fab, lambda: "fab-t" if reference.fab.targeted else "fab")
+        reference.square.perturb = watched(reference.square, lambda: "square")
 
 
 ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (FGSM, PGD, PGDL2, APGD, APGDDLR, Square, AutoAttack)}

@@ -98,8 +98,8 @@ def _attack_batch(attack, classifier: nn.Module, images: torch.Tensor, labels: t
     """Each item's outcome after the attack: "" when it survives, else the attack that broke it."""
     adversarial = attack(images, labels)
     survived = (predict(classifier, adversarial, batch_size) == labels).tolist()
-    breakers = getattr(attack, "broken_by", None) or [attack.name] * len(survived)  # AutoAttack names its component
-    return ["" if kept else breaker for kept, breaker in zip(survived, breakers)]
+    breakers = getattr(attack, "broken_by", None) or [""] * len(survived)  # AutoAttack names its component
+    return ["" if kept else breaker or attack.name for kept, breaker in zip(survived, breakers)]
 
 
 def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch.Tensor,
