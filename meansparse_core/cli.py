@@ -28,6 +28,7 @@ from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
 from .operator import GRAD_MODES
 from .outcomes import write_items
+from .protocol import Protocol, evaluate_test, report, run_names, select_alpha, table, test_settings
 from .statistics import Statistics
 from .workbench import find_statistics, statistics_path
 
@@ -196,6 +197,64 @@ def cmd_sweep(args) -> None:
     _emit(_evaluation_run(args, args.alphas), args.json)
 
 
+def _calibrated(args, spec: ModelSpec, model: torch.nn.Module, dataset, indices: list[int]) -> tuple[Statistics, str]:
+    """Statistics over the chosen training items, calibrated once and kept (a rerun reads them back)."""
+    data = args.data or spec.dataset
+    key = f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}"
+    path = CACHE / "stats" / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
+    if path.exists():
+        return Statistics.load(path), f"{len(indices)} training images, read back from {path}"
+    images, _ = _load(args, dataset, indices)
+    with progress_bar("calibration") as update:
+        # The placement and estimator options of `calibrate` go here once they exist.
+        stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
+                          meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP)
+    if GROUP.is_main:
+        stats.save(path)
+    return stats, f"{len(indices)} training images, exact moments, saved to {path}"
+
+
+def cmd_reproduce(args) -> None:
+    spec, model = _model(args)
+    data = args.data or spec.dataset
+    protocol = Protocol(eps=args.eps, alphas=tuple(a for a in args.alphas if a > 0), max_clean_drop=args.max_clean_drop,
+                        apgd_steps=args.steps, square_queries=args.square_queries, seed=args.seed,
+                        batch_size=args.batch_size)
+    train = _dataset(args, spec, "train")
+    order = sample_indices(len(train), len(train), args.seed)
+    held_out, pool = order[:args.select_n], order[args.select_n:]
+    if not pool:
+        raise ValueError(f"--select-n {args.select_n} leaves no training image for calibration; lower it.")
+    stats, calibration = _calibrated(args, spec, model, train, pool[:args.calibration_n] if args.calibration_n else pool)
+    sparse = attach(model, stats)
+    cache = None if args.no_cache else ResultCache(CACHE / "results")
+    cache_key = {"model": spec.key, "data": data, "weights": _weights_digest(args) or spec.key,
+                 "stats": stats.fingerprint(), "data_dir": args.data_dir, "seed": args.seed}
+    images, labels = _load(args, train, held_out)
+    with progress_bar("alpha selection", "alpha") as update:
+        selection = select_alpha(sparse, images, labels, protocol, cache, {**cache_key, "n": len(held_out)}, GROUP, update)
+    images, labels, indices = _items(args, spec, "test", args.n)
+    names = list(test_settings(protocol, selection.alpha))
+    with progress_bar("test evaluations", "run") as update:
+        results = evaluate_test(sparse, images, labels, protocol, selection.alpha, cache,
+                                {**cache_key, "n": len(labels)}, GROUP,
+                                lambda name: lambda done, total: update(names.index(name) + done / max(total, 1), len(names)))
+    _report_resumed([*selection.sweep, *results.values()])
+    markdown = report(spec.key, results, selection, protocol, len(held_out), calibration, GROUP.world_size)
+    out = Path(args.out) if args.out else Path(f"reproduce-{spec.name}.md")
+    if GROUP.is_main:
+        out.write_text(markdown)
+        if args.items:
+            write_items(args.items, run_names(results), indices)
+    if args.json:
+        print(json.dumps({"model": spec.key, "alpha": selection.alpha, "n": len(labels), "world_size": GROUP.world_size,
+                          "selection": [r.as_record() for r in selection.sweep],
+                          "test": {name: r.as_record() for name, r in results.items()}, "report": str(out)}, indent=2))
+    else:
+        print(table(results, selection.alpha, protocol) + f"\n\nalpha {selection.alpha:g} selected on held-out "
+              f"training images; {len(labels)} test images; report: {out}")
+
+
 def cmd_export(args) -> None:
     from .export import export_program, save_sparsified
 
@@ -280,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw = commands.add_parser("sweep", parents=[attacked], help="clean and robust accuracy for several alphas")
     sw.add_argument("--alphas", type=_alphas, required=True, help="comma-separated, e.g. 0,0.1,0.2")
     sw.set_defaults(run=cmd_sweep)
+
+    rep = commands.add_parser("reproduce", parents=[with_model],
+                              help="the paper's protocol: calibrate, select alpha on training images, test table")
+    rep.add_argument("--eps", type=_non_negative, default=8.0, help="Linf budget in /255")
+    rep.add_argument("--alphas", type=_alphas, default=list(Protocol.alphas), help="candidate alphas, comma-separated")
+    rep.add_argument("--max-clean-drop", type=_non_negative, default=Protocol.max_clean_drop,
+                     help="clean accuracy (fraction) an alpha may cost on the held-out slice")
+    rep.add_argument("--select-n", type=int, default=1000, help="held-out training images for alpha selection")
+    rep.add_argument("--calibration-n", type=int, default=None, help="training images for statistics (default: the rest)")
+    rep.add_argument("--steps", type=int, default=Protocol.apgd_steps, help="APGD-CE steps (selection and BPDA)")
+    rep.add_argument("--square-queries", type=int, default=Protocol.square_queries)
+    rep.add_argument("--no-cache", action="store_true", help="recompute even if cached results exist")
+    rep.add_argument("--out", help="Markdown report (default: reproduce-<model>.md)")
+    rep.add_argument("--items", help="also write per-item outcomes of the test runs to this CSV file")
+    rep.set_defaults(run=cmd_reproduce)
 
     ex = commands.add_parser("export", parents=[with_stats], help="write the sparsified model to one file")
     ex.add_argument("--alpha", type=_non_negative, required=True)
