@@ -1,0 +1,68 @@
+"""The paper's protocol as one command, the per-item file, and the table's intervals."""
+
+import json
+
+import pytest
+from scipy.stats import binomtest
+
+from meansparse_core import evaluation
+from meansparse_core.cli import main
+from meansparse_core.outcomes import Outcomes, read_items, write_items
+from meansparse_core.protocol import wilson
+from test_distributed import finish, torchrun
+
+REPRODUCE = ["reproduce", "--model", "bundled/digits-cnn", "--eps", "64", "--n-items", "4", "--select-n", "20",
+             "--calibration-n", "100", "--alphas", "0.2,0.4", "--steps", "5", "--square-queries", "50",
+             "--batch-size", "2", "--json", "--items", "items.csv", "--out", "report.md"]
+
+
+@pytest.mark.parametrize("successes, n", [(0, 4), (4, 4), (1, 3), (338, 1000), (7124, 10000)])
+def test_wilson_interval_matches_scipy(successes, n):
+    low, high = binomtest(successes, n).proportion_ci(method="wilson")
+    assert wilson(successes, n) == pytest.approx((low, high), abs=1e-12)
+
+
+def test_per_item_file_round_trips_and_gives_the_accuracies(tmp_path):
+    runs = [("alpha=0.2 pgd", Outcomes((3, 1, 4), (3, 1, 0), ("", "pgd", "clean"))),
+            ("alpha=0 autoattack", Outcomes((3, 1, 4), (3, 1, 4), ("apgd-t", "", "square")))]
+    write_items(tmp_path / "items.csv", runs, [10, 7, 2])
+    read = read_items(tmp_path / "items.csv")
+    assert read == {name: ([10, 7, 2], outcomes) for name, outcomes in runs}
+    assert (read["alpha=0.2 pgd"][1].clean_acc, read["alpha=0.2 pgd"][1].robust_acc) == (2 / 3, 1 / 3)
+    (tmp_path / "bad.csv").write_text("run,index\nx,1\n")
+    with pytest.raises(ValueError, match="not a per-item results file"):
+        read_items(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="contradicts"):
+        Outcomes((3,), (2,), ("",))  # a wrong clean prediction cannot be robust
+
+
+def test_reproduce_runs_end_to_end_under_torchrun_like_one_process_and_resumes_from_its_cache(
+        tmp_path, monkeypatch, capsys):
+    code, out, err = finish(torchrun(["-m", "meansparse_core", "--", *REPRODUCE], tmp_path))
+    assert code == 0, err[-2000:]
+    shared = json.loads(out)
+    assert shared["world_size"] == 2 and shared["alpha"] in (0.2, 0.4) and shared["n"] == 4
+    assert set(shared["test"]) == {"base autoattack", "meansparse autoattack", "meansparse apgd-ce bpda",
+                                   "meansparse square"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| Model | Clean | AutoAttack | APGD-CE + BPDA | Square |" in report and "held-out" in report
+    items = read_items(tmp_path / "items.csv")
+    for name, record in shared["test"].items():
+        [outcomes] = [o for run, (_, o) in items.items() if run.startswith(name)]
+        assert (outcomes.clean_acc, outcomes.robust_acc) == (record["clean_acc"], record["robust_acc"])
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*REPRODUCE[:-4], "--items", "single.csv", "--out", "single.md", "--no-cache"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["alpha"] == shared["alpha"] and single["world_size"] == 1
+    assert {k: (r["clean_acc"], r["robust_acc"]) for k, r in single["test"].items()} == \
+           {k: (r["clean_acc"], r["robust_acc"]) for k, r in shared["test"].items()}
+    assert read_items(tmp_path / "single.csv") == items
+
+    def no_attack(*args):
+        raise AssertionError("a cached evaluation was attacked again")
+
+    monkeypatch.setattr(evaluation, "_attack_batch", no_attack)
+    assert main(REPRODUCE) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test"] == shared["test"] and again["selection"] == shared["selection"]
