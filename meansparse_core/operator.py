@@ -71,7 +71,10 @@ class _Sparsify(torch.autograd.Function):
         ctx.channel_dim, ctx.straight_through = channel_dim, straight_through
         if not straight_through:
             ctx.save_for_backward(x, mean, band)
-        return _per_channel(_fused_sparsify, x, mean, band, channel_dim)
+        y = _per_channel(_fused_sparsify, x, mean, band, channel_dim)
+        # The fused path returns a view of the kernel's output; autograd forbids changing a custom
+        # Function's view in place, which torchvision's ResNets do next (ReLU(inplace=True)).
+        return y.clone() if y._base is not None else y
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

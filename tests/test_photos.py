@@ -129,3 +129,16 @@ def test_attack_costs_are_stated_before_they_run(digits_sparse):
     assert warning.startswith("AUTOATTACK on this image: up to about 18 min on this CPU") and "26M-parameter" in warning
     assert "about 15 min" in slow.warning("pgd", 10, images=300)
     assert slow.seconds("square", 1000) == pytest.approx(100)
+
+
+def test_imagenet_resnets_in_place_relus_take_exact_gradients_through_meansparse():
+    """torchvision's ResNets apply ReLU(inplace=True) to the operator's output; the fused path used to
+    return a view there, and the first attack step failed."""
+    from meansparse_core.fusion import MIN_ELEMENTS
+    from meansparse_core.operator import sparsify
+
+    x = torch.randn(1, 16, 64, MIN_ELEMENTS // 1024, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    mean, std = torch.zeros(16), torch.ones(16)
+    y = torch.nn.ReLU(inplace=True)(sparsify(x, mean, std, 0.5))
+    (gradient,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(gradient, ((x.abs() >= 0.5) & (x > 0)).float())
