@@ -73,8 +73,8 @@ class Cost:
         if self.seconds(attack, steps, images) <= PATIENCE_S:
             return None
         size = f"{self.parameters / 1e6:.0f}M-parameter model"
-        return (f"{self.describe(attack, steps, images)} with this {size}. Fewer steps or images, a smaller model "
-                "or a GPU make it shorter.")
+        fewer = "Fewer steps or images" if images > 1 else "Fewer steps"
+        return f"{self.describe(attack, steps, images)} with this {size}. {fewer}, a smaller model or a GPU make it shorter."
 
 
 def _device_name(device: torch.device) -> str:

@@ -37,9 +37,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served_folder(tmp_path_factory) -> Path:
+    """The server's working folder: its models/, data/ and .cache/ (empty at first)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def server(served_folder):
     """``streamlit run app.py`` on a free local port, in a scratch folder with no data (offline default)."""
-    folder = tmp_path_factory.mktemp("served")
+    folder = served_folder
     port = free_port()
     env = {**os.environ, "MEANSPARSE_DATA": str(folder / "data"), "MEANSPARSE_MODELS": str(folder / "models")}
     process = subprocess.Popen(
@@ -61,7 +67,11 @@ def server(tmp_path_factory):
         pytest.fail("streamlit did not answer within 90 s")
     yield url
     process.terminate()
-    process.wait(timeout=20)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:  # still finishing a heavy run on a loaded machine
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +139,10 @@ def test_uploads_are_used_or_refused_in_one_sentence(page, tmp_path):
     junk.write_text("this is not an image")
     uploader = page.locator("[data-testid='stFileUploader'] input[type=file]")
     uploader.set_input_files(str(picture))
-    expect(page.get_by_text("clean: photo.png (as 0)")).to_be_visible()
+    expect(page.get_by_text("clean: photo.png (true class unknown)")).to_be_visible()
     uploader.set_input_files(str(junk))
     expect(page.get_by_text("could not be read as an image")).to_be_visible()
-    expect(page.get_by_text("clean: photo.png (as 0)")).to_be_visible()  # the page keeps working
+    expect(page.get_by_text("clean: photo.png (true class unknown)")).to_be_visible()  # the page keeps working
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "5-bad-upload.png", full_page=True)
 
@@ -161,3 +171,38 @@ def test_own_checkpoint_is_calibrated_and_used(page, tmp_path):
     expect(page.get_by_text("alpha 0.25 says")).to_be_visible()  # the session kept its alpha
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "6-checkpoint.png", full_page=True)
+
+
+def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder, tmp_path):
+    """Issue 21: a 4000x3000 phone photo (EXIF-rotated) on a random-weight ImageNet ResNet-18."""
+    from meansparse_core.data import imagenet_classes
+    from test_photos import photo_jpeg, random_imagenet_folder
+
+    expect = sync_api.expect
+    random_imagenet_folder(served_folder)
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(photo_jpeg())
+    sidebar = page.locator("[data-testid='stSidebar']")
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    sidebar.get_by_role("radiogroup", name="Source").get_by_text("RobustBench zoo").click()
+    expect(sidebar.get_by_text("Search names")).to_be_visible()
+    sidebar.get_by_role("combobox", name="Dataset").first.click()
+    page.get_by_role("option", name="imagenet", exact=True).click()
+    expect(sidebar.get_by_text("fits a laptop: up to 30M parameters")).to_be_visible()
+    sidebar.get_by_role("combobox", name="Model", exact=True).click()
+    page.get_by_role("option", name=re.compile("Salman2020Do_R18")).click()
+    expect(page.get_by_text("upload an image")).to_be_visible()
+    page.locator("[data-testid='stMain'] [data-testid='stFileUploader'] input[type=file]").set_input_files(str(photo))
+    expect(page.get_by_text("what the model sees")).to_be_visible()
+    verdict = page.get_by_text(re.compile("Clean image, true class unknown: the base model says"))
+    expect(verdict).to_be_visible()
+    said = re.search(r"base model says (.+), MeanSparse at alpha", verdict.inner_text()).group(1)
+    ticks = page.locator(".js-plotly-plot .yaxislayer-above text")  # every subplot's class names
+    expect(ticks.nth(9)).to_be_attached()  # base and MeanSparse, five classes each
+    top5 = ticks.all_text_contents()
+    names = set(imagenet_classes())
+    assert said in names and len(top5) >= 10 and set(top5) <= names, (said, top5)
+    assert "Traceback" not in text_of(page) and not page.locator("[data-testid='stException']").count()
+    page.screenshot(path=SHOTS / "7-photo-imagenet.png", full_page=True)
+    ticks.first.scroll_into_view_if_needed()
+    page.screenshot(path=SHOTS / "8-photo-imagenet-top5.png", full_page=True)

@@ -142,3 +142,106 @@ def test_imagenet_resnets_in_place_relus_take_exact_gradients_through_meansparse
     y = torch.nn.ReLU(inplace=True)(sparsify(x, mean, std, 0.5))
     (gradient,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(gradient, ((x.abs() >= 0.5) & (x > 0)).float())
+
+
+# --- the app: a photo on a random-weight ImageNet ResNet-18 (Streamlit's AppTest) ---------------------------
+
+
+def random_imagenet_folder(folder: Path, key: str = R18) -> None:
+    """``folder`` as a server's working folder: the model's random weights in RobustBench's layout under
+    ``models/`` and its statistics (calibrated on random images) in the app's cache, ``.cache/stats``."""
+    from meansparse_core.models import build_random, weight_files
+    from meansparse_core.statistics import calibrate
+    from meansparse_core.workbench import statistics_path
+
+    spec = find_model(key)
+    torch.manual_seed(0)
+    model = build_random(spec).eval()
+    path = weight_files(spec, folder / "models")[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    calibrate(model, torch.rand(4, *IMAGENET).split(2)).save(statistics_path(spec, "imagenet", cache=folder / ".cache" / "stats"))
+
+
+class Upload:
+    """What ``st.file_uploader`` returns for an uploaded file (AppTest cannot drive the uploader widget)."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self.data, self.file_id = name, data, str(hash(data))
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+@pytest.fixture
+def photo_app(tmp_path, monkeypatch):
+    """The app in a folder holding a random-weight ImageNet ResNet-18, and a slot for the uploaded photo."""
+    pytest.importorskip("streamlit")
+    import streamlit
+    from streamlit.testing.v1 import AppTest
+
+    random_imagenet_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEANSPARSE_MODELS", raising=False)
+    uploaded: dict[str, Upload] = {}
+    real_uploader = streamlit.file_uploader
+
+    def file_uploader(label, *args, key=None, **kwargs):
+        if key == "image_upload":
+            return uploaded.get("photo")
+        return real_uploader(label, *args, key=key, **kwargs)
+
+    monkeypatch.setattr(streamlit, "file_uploader", file_uploader)
+    app = AppTest.from_file("../app.py", default_timeout=300).run()
+    app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    app.sidebar.selectbox(key="zoo_dataset").set_value("imagenet").run()
+    return app, uploaded
+
+
+def page_text(app) -> str:
+    return "\n".join(e.value for e in [*app.markdown, *app.caption, *app.info, *app.warning, *app.error])
+
+
+def top5_names(app) -> list[str]:
+    chart = next(e for e in app.get("plotly_chart") if "predictions" in e.proto.id)
+    return [name for trace in json.loads(chart.proto.spec)["data"] for name in trace["y"]]
+
+
+def test_a_photo_goes_through_explore_and_layers_on_an_imagenet_model(photo_app):
+    app, uploaded = photo_app
+    models = app.sidebar.selectbox(key="zoo_model")
+    assert any(o.endswith("Salman2020Do_R18 · fits a laptop") for o in models.options), models.options
+    assert any(o.endswith("Salman2020Do_50_2") for o in models.options)  # 69M parameters: no mark
+    models.set_value(find_model(R18)).run()
+    assert not app.exception, app.exception
+    assert "upload an image" in page_text(app)  # no ImageNet data here: the page waits for a photo
+
+    uploaded["photo"] = Upload("cat.jpg", photo_jpeg())
+    app.run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    text = page_text(app)
+    assert "short side resized to 256 px (bilinear), centre 224x224 crop" in text
+    assert "true class unknown" in text and "Clean image of a" not in text  # issue 16: no class 0 assumed
+    assert set(top5_names(app)) <= set(imagenet_classes()) and len(top5_names(app)) == 10
+    assert "PGD-10 on this image: " in text and " on this CPU" in text
+
+    picker = app.selectbox(key="upload_label_imagenet")
+    assert len(picker.options) == 1001 and picker.value is None
+    picker.set_value(281).run()
+    assert "Clean image of a tabby" in page_text(app)
+    next(n for n in app.number_input if n.label == "Steps").set_value(2)
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    assert not app.exception and not app.error
+    assert "True class tabby" in page_text(app) and len(top5_names(app)) == 20
+
+    app.selectbox(key="upload_label_imagenet").set_value(None).run()  # back to unknown: a new picked image
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    text = page_text(app)
+    assert "True class unknown, so each model is judged against the base model's prediction" in text
+    assert "True class tabby" not in text and "green is the base model's prediction" in text
+
+    app.switch_page("views/layers.py").run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    assert "cat.jpg (true class unknown)" in page_text(app)
+    assert {"clamped", "attenuation", "layer_histogram"} <= {
+        k for e in app.get("plotly_chart") for k in ("clamped", "attenuation", "layer_histogram") if k in e.proto.id}

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from meansparse_core import calibrate
 from meansparse_core.data import DATASETS, DEFAULT_ROOT, DataUnavailable, load_dataset, load_items, sample_indices
 from meansparse_core.files import file_digest
-from meansparse_core.models import (DEFAULT_MODEL_DIR, ModelSpec, bundled_models, is_local, load_model,
-                                    preferred_bundled, weight_files)
+from meansparse_core.models import (DEFAULT_MODEL_DIR, LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
+                                    is_local, load_model, preferred_bundled, weight_files)
 from meansparse_core.placement import SparseModel
 from meansparse_core.workbench import statistics_path
 from ui import heavy
@@ -89,9 +89,13 @@ def zoo_ui(model_dir: str, with_demo_architectures: bool) -> ModelSpec:
         st.warning(f"No {dataset} {threat} model matches {search!r}.")
         st.stop()
     local = {s.key for s in specs if is_local(s, model_dir)}
-    st.caption(f"{len(specs)} model{'' if len(specs) == 1 else 's'}, {len(local)} with weights in {model_dir}")
+    # Only ImageNet models can be too big to attack live on a laptop; counting costs a build each.
+    laptop = {s.key for s in specs if fits_a_laptop(s)} if dataset == "imagenet" else set()
+    st.caption(f"{len(specs)} model{'' if len(specs) == 1 else 's'}, {len(local)} with weights in {model_dir}"
+               + (f"; fits a laptop: up to {LAPTOP_PARAMETERS // 1_000_000}M parameters" if laptop else ""))
     return st.selectbox("Architecture" if with_demo_architectures else "Model", specs, key="zoo_model",
-                        format_func=lambda s: ("✓ " if s.key in local else "") + s.name)
+                        format_func=lambda s: ("✓ " if s.key in local else "") + s.name
+                        + (" · fits a laptop" if s.key in laptop else ""))
 
 
 def download_ui(spec: ModelSpec, model_dir: str) -> None:

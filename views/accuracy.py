@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from ui import heavy, panels, state
+from ui import costs, heavy, panels, state
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
@@ -46,6 +46,7 @@ def sweep_ui(current: state.Setup) -> SweepRequest | None:
         square = columns[1].checkbox("Also with Square (no gradients)")
         queries = columns[2].number_input("Square queries", 100, LIMITS.square_queries, 1000, 100)
         pressed = st.form_submit_button("Run", type="primary")
+    costs.sweep_cost_ui(current, attack, int(steps), images=int(n) * (alphas.count(",") + 2))  # alpha 0 included
     if not pressed:
         return None
     settings = EvalSettings(attack=attack, eps=float(eps), steps=int(steps), seed=0)

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import heavy, loaders, panels, state, uploads
+from ui import costs, heavy, loaders, panels, state, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import top_k_chart
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
@@ -61,6 +61,7 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
                                 help="straight-through is BPDA: the backward pass ignores the operator.")
         targeted = columns[2].checkbox("Targeted (random wrong class)")
         pressed = st.form_submit_button("Attack", type="primary")
+    costs.cost_ui(current, attack, int(steps))
     choice = AttackChoice(attack, float(eps), int(steps), target, grad, targeted, int(seed))
     return choice if pressed else None
 
@@ -86,7 +87,7 @@ def predictions_ui(comparison: Comparison) -> None:
             ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
     panels.chart_ui(top_k_chart([(title, top) for title, top in tops if top is not None], comparison.label),
                     "predictions")
-    st.caption("Top-5 probabilities; green is the true class.")
+    st.caption(f"Top-5 probabilities; green is {comparison.reference}.")
 
 
 def main() -> None:
