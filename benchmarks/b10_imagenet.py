@@ -22,6 +22,7 @@ size of what the probes return.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 
@@ -94,14 +95,17 @@ def one_architecture(key: str, rounds: int, device: str) -> dict:
 
 def main() -> None:
     args = arguments(__doc__, rounds=3).parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine slows every figure alike
     rows = {name: one_architecture(key, args.rounds, args.device) for name, key in ARCHITECTURES.items()}
+    print(f"load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
     for name, row in rows.items():
         s = row["seconds"]
         print(f"{name}: {row['parameters'] / 1e6:.1f}M parameters, {row['taps']} taps | forward {s['forward']:.3f} s, "
               f"PGD-10 {s['pgd10']:.2f} s = {row['pgd10_over_10_gradient_passes']:.2f} x 10 gradient passes "
               f"(app's estimate {row['pgd10_estimate_s']:.2f} s), probes {s['probes']:.3f} s, "
               f"probes' peak +{row['probes_peak_rise_mb']:.0f} MB, returned {row['probes_returned_mb']:.1f} MB")
-    save("b10_imagenet", {"rounds": args.rounds, "alpha": ALPHA, "architectures": rows})
+    save("b10_imagenet", {"rounds": args.rounds, "alpha": ALPHA, "load_average": [load_before, os.getloadavg()[0]],
+                          "architectures": rows})
 
 
 if __name__ == "__main__":
