@@ -7,30 +7,34 @@ the timing benchmarks B1 and B3 run alone). A job stopped by its limit or by the
 keeps what it finished (the training checkpoint after each epoch; the evaluation journal after
 each attacked batch), and the same command resumes it: the second device call continues the first.
 
-Planned device time on one H100 (estimates before any GPU run: the script measures and adapts;
-15 minutes in all, start-ups included):
+Planned device time on one H100 (expected: estimates before any GPU run, which the script
+measures and adapts to; limit: where the job is stopped). 15 minutes in all, start-ups included:
 
-==============================  =========  ==========================================================
-step                            budget     what
-==============================  =========  ==========================================================
-call 1: machine start            ~90 s     (the tool's; counts against the 15 minutes)
-setup                            ~20 s     install the wheels; decode the CIFAR-10 JPEG archive once
-probe                            ~15 s     seconds per PGD-AT step; picks attack steps and epochs
-train                            270 s     cifar-resnet9-w64, PGD-AT, bf16 autocast, channels-last,
-                                           uint8 images augmented on the GPU; <= 40 epochs that fit
-  beside it: tests_cuda          <= 240 s  operator, placement, statistics, fused-kernel tests on CUDA
-calibrate                        <= 60 s   exact statistics over all 50,000 training images
-clean / PGD-20 on 10,000         <= 90 s   the targets: clean >= 80%, PGD-20 (step 2/255) >= 45%
-sweep (N = 1,000, 14 alphas)     <= 150 s  PGD-20 per alpha; ``best_alpha`` picks the card's alpha
-AutoAttack base / MeanSparse     <= 240 s  each, N = 1,000 (two lanes side by side)
-APGD-CE x3 (base, exact, BPDA)   <= 90 s   each, N = 1,000, 100 steps
-Square x2 (base, MeanSparse)     <= 120 s  each, N = 1,000, 1,000 queries
-PGD-20 on 10,000 at the alpha    <= 90 s
-B3, B1 (--device cuda)           <= 120 s  each, alone on the GPU
-call 1 ends                       570 s    of command time (timeout_s 590): results packed to $OUT
-call 2: machine start            ~90 s     only if call 1 reports unfinished jobs; same command,
-call 2: the rest                 <= 150 s  resumes where call 1 stopped
-==============================  =========  ==========================================================
+================================  ========  =======  ================================================
+step                              expected  limit    what
+================================  ========  =======  ================================================
+call 1: machine start               90 s             the tool's; counts against the 15 minutes
+setup                               20 s             install the wheels; decode the JPEG archive once
+probe                               15 s             seconds per PGD-AT step -> attack steps, epochs
+train                              270 s    378 s    cifar-resnet9-w64, PGD-AT, bf16 autocast,
+                                                     channels-last, uint8 images augmented on the
+                                                     GPU; as many epochs (<= 40) as fit in 270 s
+  beside it: tests_cuda             90 s    240 s    operator, placement, statistics, fused kernels
+calibrate                           20 s     60 s    exact statistics over all 50,000 train images
+clean, PGD-20 on 10,000            5+15 s    90 s    the targets: clean >= 80%, PGD-20 >= 45%
+sweep (N = 1,000, 14 alphas)        40 s    150 s    PGD-20 per alpha; ``best_alpha`` picks alpha
+clean on the 500-image subset        3 s     30 s    the figure the test suite checks
+AutoAttack base, MeanSparse       90+120 s  240 s    each, N = 1,000, standard version
+APGD-CE: BPDA, exact, base        3 x 10 s   90 s    each, N = 1,000, 100 steps
+Square: base, MeanSparse          2 x 20 s  120 s    each, N = 1,000, 1,000 queries
+PGD-20 on 10,000 at the alpha       20 s     90 s
+  (the evaluations run two at a time: about 200 s of the 400 s above)
+B3, B1 (--device cuda)            30+60 s   120 s    each, alone on the GPU
+call 1 ends                        570 s             of command time (timeout_s 590): what is done
+                                                     is packed to $OUT after every job
+call 2: machine start               90 s             only if call 1 lists unfinished jobs
+call 2: the rest                  <= 150 s           same command; resumes where call 1 stopped
+================================  ========  =======  ================================================
 
 Evaluation rows run with the project's CLI (``python -m meansparse_core evaluate|sweep ...
 --device cuda``) in float32 with PyTorch's defaults (cuDNN may use TF32 for convolutions; the
@@ -477,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--returned", type=Path, help="files an earlier call sent back, for a fresh machine")
     parser.add_argument("--deadline", type=float, help="seconds this call may take (default: the scale's)")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy scale")
+    parser.add_argument("--only", help="comma-separated job names: run these (if not done yet) and nothing else")
     parser.add_argument("--card", type=Path, metavar="RESULTS", help="only print the card's rows from a results.json")
     parser.add_argument("--write-blocker", type=Path, metavar="SITE",
                         help="only write SITE/sitecustomize.py, which refuses modules the device lacks, and stop")
@@ -500,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = cifar_batches_from_archive(args.archive, session.state / "data")
     print(f"[{time.perf_counter() - session.start:6.0f}s] data ready in {data_dir}", flush=True)
     steps = jobs(session, data_dir, plan_training(session, data_dir) if not session.done("train") else [])
+    if args.only:
+        steps = [job for job in steps if job.name in args.only.split(",")]
     try:
         session.run(steps)
     finally:
