@@ -78,6 +78,28 @@ def test_attack_adds_adversarial_predictions_and_a_verdict():
     assert app.session_state["adversarial"].image.equal(crafted)
 
 
+def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
+    app = start()
+    app.sidebar.slider(key="alpha").set_value(0.6).run()
+    for button, word in (("find_rescued", "rescued"), ("find_broken", "broken")):
+        app.button(key=button).click().run()
+        check_clean(app)
+        if "None of the" in texts(app):
+            continue
+        crafted, picked = app.session_state["adversarial"], app.session_state["picked"]
+        assert crafted.for_key[1] == picked.key and f"live-set images {word} at alpha 0.6" in texts(app)
+        verdict = "but not MeanSparse" if word == "rescued" else "fools MeanSparse"
+        assert verdict in texts(app)
+
+
+def test_an_attack_that_finds_nothing_says_so():
+    app = start()
+    app.number_input[0].set_value(0.0)  # eps 0: nothing to find
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    check_clean(app)
+    assert any("No adversarial example found within 10 steps" in w.value for w in app.warning)
+
+
 def test_picking_another_gallery_image():
     app = start()
     first = app.session_state["picked"].key

@@ -21,11 +21,11 @@ def turns_ui(current: state.Setup) -> None:
     if current.test_set is None:
         return
     left, right = st.columns(2)
-    wanted = ("rescued" if left.button("Find an image MeanSparse rescues at this alpha", key="find_rescued")
-              else "broken" if right.button("Find an image MeanSparse breaks at this alpha", key="find_broken")
-              else None)
-    if wanted is None:
+    rescued = left.button("Find an image MeanSparse rescues at this alpha", key="find_rescued")
+    broken = right.button("Find an image MeanSparse breaks at this alpha", key="find_broken")
+    if not (rescued or broken):
         return
+    wanted = "rescued" if rescued else "broken"
     live = loaders.cached_live_set(current.model, current.data, current.data_root, current.eps)
     positions = getattr(live.turns(current.sparse, current.alpha, current.layer_alphas), wanted)
     if not positions:
