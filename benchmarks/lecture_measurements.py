@@ -8,9 +8,9 @@ For each demo model, on test images drawn with seed 0 (CIFAR-10 from ../shared/d
   features (``probes.Perturbation``), and the split into removed / passed / created;
 * Square: the fraction of correctly classified images it fools within 100 ... 3,000 queries, next to PGD-10.
 
-Prints one JSON object. Usage::
+Prints one JSON line per measurement as it is made. Usage::
 
-    python benchmarks/lecture_measurements.py --cifar-n 20 --digits-n 100 > lecture.json
+    python benchmarks/lecture_measurements.py --cifar-n 10 --digits-n 50 > lecture.jsonl
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from meansparse_core.probes import probe  # noqa: E402
 from meansparse_core.workbench import find_statistics  # noqa: E402
 
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-ALPHAS = (0.1, 0.25, 0.5, 1.0)
-QUERIES = (100, 300, 1000, 3000)
+ALPHAS = (0.25, 0.5, 1.0)
+QUERIES = (100, 300, 1000)
 
 
 def depth(sparse, images, adversarial, alpha) -> dict:
@@ -50,7 +50,11 @@ def depth(sparse, images, adversarial, alpha) -> dict:
             "taps": len(taps), "first": taps[0], "last": taps[-1], "per_tap": taps}
 
 
-def measure(name: str, data: str, root: str | None, n: int) -> dict:
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def measure(name: str, data: str, root: str | None, n: int) -> None:
     spec = next(s for s in bundled_models() if s.name == name)
     model = load_model(spec).eval()
     sparse = attach(model, find_statistics(spec, model, data).stats)
@@ -60,29 +64,28 @@ def measure(name: str, data: str, root: str | None, n: int) -> dict:
     images, labels = images[correct][:n], labels[correct][:n]
     eps = DATASETS[data].linf_eps
     transfer = make_attack("pgd", model, eps, 10, seed=0)(images, labels)
-    result = {"model": name, "images": len(labels), "eps": eps,
-              "transfer": [depth(sparse, images, transfer, a) for a in ALPHAS], "adaptive": []}
+    fooled = lambda adv: round((predict(model, adv) != labels).float().mean().item(), 3)  # noqa: E731
+    emit(model=name, images=len(labels), eps=eps, what="pgd10 against the base model", fooled=fooled(transfer))
+    for alpha in ALPHAS:
+        emit(model=name, what="transfer", **depth(sparse, images, transfer, alpha))
     for alpha in ALPHAS:
         adaptive = make_attack("pgd", sparse.at(alpha), eps, 10, seed=0)(images, labels)
-        result["adaptive"].append(depth(sparse, images, adaptive, alpha))
-    fooled = lambda adv: round((predict(model, adv) != labels).float().mean().item(), 3)  # noqa: E731
-    result["pgd10_fooled"] = fooled(transfer)
-    result["square_fooled"] = {q: fooled(make_attack("square", model, eps, q, seed=0)(images, labels)) for q in QUERIES}
-    return result
+        emit(model=name, what="adaptive", **depth(sparse, images, adaptive, alpha))
+    for queries in QUERIES:
+        adversarial = make_attack("square", model, eps, queries, seed=0)(images, labels)
+        emit(model=name, what="square against the base model", queries=queries, fooled=fooled(adversarial))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cifar-n", type=int, default=20)
-    parser.add_argument("--digits-n", type=int, default=100)
+    parser.add_argument("--cifar-n", type=int, default=10)
+    parser.add_argument("--digits-n", type=int, default=50)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = [measure("digits-cnn", "digits", None, args.digits_n)]
     if SHARED_CIFAR.exists():
         with tempfile.TemporaryDirectory() as folder:
-            root = extract(SHARED_CIFAR, Path(folder)) / "cifar10-jpeg"
-            results.append(measure("cifar-resnet9", "cifar10", str(root), args.cifar_n))
-    json.dump(results, sys.stdout, indent=1)
+            measure("cifar-resnet9", "cifar10", str(extract(SHARED_CIFAR, Path(folder)) / "cifar10-jpeg"), args.cifar_n)
+    measure("digits-cnn", "digits", None, args.digits_n)
 
 
 if __name__ == "__main__":

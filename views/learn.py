@@ -22,8 +22,11 @@ trained network, including the last one before the classifier. Nothing is retrai
 statistics are measured and one global $\alpha$ is chosen.
 
 **Why it can help.** An adversarial perturbation is a small change spread over many features.
-Much of it moves features that sit near their channel mean; those moves are clamped away, so less
-of the perturbation reaches the next layer.
+Where a feature sits near its channel mean for both the clean and the adversarial image, the
+operator replaces both with the mean and that part of the perturbation is gone. But where one of
+the two lies inside the band and the other outside, the operator *creates* a change of at least
+$\alpha\sigma_c$, however small the perturbation was. Whether less of the perturbation reaches the
+next layer depends on which of the two wins: the Layers page measures it.
 
 **Why to stay sceptical: gradient masking.** Inside the band the operator's gradient is exactly
 zero. A gradient-based attacker therefore sees flat regions and can fail for the wrong reason:
@@ -57,10 +60,14 @@ again after moving alpha (target: MeanSparse).
 the clean and the adversarial image. The grey band is $\mu \pm \alpha\sigma$: every value inside it
 becomes $\mu$, which shows up as a spike at the mean in the *after* panel. The whole-layer view
 standardises each channel, $(x-\mu_c)/\sigma_c$, so that one band $\pm\alpha$ fits all channels.
-Below: the fraction of values clamped per layer, and the relative change
-$\lVert f(x+\delta)-f(x)\rVert / \lVert f(x)\rVert$ that the perturbation causes in each layer, with and
-without MeanSparse: where the second line stays lower, the operator has removed part of the
-perturbation by that depth.
+Below: the fraction of values replaced per layer, and the perturbation left at each layer,
+$\lVert f(x+\delta)-f(x)\rVert$, without MeanSparse and after the operator with MeanSparse. In the
+*relative* view both lines are divided by the same number, the norm of the **base** model's clean
+features at that layer, so that they compare (dividing the MeanSparse line by its own sparsified
+features would shrink its denominator as $\alpha$ grows and inflate the ratio). The bars below split
+the perturbation at the operator: **removed** (clean and adversarial value both inside the band),
+**passed** (both outside, unchanged) and **created** (one inside, one outside: the jump at the band's
+edge).
 
 **Accuracy figures next to the views.** *Clean* accuracy on a fixed set of test images and *transfer*
 robust accuracy on adversarial examples crafted once against the base model are recomputed live
