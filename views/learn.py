@@ -69,6 +69,18 @@ the perturbation at the operator: **removed** (clean and adversarial value both 
 **passed** (both outside, unchanged) and **created** (one inside, one outside: the jump at the band's
 edge).
 
+**What the demo models show there, measured.** On both bundled models the perturbation left after
+the operator is *larger* with MeanSparse than without, at every tap and at every alpha measured
+(0.25, 0.5, 1.0), for PGD-10 crafted against the base model and for PGD-10 crafted against
+MeanSparse itself. On the CIFAR-10 model at alpha 0.5 (10 test images): at the first tap `3`,
+0.129 of the base model's clean features without MeanSparse, 0.169 with it; the operator removed
+0.060 but created 0.134 at the band's edges. On the digits model at alpha 0.5 (50 test images): at
+tap `3`, 0.277 without, 0.341 with (removed 0.118, created 0.272). The operator removes part of the
+perturbation and creates more. So on these models MeanSparse does not work by shrinking the
+perturbation layer by layer, and whatever robustness the exact-gradient attacks report has to be
+checked against BPDA and Square (the Accuracy page, and the model cards, which give the figures and
+the command that measured them: `python benchmarks/lecture_measurements.py`).
+
 **Accuracy figures next to the views.** *Clean* accuracy on a fixed set of test images and *transfer*
 robust accuracy on adversarial examples crafted once against the base model are recomputed live
 as alpha moves. Transfer accuracy overstates robustness: the attacker never saw MeanSparse. The
@@ -76,7 +88,9 @@ third figure is the *adaptive* robust accuracy from your last sweep on the Accur
 swept alpha nearest to yours.
 
 **Accuracy.** Clean and robust accuracy for each alpha, the attack run against the sparsified
-model at that alpha. BPDA and Square are second opinions: if the plain attack's line rises with
-alpha but theirs do not, the gain comes from gradient masking.
+model at that alpha, each with its 95% Wilson interval (on 200 images a 40% accuracy is known to
+about ±7 points). BPDA and Square are second opinions: if the plain attack's line rises with
+alpha but theirs do not, the gain comes from gradient masking. The *worst case* column is the lowest
+of the attacks run, and the suggested alpha is chosen on it.
 """
 )
