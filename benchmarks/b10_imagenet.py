@@ -11,7 +11,8 @@ random weights and calibrated on 8 random images, medians over ``--rounds`` inte
   page's Attack button runs it;
 * ``probes``: the Layers page's probes of every tap for one clean and one adversarial image;
 
-plus the app's quick estimate of PGD-10 (``meansparse_core.budget.measure``, taken once, as the app
+the processor time of one more call of each of the first three (all threads together, see
+``cpu_seconds``), plus the app's quick estimate of PGD-10 (``meansparse_core.budget.measure``, taken once, as the app
 does), and the probes' peak memory: the rise of the process's peak resident set (VmHWM, reset
 after handing freed memory back to the system) over what was resident before the call, and the
 size of what the probes return.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,15 @@ def peak_rise_mb(run) -> tuple[float, object]:
     before = _status_kb("VmRSS")
     result = run()
     return (_status_kb("VmHWM") - before) / 1024, result
+
+
+def cpu_seconds(run) -> float:
+    """Processor time of one call, all threads together: unlike wall time, hardly changed by other
+    processes competing for the cores, so it estimates the wall time on an idle machine (divided by
+    the threads that ran in parallel)."""
+    start = time.process_time()
+    run()
+    return time.process_time() - start
 
 
 def returned_mb(probes) -> float:
@@ -87,8 +98,10 @@ def one_architecture(key: str, rounds: int, device: str) -> dict:
         "pgd10": lambda: attack_image(sparse, image, None, choice, ALPHA),
         "probes": lambda: probe(sparse.model, sparse.stats, clean, adv, ALPHA),
     }, rounds)
+    cpu = {name: cpu_seconds(run) for name, run in (("forward", forward), ("gradient", gradient),
+                                                   ("pgd10", lambda: attack_image(sparse, image, None, choice, ALPHA)))}
     return {"model": key, "parameters": parameter_count(spec), "taps": len(sparse.taps),
-            "seconds": medians(times), "pgd10_over_10_gradient_passes": ratio(times, "pgd10", "gradient") / 10,
+            "seconds": medians(times), "cpu_seconds": cpu, "threads": torch.get_num_threads(), "pgd10_over_10_gradient_passes": ratio(times, "pgd10", "gradient") / 10,
             "pgd10_estimate_s": estimate.seconds("pgd", 10), "estimate": estimate.describe("pgd", 10),
             "probes_peak_rise_mb": rise, "probes_returned_mb": returned_mb(probes)}
 
@@ -103,7 +116,9 @@ def main() -> None:
         print(f"{name}: {row['parameters'] / 1e6:.1f}M parameters, {row['taps']} taps | forward {s['forward']:.3f} s, "
               f"PGD-10 {s['pgd10']:.2f} s = {row['pgd10_over_10_gradient_passes']:.2f} x 10 gradient passes "
               f"(app's estimate {row['pgd10_estimate_s']:.2f} s), probes {s['probes']:.3f} s, "
-              f"probes' peak +{row['probes_peak_rise_mb']:.0f} MB, returned {row['probes_returned_mb']:.1f} MB")
+              f"probes' peak +{row['probes_peak_rise_mb']:.0f} MB, returned {row['probes_returned_mb']:.1f} MB | "
+              f"CPU time (all {row['threads']} threads): forward {row['cpu_seconds']['forward']:.2f} s, "
+              f"PGD-10 {row['cpu_seconds']['pgd10']:.1f} s")
     save("b10_imagenet", {"rounds": args.rounds, "alpha": ALPHA, "load_average": [load_before, os.getloadavg()[0]],
                           "architectures": rows})
 
