@@ -208,7 +208,11 @@ def found_adversarial(sparse: SparseModel, image: torch.Tensor, adversarial: tor
     return int(predict(attacked, adversarial[None].to(device))[0]) != label
 
 
-#: Square's queries by default on one image: measured on the demo models (benchmarks/lecture_measurements.py).
+#: Square's queries by default on one image (its old default was 10, the other attacks' steps).
+#: ``python benchmarks/lecture_measurements.py --cifar-n 10 --digits-n 50``, on images the base model
+#: gets right: CIFAR-10 demo (eps 8/255, 10 images) Square fools 0 with 100 queries, 2 with 300 and
+#: 2 with 1,000, as many as PGD-10; digits demo (eps 32/255, 50 images) 3, 5 and 6, PGD-10 6. The
+#: CIFAR card's 2,000-image run has Square-1,000 fooling 36% of the correctly classified images.
 SQUARE_DEFAULT_QUERIES = 1000
 
 
