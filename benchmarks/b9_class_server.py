@@ -13,7 +13,8 @@ session's new alpha (slider-to-update latency). Every session gets alphas no oth
 (0.2 + 0.01 * (i + 1 + sessions * move)), so a session that shows another's alpha, or another's
 image, is a cross-session leak. Errors: any step that failed or timed out, and any error box or
 traceback on a page. At the end it checks that the heavy jobs were still running or waiting,
-and records the machine's load average (other processes share the CPU).
+closes their tabs and checks that a new sweep then starts at once (the closed sessions' jobs were
+cancelled), and records the machine's load average (other processes share the CPU).
 
     python benchmarks/b9_class_server.py [--sessions 10] [--moves 5] [--model digits|cifar]
 
@@ -133,10 +134,10 @@ async def heavy_session(browser, url: str, number: int, ready: asyncio.Event, do
         form = page.locator("[data-testid='stForm']").first
         await form.wait_for()
         numbers = form.locator("input[type=number]")
-        await numbers.nth(0).fill(await numbers.nth(0).get_attribute("max"))  # as many test images as allowed
-        await numbers.nth(2).fill("200")  # steps
+        for index, value in ((0, await numbers.nth(0).get_attribute("max")), (2, "200"), (3, "5000")):
+            await numbers.nth(index).fill(value)  # every test image allowed, 200 steps, 5,000 Square queries
+            await numbers.nth(index).press("Tab")  # the value counts once the field loses focus
         await form.get_by_text("Also with Square").click()
-        await numbers.nth(3).fill("5000")
         await form.get_by_role("button", name="Run").click()
         await page.get_by_text(JOB_STATE).first.wait_for()
         started = await main_text(page)
@@ -149,6 +150,23 @@ async def heavy_session(browser, url: str, number: int, ready: asyncio.Event, do
         ready.set()
         await screenshot(context, f"heavy-{number}")
         return {"session": number, "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+    finally:
+        await context.close()
+
+
+async def late_session(browser, url: str) -> dict:
+    """After the heavy sessions' tabs closed: does a new sweep start at once (their jobs were cancelled)?"""
+    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = await open_app(context, url)
+        await page.get_by_role("link", name="Accuracy").click()
+        await page.locator("[data-testid='stForm']").first.get_by_role("button", name="Run").click()
+        start = time.perf_counter()
+        await page.get_by_text(re.compile(r"evaluation \d+ of")).first.wait_for()
+        return {"new_sweep_running_after_s": round(time.perf_counter() - start, 1)}
+    except Exception as exc:
+        await screenshot(context, "late")
+        return {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
     finally:
         await context.close()
 
@@ -217,6 +235,7 @@ async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dic
         seconds = time.perf_counter() - start
         done.set()
         heavy_report = await asyncio.gather(*heavy)
+        late = await late_session(browser, url) if heavy_jobs else None
         await browser.close()
     latencies = sorted(t for s in students for t in s.latencies)
     return {
@@ -227,7 +246,7 @@ async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dic
         "max_s": latencies[-1] if latencies else None,
         "errors": [f"session {s.number}: {e}" for s in students for e in s.errors],
         "leaks": [f"session {s.number}: {e}" for s in students for e in s.leaks],
-        "heavy_jobs": heavy_report,
+        "heavy_jobs": heavy_report, "after_their_tabs_closed": late,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }
 
@@ -252,7 +271,8 @@ def main() -> None:
     results["model"] = args.model
     print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), {args.heavy} heavy jobs: "
           f"p50 {results['p50_s']:.2f} s, p95 {results['p95_s']:.2f} s, max {results['max_s']:.2f} s; "
-          f"{len(results['errors'])} errors, {len(results['leaks'])} leaks; heavy jobs {results['heavy_jobs']}; "
+          f"{len(results['errors'])} errors, {len(results['leaks'])} leaks; heavy jobs {results['heavy_jobs']}, "
+          f"then {results['after_their_tabs_closed']}; "
           f"load average {results['load_average_before'][0]:.1f} -> {results['load_average_after'][0]:.1f}")
     for line in results["errors"] + results["leaks"]:
         print("  ", line)
