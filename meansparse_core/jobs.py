@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import deque
 from typing import Callable, Generic, Literal, TypeVar
@@ -139,6 +140,17 @@ def _set_process_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
+#: The niceness of the workers' threads: when cores are short, a page's rerun goes first.
+JOB_NICENESS = 10
+
+
+def yield_to_pages() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one; threads it starts inherit it)."""
+    if sys.platform == "linux":
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, JOB_NICENESS))
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and taskset restrict)."""
     try:
@@ -218,6 +230,7 @@ class JobQueue:
 
     def _serve(self) -> None:
         use_torch_threads(self.threads_per_job)
+        yield_to_pages()
         while True:
             with self._changed:
                 while not self._waiting and not self._closed:

@@ -1,12 +1,14 @@
 """The heavy-job queue: order, positions, progress, results to their submitter only, errors, cancellation,
 and torch threads. Threads are synchronised with events, never with sleeps."""
 
+import os
+import sys
 import threading
 
 import pytest
 import torch
 
-from meansparse_core.jobs import JobCancelled, JobQueue
+from meansparse_core.jobs import JOB_NICENESS, JobCancelled, JobQueue
 from meansparse_core.workbench import AttackChoice
 
 WAIT = 60  # seconds: only a hang ever waits this long
@@ -195,3 +197,16 @@ def test_a_queue_needs_workers():
                                                   ("pgd", 200, False), ("apgd-ce", 200, False)])
 def test_autoattack_and_long_square_runs_are_heavy(attack, steps, heavy):
     assert AttackChoice(attack, steps=steps).heavy is heavy
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_jobs_run_at_a_lower_cpu_priority_than_the_pages():
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    queue = JobQueue()
+    try:
+        assert finished(queue.submit(lambda job: niceness())).result() >= JOB_NICENESS
+        assert in_new_thread(niceness) == os.getpriority(os.PRIO_PROCESS, 0)  # a page's thread keeps the process's
+    finally:
+        queue.close()
