@@ -1,16 +1,20 @@
-"""Placement: find every activation of a model, route its input through MeanSparse, and undo it.
+"""Placement: find where MeanSparse goes in a model, route those features through it, and undo it.
 
-A *tap* is one call site of an activation: a functional call (``F.relu``, ``torch.relu``,
-``x.relu()``, ``F.silu``, ...), caught with a ``TorchFunctionMode``, or an activation module whose
-forward calls no such function (custom ``Swish`` modules), caught with a forward pre-hook. Models
-that already contain RobustBench ``MeanSparse`` layers (``Amini2024MeanSparse_*``) keep exactly
-those layers as their taps, driven by our alpha instead of their stored threshold.
+Where it goes is a placement rule (``placement_rules.py``). A *tap* is one place: the input of an
+activation called as a function (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.silu``, ...), caught
+with a ``TorchFunctionMode``; the input of an activation module whose forward calls no such function
+(custom ``Swish`` modules), caught with a forward pre-hook; the input or output of a module named by
+a rule (hooks); or the result of a tensor addition in a named module's forward (the function mode).
+Models that already contain RobustBench ``MeanSparse`` layers (``Amini2024MeanSparse_*``) keep
+exactly those layers as their taps, driven by our alpha instead of their stored threshold.
 
 Nothing about a forward pass is stored on the model: the hooks read a per-pass state from a
 ``ContextVar``, so one model can serve several threads with different alphas at once.
 
 Tap names are stable across passes: ``layer1.0.relu`` for an activation module, ``layer1.0:relu``
-for a functional call made in ``layer1.0``'s forward, with ``#2``, ``#3``... for repeated calls.
+for a functional call made in ``layer1.0``'s forward, ``layer1.0:input`` / ``layer1.0:output`` for a
+module's input or output, ``layer1.0:add`` for an addition made in its forward, with ``#2``, ``#3``...
+for repeated calls.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .operator import GradMode, MeanSparse
+from .placement_rules import ACTIVATIONS, OWN_LAYERS, Placement, name_matches, resolve
 
 if TYPE_CHECKING:
     from .statistics import Statistics
 
-TapKind = Literal["function", "module", "robustbench"]
+TapKind = Literal["function", "module", "robustbench", "input", "output", "sum"]
 Handler = Callable[["Tap", torch.Tensor], torch.Tensor]
 
 # Functional activations, keyed to the short name used in tap names.
@@ -57,6 +62,12 @@ ACTIVATION_FUNCTIONS: dict[Callable, str] = {
     }.items()
     for fn in fns
 }
+
+# Tensor additions, as a TorchFunctionMode sees them (``a + b`` arrives as Tensor.add).
+ADDITIONS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+             torch.Tensor.__iadd__}
+# Taps caught by the function mode; a pass without them runs without its per-operation cost.
+_FUNCTION_MODE_KINDS = {"function", "sum"}
 
 # Activation modules by class name, so that custom ones (DeepMind's Swish, timm's GELU) count too.
 _ACTIVATION_CLASS = re.compile(r"relu|elu|silu|swish|gelu|mish|softplus", re.IGNORECASE)
@@ -110,14 +121,36 @@ def _channel_dim(x: torch.Tensor, hint: tuple[int, int] | None) -> int:
     return x.dim() - 1 if x.dim() == 3 else 1
 
 
-class _Pass:
-    """State of one forward pass: which taps to route and to whom, and where the pass is."""
+def _module_part(tap_name: str) -> str:
+    """The module a tap belongs to: ``layer1.0`` for ``layer1.0:relu#2``, ``layer1.0.relu`` for itself."""
+    return tap_name.split(":")[0].split("#")[0]
 
-    def __init__(self, handler: Handler | None, taps: Mapping[str, Tap] | None) -> None:
+
+class _Pass:
+    """State of one forward pass: which taps to route and to whom, and where the pass is.
+
+    While discovering (``taps`` is None), ``placement`` says which modules' inputs, outputs and
+    additions are taps; otherwise the tap names say it.
+    """
+
+    def __init__(self, handler: Handler | None, taps: Mapping[str, Tap] | None,
+                 names: Iterable[str] = (), placement: Placement = ACTIVATIONS) -> None:
         self.handler = handler
         self.taps = taps  # None while discovering
-        # Activation modules caught by a pre-hook (no functional activation inside them).
-        self.module_taps = {t.name.split("#")[0] for t in (taps or {}).values() if t.kind == "module"}
+        if taps is None:
+            names = list(names)
+            chosen = {w: {n for n in names for r in placement.rules if r.where == w and name_matches(r.pattern, n)}
+                      for w in ("input", "output", "additions")}
+            self.inputs, self.outputs, self.sum_scopes = chosen["input"], chosen["output"], chosen["additions"]
+            self.module_taps: set[str] = set()
+        else:
+            by_kind: dict[str, set[str]] = {}
+            for t in taps.values():
+                by_kind.setdefault(t.kind, set()).add(_module_part(t.name))
+            # Activation modules caught by a pre-hook (no functional activation inside them).
+            self.module_taps = by_kind.get("module", set())
+            self.inputs, self.outputs = by_kind.get("input", set()), by_kind.get("output", set())
+            self.sum_scopes = by_kind.get("sum", set())
         self.scopes: list[tuple[nn.Module, str]] = []
         self.calls: Counter[str] = Counter()
         # Discovery only.
@@ -142,8 +175,8 @@ class _Pass:
 _current: ContextVar[_Pass | None] = ContextVar("meansparse_pass", default=None)
 
 
-class _ActivationCalls(TorchFunctionMode):
-    """Routes the input of every functional activation call to the current pass."""
+class _FunctionCalls(TorchFunctionMode):
+    """Routes the input of every functional activation call, and additions made in tapped modules."""
 
     def __init__(self, router: "_Router") -> None:
         super().__init__()
@@ -151,9 +184,13 @@ class _ActivationCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        op = ACTIVATION_FUNCTIONS.get(func)
         state = _current.get()
-        if state is not None and state.scopes and state.scopes[-1][1] in state.module_taps:
+        scope = state.scopes[-1][1] if state is not None and state.scopes else None
+        if func in ADDITIONS and scope is not None and scope in state.sum_scopes:
+            result = func(*args, **kwargs)
+            return state.route(state.call_name(f"{scope}:add"), "sum", result) if isinstance(result, torch.Tensor) else result
+        op = ACTIVATION_FUNCTIONS.get(func)
+        if scope is not None and scope in state.module_taps:
             op = None  # the call inside an activation module whose pre-hook has already routed its input
         if op is not None and state is not None and args and isinstance(args[0], torch.Tensor):
             name = state.call_name(self.router.function_tap_base(state, op))
@@ -201,20 +238,28 @@ class _Router:
         state.scopes.append((module, name))
         if state.taps is None:
             state.found_at_entry.append(len(state.found))
+        if not args or not isinstance(args[0], torch.Tensor):
             return None
-        if name in state.module_taps and args:
-            return (state.route(state.call_name(name), "module", args[0]), *args[1:])
-        return None
+        x = args[0]
+        if name in state.inputs:
+            x = state.route(state.call_name(f"{name}:input"), "input", x)
+        if state.taps is not None and name in state.module_taps:
+            x = state.route(state.call_name(name), "module", x)
+        return None if x is args[0] else (x, *args[1:])
 
     def _leave(self, module: nn.Module, args: tuple, output):
         state = _current.get()
         if state is None:
             return None
         state.scopes.pop()
+        name = self.names[module]
         if state.taps is None:
             self._discover_after(state, module, args)
         elif module in self.robustbench_layers:
-            return state.route(state.call_name(self.names[module]), "robustbench", args[0])
+            return state.route(state.call_name(name), "robustbench", args[0])
+        if name in state.outputs and isinstance(output, torch.Tensor):
+            routed = state.route(state.call_name(f"{name}:output"), "output", output)
+            return None if routed is output else routed
         return None
 
     def _discover_after(self, state: _Pass, module: nn.Module, args: tuple) -> None:
@@ -305,20 +350,60 @@ def _routing(model: nn.Module) -> Iterator[_Router]:
 def _run(router: _Router, state: _Pass, model: nn.Module, args: tuple, kwargs: dict, functional: bool):
     token = _current.set(state)
     try:
-        with _ActivationCalls(router) if functional else nullcontext():
+        with _FunctionCalls(router) if functional else nullcontext():
             return model(*args, **kwargs)
     finally:
         _current.reset(token)
 
 
+def own_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The RobustBench MeanSparse layers a model carries (``Amini2024MeanSparse_*``), by name."""
+    return {name: m for name, m in model.named_modules() if is_robustbench_meansparse(m)}
+
+
+def placement_of(model: nn.Module, placement: "str | Placement" = "activations") -> Placement:
+    """The placement ``find_taps`` applies to ``model``: its own MeanSparse layers if it has any.
+
+    A model that carries the authors' layers is tapped at exactly those layers (they are its released
+    placement), under ``activations`` and ``released`` alike; a rule of one's own is refused there.
+    """
+    if own_layers(model):
+        if isinstance(placement, str) and placement in ("activations", "released") or placement == OWN_LAYERS:
+            return OWN_LAYERS
+        raise ValueError(f"{type(model).__name__} carries its own MeanSparse layers, which are its taps; apply a rule "
+                         "of your own to a model without them (e.g. its base model).")
+    return resolve(placement, model)
+
+
+def _unmatched_rule(placement: Placement, taps: list[Tap]) -> str | None:
+    """The first rule of ``placement`` that put no tap anywhere, as text."""
+    suffix = {"input": ":input", "output": ":output", "additions": ":add"}
+    for rule in placement.rules:
+        if not any(t.name.split("#")[0] == f"{_module_part(t.name)}{suffix[rule.where]}"
+                   and name_matches(rule.pattern, _module_part(t.name)) for t in taps):
+            return f"{rule.pattern}:{rule.where}"
+    return None
+
+
 @torch.no_grad()
-def find_taps(model: nn.Module, example: torch.Tensor) -> list[Tap]:
-    """List the taps of ``model`` in forward order, from one forward pass on ``example`` (eval mode)."""
-    state = _Pass(handler=None, taps=None)
+def find_taps(model: nn.Module, example: torch.Tensor, placement: "str | Placement" = "activations") -> list[Tap]:
+    """List the taps of ``model`` in forward order, from one forward pass on ``example`` (eval mode).
+
+    ``placement`` is a name from ``placement_rules.PLACEMENTS`` ("activations", "released"), a rule's
+    text (e.g. ``"layer.*.block.*:output"``) or a ``Placement``; see ``placement_of``.
+    """
+    placement = placement_of(model, placement)
     with eval_mode(model), _routing(model) as router:
+        state = _Pass(handler=None, taps=None, names=router.names.values(), placement=placement)
         _run(router, state, model, (example,), {}, functional=True)
-    robustbench_taps = [t for t in state.found if t.kind == "robustbench"]
-    taps = robustbench_taps or state.found
+    if placement == OWN_LAYERS:
+        return [t for t in state.found if t.kind == "robustbench"]
+    taps = [t for t in state.found if t.kind in ("input", "output", "sum")
+            or placement.activations and not placement.skips(_module_part(t.name))]
+    if (rule := _unmatched_rule(placement, taps)) is not None:
+        example_names = ", ".join(list(router.names.values())[1:4])
+        raise ValueError(f"The rule {rule!r} matches no module of {type(model).__name__} (its modules are named like "
+                         f"{example_names}); check the pattern.")
     if not taps:
         raise ValueError(
             f"No activation found in {type(model).__name__}: MeanSparse sits in front of "
@@ -327,16 +412,20 @@ def find_taps(model: nn.Module, example: torch.Tensor) -> list[Tap]:
     return taps
 
 
+def _uses_function_mode(taps: Iterable[Tap]) -> bool:
+    return any(t.kind in _FUNCTION_MODE_KINDS for t in taps)
+
+
 def route_taps(model: nn.Module, taps: list[Tap], handler: Handler, *args, **kwargs):
-    """Run ``model(*args, **kwargs)`` once with each tap's input replaced by ``handler(tap, x)``."""
+    """Run ``model(*args, **kwargs)`` once with each tap's features replaced by ``handler(tap, x)``."""
     with _routing(model) as router:
         taps = router.cheapest(taps)
         state = _Pass(handler, {t.name: t for t in taps})
-        return _run(router, state, model, args, kwargs, any(t.kind == "function" for t in taps))
+        return _run(router, state, model, args, kwargs, _uses_function_mode(taps))
 
 
 class SparseModel(nn.Module):
-    """A model with MeanSparse in front of its activations; alpha is chosen per call.
+    """A model with MeanSparse at the taps of its statistics; alpha is chosen per call.
 
     The wrapped model's weights are shared, not copied, and never modified; ``detach()`` removes
     every hook. Example::
@@ -344,6 +433,7 @@ class SparseModel(nn.Module):
         sparse = attach(model, stats)
         logits = sparse(x, alpha=0.25)
         attackable = sparse.at(alpha=0.25, grad="straight-through")   # an nn.Module for attacks
+        plain = sparse.base   # the base model: alpha 0, the model's own MeanSparse layers switched off
     """
 
     def __init__(self, model: nn.Module, stats: "Statistics") -> None:
@@ -359,7 +449,7 @@ class SparseModel(nn.Module):
         self._router = self._attachment.__enter__()
         routed = self._router.cheapest(self.taps)
         self._by_name = {t.name: t for t in routed}  # built once: forward runs on every slider move
-        self._functional = any(t.kind == "function" for t in routed)
+        self._functional = _uses_function_mode(routed)
         self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
 
     def forward(
@@ -386,6 +476,12 @@ class SparseModel(nn.Module):
         """A light ``nn.Module`` view with these settings frozen, e.g. for torchattacks."""
         return FixedAlpha(self, alpha, grad, layer_alphas)
 
+    @property
+    def base(self) -> nn.Module:
+        """The base model: the plain model, or, when it carries its own MeanSparse layers, the model
+        with those layers switched off (called directly, they would run at their stored threshold)."""
+        return self.at(0.0) if any(t.kind == "robustbench" for t in self.taps) else self.model
+
     def detach(self) -> nn.Module:
         """Remove MeanSparse from the model and return the untouched original model."""
         if self._attachment is not None:
@@ -409,6 +505,43 @@ class FixedAlpha(nn.Module):
         return self.sparse(x, self.alpha, self.grad, self.layer_alphas)
 
 
-def attach(model: nn.Module, stats: "Statistics") -> SparseModel:
-    """Put MeanSparse with ``stats`` in front of every activation of ``model``."""
-    return SparseModel(model, stats)
+def _example(model: nn.Module, stats: "Statistics") -> torch.Tensor:
+    return torch.zeros(1, *stats.input_size, device=next(model.parameters()).device)
+
+
+def _onto(model: nn.Module, stats: "Statistics") -> "Statistics":
+    """``stats`` for ``model``'s taps: a released model's layers mapped onto its base model's
+    ``released`` taps (in forward order, channel counts checked), other statistics checked as they are."""
+    if stats.input_size is None:
+        return stats  # written before files recorded the input size: nothing to run the check on
+    released_layers = stats.taps and all(t.tap.kind == "robustbench" for t in stats.taps)
+    if released_layers and not own_layers(model):
+        taps = find_taps(model, _example(model, stats), "released")
+        if [t.channels for t in taps] != [t.tap.channels for t in stats.taps]:
+            raise ValueError(
+                f"These statistics come from {len(stats.taps)} MeanSparse layers, but the released placement of "
+                f"{type(model).__name__} has {len(taps)} taps with other widths; is this model their base model?")
+        return replace(stats, taps=[replace(s, tap=t) for s, t in zip(stats.taps, taps)],
+                       placement=placement_of(model, "released"))
+    taps = find_taps(model, _example(model, stats), stats.placement)
+    if taps != stats.tap_list:
+        raise ValueError(f"These statistics were computed at other places than the {stats.placement.label} placement "
+                         f"puts in {type(model).__name__} ({len(stats.taps)} taps, here {len(taps)}); recalibrate "
+                         "for this model.")
+    return stats
+
+
+def attach(model: nn.Module, stats: "Statistics", placement: "str | Placement | None" = None) -> SparseModel:
+    """Put MeanSparse with ``stats`` at the taps of ``model`` that the statistics were computed for.
+
+    Statistics read from a released model (``embedded_statistics``) attach to its base model too: the
+    library maps the released layers onto the base's ``released`` taps. ``placement``, when given,
+    must be the one the statistics were computed with. Anything that does not fit raises ValueError
+    before a hook is installed.
+    """
+    if placement is not None and placement_of(model, placement) != stats.placement and not (
+            stats.placement == OWN_LAYERS and placement_of(model, placement).name == "released"):
+        raise ValueError(f"These statistics were computed with the {stats.placement.label} placement, not "
+                         f"{placement_of(model, placement).label}; calibrate with that placement or pick "
+                         f"{stats.placement.name}.")
+    return SparseModel(model, _onto(model, stats))

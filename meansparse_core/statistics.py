@@ -1,15 +1,19 @@
-"""Exact per-channel statistics of every tap's input over a calibration set.
+"""Per-channel statistics of the features at every tap over a calibration set.
 
-Moments are merged batch by batch with Chan et al.'s parallel update in float64, so the result is
-the mean and (population) standard deviation over all positions of the whole set, not an average
-of per-batch figures. Positions are batch and spatial positions for (N,C,H,W) features, batch and
-token positions for channel-last features.
+The default ("exact") estimator merges moments batch by batch with Chan et al.'s parallel update in
+float64, so the result is the mean and (population) standard deviation over all positions of the
+whole set, not an average of per-batch figures. Positions are batch and spatial positions for
+(N,C,H,W) features, batch and token positions for channel-last features. The "authors" estimator
+reproduces the authors' procedure instead: each batch's mean and unbiased variance, averaged over
+batches in float32 (so the result depends on batch size and order; they used batches of 512).
 
 File format (``torch.save`` of plain containers, loadable with ``torch.load(weights_only=True)``)::
 
     {"format": "meansparse-statistics", "version": 1,
-     "meta": {str: str | int | float},            # e.g. model, data, n_images
-     "taps": [{"name": str, "kind": "function" | "module" | "robustbench",
+     "meta": {str: str | int | float},            # e.g. model, data, n_images, estimator
+     "placement": {...},                          # Placement.to_payload(); absent: "activations"
+     "input_size": [int, ...],                    # one input's shape, e.g. [3, 32, 32]; may be absent
+     "taps": [{"name": str, "kind": "function" | "module" | "robustbench" | "input" | "output" | "sum",
                "channel_dim": int, "count": int,  # positions seen per channel
                "mean": float64 tensor (C,), "std": float64 tensor (C,)}, ...]}
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, get_args
 
 import torch
 from torch import nn
@@ -27,12 +31,15 @@ from torch import nn
 from .distributed import SOLO, Group
 from .files import atomic_write
 from .fusion import Fused, as_rows
-from .placement import Tap, eval_mode, find_taps, route_taps
+from .placement import Tap, eval_mode, find_taps, own_layers, placement_of, route_taps
+from .placement_rules import ACTIVATIONS, Placement
 
 FORMAT = "meansparse-statistics"
 VERSION = 1
 
 Progress = Callable[[int, int], None]
+Estimator = Literal["exact", "authors"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
 def _batch_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +120,8 @@ class Statistics:
 
     taps: list[TapStatistics]
     meta: dict[str, str | int | float] = field(default_factory=dict)
+    placement: Placement = ACTIVATIONS
+    input_size: tuple[int, ...] | None = None  # one input's shape, to find the taps again on attaching
 
     def __getitem__(self, name: str) -> TapStatistics:
         for tap_stats in self.taps:
@@ -139,6 +148,8 @@ class Statistics:
             "format": FORMAT,
             "version": VERSION,
             "meta": dict(self.meta),
+            "placement": self.placement.to_payload(),
+            **({"input_size": list(self.input_size)} if self.input_size is not None else {}),
             "taps": [
                 {
                     "name": t.tap.name,
@@ -168,7 +179,9 @@ class Statistics:
                 TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"])
                 for t in payload["taps"]
             ]
-            return cls(taps=taps, meta=dict(payload["meta"]))
+            placement = Placement.from_payload(payload["placement"]) if "placement" in payload else ACTIVATIONS
+            input_size = tuple(int(n) for n in payload["input_size"]) if "input_size" in payload else None
+            return cls(taps=taps, meta=dict(payload["meta"]), placement=placement, input_size=input_size)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{origin} is a damaged MeanSparse statistics file ({exc!r}); recalibrate.") from exc
         except ValueError as exc:
@@ -196,6 +209,42 @@ def _inputs_of(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+class AuthorsMoments:
+    """The authors' estimator: each batch's mean and unbiased variance, averaged over batches.
+
+    Kept in the features' float32 and summed in the data's order as their MeanSparse layers do it
+    (``running += batch_figure / n_batches``), so the result matches the buffers their scripts write.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.count = 0
+
+    def update(self, x: torch.Tensor, channel_dim: int) -> None:
+        dims = tuple(d for d in range(x.dim()) if d != channel_dim % x.dim())
+        x = x.detach()
+        self.batches.append((torch.mean(x, dim=dims).cpu(), torch.var(x, dim=dims).cpu()))
+        self.count += x.numel() // max(x.shape[channel_dim], 1)
+
+    def _averaged(self, which: int) -> torch.Tensor:
+        total = torch.zeros_like(self.batches[0][which])
+        for figures in self.batches:
+            total += figures[which] / len(self.batches)
+        return total
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._averaged(0).double()
+
+    @property
+    def std(self) -> torch.Tensor:
+        # The square root their layers take, in float32: band edges then agree to the last bit.
+        return torch.sqrt(self._averaged(1).clamp_min(0)).double()
+
+
+_ESTIMATOR_CLASSES = {"exact": RunningMoments, "authors": AuthorsMoments}
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -205,66 +254,111 @@ def calibrate(
     device: torch.device | str | None = None,
     meta: dict[str, str | int | float] | None = None,
     group: Group = SOLO,
+    placement: str | Placement = "activations",
+    estimator: Estimator = "exact",
 ) -> Statistics:
-    """Exact per-channel mean and std of every tap's input over all ``batches``, model in eval mode.
+    """Per-channel mean and std of every tap's features over all ``batches``, model in eval mode.
 
-    ``batches`` yields input tensors or (inputs, labels) pairs; ``progress(done, total)`` is called
-    after each batch with the number of items seen (``total`` defaults to ``len(batches.dataset)``).
-    The model's train/eval mode is restored afterwards. With a ``group`` of several ranks
-    (torchrun), ``batches`` must be a sequence; each rank measures a contiguous share of it, rank 0
-    merges every batch's moments in order, and all ranks return statistics bit-identical to one
-    process's. Example::
+    ``placement`` says where the taps are (see ``placement_rules``: "activations", "released" or a
+    rule of one's own); it is stored with the statistics. ``estimator`` is "exact" (over the whole
+    set, the default) or "authors" (per-batch figures averaged; give it the training set in its
+    stored order in batches of 512 to reproduce their statistics). ``batches`` yields input tensors
+    or (inputs, labels) pairs; ``progress(done, total)`` is called after each batch with the number
+    of items seen (``total`` defaults to ``len(batches.dataset)``). The model's train/eval mode is
+    restored afterwards. With a ``group`` of several ranks (torchrun), ``batches`` must be a
+    sequence; each rank measures a contiguous share of it, rank 0 merges every batch's moments in
+    order, and all ranks return statistics bit-identical to one process's (exact estimator only).
+    Example::
 
-        stats = calibrate(model, DataLoader(train_set, batch_size=256))
+        stats = calibrate(model, DataLoader(train_set, batch_size=256), placement="released")
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}.")
+    resolved = placement_of(model, placement)
     if total is None:
         total = len(getattr(batches, "dataset", ())) or 0
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shared = group.world_size > 1
+    if shared and estimator == "authors":
+        raise ValueError("The authors' estimator averages batches in the data's order: run it in one process.")
     if shared:
         share = group.shard(len(batches))
         batches = [batches[k] for k in share]
     taps: list[Tap] | None = None
-    moments: dict[str, RunningMoments] = {}
+    moments: dict[str, RunningMoments | AuthorsMoments] = {}
 
     def record(tap: Tap, x: torch.Tensor) -> torch.Tensor:
         moments[tap.name].update(x, tap.channel_dim)
         return x
 
-    seen = 0
+    seen, input_size = 0, None
     with eval_mode(model):
         for batch in batches:
             x = _inputs_of(batch).to(device)
             if taps is None:
-                taps = find_taps(model, x[:1])
-                moments = {t.name: RunningMoments(t.channels, keep_batches=shared) for t in taps}
+                taps, input_size = find_taps(model, x[:1], resolved), tuple(x.shape[1:])
+                moments = {t.name: (AuthorsMoments(t.channels) if estimator == "authors"
+                                    else RunningMoments(t.channels, keep_batches=shared)) for t in taps}
             route_taps(model, taps, record, x)
             seen += x.shape[0]
             if progress is not None:
                 progress(seen, max(total, seen))
+    meta = {"n_images": seen, "estimator": estimator, **(meta or {})}
     if shared:
-        return _merged(group, taps, moments, seen, meta)
+        return _merged(group, taps, moments, meta, resolved, input_size)
     if taps is None:
         raise ValueError("The calibration set is empty: give it at least one image.")
     stats = [TapStatistics(t, moments[t.name].mean, moments[t.name].std, moments[t.name].count) for t in taps]
-    return Statistics(stats, {"n_images": seen, **(meta or {})})
+    return Statistics(stats, meta, resolved, input_size)
 
 
-def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMoments], seen: int,
-            meta: dict | None) -> Statistics:
+def _example_for(model: nn.Module) -> torch.Tensor:
+    """A zero input the model accepts: CIFAR-sized, else ImageNet-sized (vision transformers fix it)."""
+    device = next(model.parameters()).device
+    for size in ((3, 32, 32), (3, 224, 224)):
+        example = torch.zeros(1, *size, device=device)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(example)
+            return example
+        except (RuntimeError, AssertionError, ValueError):
+            continue
+    raise ValueError(f"{type(model).__name__} takes neither 32x32 nor 224x224 images; pass an example input.")
+
+
+def published_alpha(model: nn.Module) -> float | None:
+    """The threshold stored in a model's own MeanSparse layers (the alpha RobustBench evaluates it at).
+
+    None when the model has no such layers; ValueError when its layers disagree (use
+    ``published_layer_alphas`` then).
+    """
+    values = set(published_layer_alphas(model).values())
+    if len(values) > 1:
+        raise ValueError(f"The MeanSparse layers of {type(model).__name__} store {len(values)} different thresholds.")
+    return values.pop() if values else None
+
+
+def published_layer_alphas(model: nn.Module) -> dict[str, float]:
+    """The threshold stored in each of a model's own MeanSparse layers, by layer name."""
+    return {name: float(layer.threshold) for name, layer in own_layers(model).items()}
+
+
+def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMoments], meta: dict,
+            placement: Placement, input_size: tuple[int, ...] | None) -> Statistics:
     """Every rank's batch moments merged on rank 0 in batch order, the result shared with all ranks."""
-    shares = group.gather((taps, {name: m.batches for name, m in moments.items()}, seen))
+    shares = group.gather((taps, {name: m.batches for name, m in moments.items()}, meta["n_images"], input_size))
     payload = None
     if group.is_main:
-        taps = next((t for t, _, _ in shares if t is not None), None)
+        taps, input_size = next(((t, size) for t, _, _, size in shares if t is not None), (None, None))
         if taps is not None:
             merged = {t.name: RunningMoments(t.channels) for t in taps}
-            for _, logs, _ in shares:  # rank order is batch order: shares are contiguous
+            for _, logs, _, _ in shares:  # rank order is batch order: shares are contiguous
                 for name, log in logs.items():
                     for n_b, mean_b, m2_b in log:
                         merged[name].add(n_b, mean_b, m2_b)
             stats = [TapStatistics(t, merged[t.name].mean, merged[t.name].std, merged[t.name].count) for t in taps]
-            payload = Statistics(stats, {"n_images": sum(n for _, _, n in shares), **(meta or {})}).to_payload()
+            meta = {**meta, "n_images": sum(n for _, _, n, _ in shares)}
+            payload = Statistics(stats, meta, placement, input_size).to_payload()
     payload = group.broadcast(payload)
     if payload is None:
         raise ValueError("The calibration set is empty: give it at least one image.")
@@ -272,18 +366,28 @@ def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMome
 
 
 @torch.no_grad()
-def embedded_statistics(model: nn.Module, example: torch.Tensor) -> Statistics:
+def embedded_statistics(model: nn.Module, example: torch.Tensor | None = None) -> Statistics:
     """Statistics stored in a model's own RobustBench MeanSparse layers (``Amini2024MeanSparse_*``).
 
-    Those layers keep ``running_mean`` and ``running_var`` buffers; no calibration is needed.
+    Those layers keep ``running_mean`` and ``running_var`` buffers; no calibration is needed. The
+    standard deviation is ``torch.sqrt`` of the float32 ``running_var``, as the layers take it, so
+    band edges agree with theirs to the last bit. ``example`` (one input batch) finds the layers'
+    channel axes; by default a zero image the model accepts. The stored threshold goes into
+    ``meta["published_alpha"]`` when all layers agree on it. The statistics attach to the model
+    itself and to its base model (see ``attach``).
     """
-    taps = find_taps(model, example)
-    if taps[0].kind != "robustbench":
+    if not own_layers(model):
         raise ValueError(f"{type(model).__name__} has no RobustBench MeanSparse layers; calibrate it instead.")
+    example = _example_for(model) if example is None else example
+    taps = find_taps(model, example)
     layers = dict(model.named_modules())
     stats = []
     for tap in taps:
         layer = layers[tap.name.split("#")[0]]
-        std = layer.running_var.double().clamp_min(0).sqrt().cpu()
+        std = torch.sqrt(layer.running_var).double().cpu()  # exactly the layer's expression
         stats.append(TapStatistics(tap, layer.running_mean.double().cpu(), std, count=0))  # count unknown
-    return Statistics(stats, {"source": "embedded MeanSparse layers"})
+    meta: dict[str, str | int | float] = {"source": "embedded MeanSparse layers"}
+    thresholds = set(published_layer_alphas(model).values())
+    if len(thresholds) == 1:
+        meta["published_alpha"] = thresholds.pop()
+    return Statistics(stats, meta, placement_of(model), tuple(example.shape[1:]))

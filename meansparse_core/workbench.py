@@ -13,6 +13,7 @@ serves many users at once. Example::
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +27,8 @@ from .evaluation import EvalSettings, ResultCache, evaluate, predict
 from .files import discard_damaged
 from .models import ModelSpec, bundled_statistics_path
 from .operator import GradMode
-from .placement import SparseModel, find_taps
+from .placement import SparseModel, find_taps, own_layers, placement_of
+from .placement_rules import Placement
 from .statistics import Statistics, embedded_statistics
 
 STATS_CACHE = Path(".cache") / "stats"
@@ -70,11 +72,22 @@ def parse_alphas(text: str, limits: Limits = LIMITS) -> tuple[float, ...]:
 # --- statistics ------------------------------------------------------------------------------
 
 
+def _placement_tag(placement: str | Placement) -> str:
+    """A file-name part for a placement: none for "activations" (the files it always had)."""
+    name = placement.name if isinstance(placement, Placement) else placement
+    if name == "activations":
+        return ""
+    if name == "released":
+        return "__released"
+    return "__rule-" + hashlib.sha256(name.encode()).hexdigest()[:10]
+
+
 def statistics_path(spec: ModelSpec, data: str, weights_digest: str | None = None,
-                    cache: Path = STATS_CACHE) -> Path:
-    """Where calibrated statistics are cached: per model (and user checkpoint) and dataset."""
+                    cache: Path = STATS_CACHE, placement: str | Placement = "activations") -> Path:
+    """Where calibrated statistics are cached: per model (and user checkpoint), dataset and placement."""
     weights = f"__{weights_digest}" if weights_digest else ""
-    return cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{spec.key}{weights}__{data}')}.pt"
+    name = f"{spec.key}{weights}__{data}{_placement_tag(placement)}"
+    return cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt"
 
 
 @dataclass(frozen=True)
@@ -87,35 +100,37 @@ class FoundStatistics:
 
 
 def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest: str | None = None,
-                    cache: Path = STATS_CACHE) -> FoundStatistics | None:
-    """Statistics for ``model`` without calibrating; None if there are none.
+                    cache: Path = STATS_CACHE, placement: str | Placement = "activations") -> FoundStatistics | None:
+    """Statistics for ``model`` with this ``placement``, without calibrating; None if there are none.
 
-    Looked up in order: a calibration cached for this model and data, the statistics shipped with a
-    bundled model, and the buffers of MeanSparse layers already inside the model (RobustBench's
-    sparsified models). A cached file that is damaged or whose taps are not the model's is
-    discarded with a ``CacheWarning`` and the search goes on.
+    Looked up in order: a calibration cached for this model, data and placement, the statistics
+    shipped with a bundled model (placement "activations"), and the buffers of MeanSparse layers
+    already inside the model (RobustBench's sparsified models: those layers are their taps, whatever
+    the placement). A cached file that is damaged or whose taps are not the model's is discarded
+    with a ``CacheWarning`` and the search goes on.
     """
     example = torch.zeros(1, *spec.input_size, device=next(model.parameters()).device)
-    cached = statistics_path(spec, data, weights_digest, cache)
+    resolved = placement_of(model, placement)  # an unknown placement is the caller's error, not the file's
+    cached = statistics_path(spec, data, weights_digest, cache, placement)
     discarded = None
     try:
         stats = Statistics.load(cached)
-        if stats.tap_list != find_taps(model, example):
+        if stats.tap_list != find_taps(model, example, resolved):
             raise ValueError("its layers are not this model's")
         return FoundStatistics(stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)")
     except FileNotFoundError:
         pass
     except ValueError as exc:
         discarded = discard_damaged(cached, str(exc))
-    bundled = bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest else None
+    bundled = (bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest
+               and not _placement_tag(placement) else None)
     if bundled is not None and bundled.exists():
         stats = Statistics.load(bundled)
         return FoundStatistics(stats, f"shipped with the model ({stats.meta.get('n_images', '?')} {spec.dataset} training images)",
                                discarded)
-    try:
+    if own_layers(model):
         return FoundStatistics(embedded_statistics(model, example), "the model's own MeanSparse layers", discarded)
-    except ValueError:
-        return None
+    return None
 
 
 # --- one image -------------------------------------------------------------------------------
@@ -170,9 +185,9 @@ HEAVY_SQUARE_QUERIES = 300
 
 def classifier(sparse: SparseModel, alpha: float, grad: GradMode = "exact",
                layer_alphas: Mapping[str, float] | None = None) -> nn.Module:
-    """The model at ``alpha`` (the plain base model when alpha is 0 and no layer overrides it)."""
+    """The model at ``alpha`` (the base model when alpha is 0 and no layer overrides it)."""
     if alpha == 0 and not any(layer_alphas.values() if layer_alphas else ()):
-        return sparse.model
+        return sparse.base
     return sparse.at(alpha, grad, layer_alphas)
 
 
@@ -183,12 +198,12 @@ def attack_image(sparse: SparseModel, image: torch.Tensor, label: int | None, ch
     With no ``label`` (a photo whose class nobody named) the attack leads away from the base model's
     prediction on the clean image.
     """
-    target = (sparse.model if choice.target == "base"
+    target = (sparse.base if choice.target == "base"
               else classifier(sparse, alpha, choice.grad, layer_alphas))
     attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed)
     device = next(sparse.model.parameters()).device
     if label is None:
-        label = int(predict(sparse.model, image[None].to(device))[0])
+        label = int(predict(sparse.base, image[None].to(device))[0])
     return attack(image[None].to(device), torch.tensor([label], device=device))[0].cpu()
 
 
@@ -304,9 +319,9 @@ def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor 
     """
     sparsified = classifier(sparse, alpha, layer_alphas=layer_alphas)
     adv = (lambda m: top_k(m, adversarial, class_names, k)) if adversarial is not None else (lambda m: None)
-    base_clean = top_k(sparse.model, clean, class_names, k)
+    base_clean = top_k(sparse.base, clean, class_names, k)
     reference = base_clean.best if label is None else class_names[label]
-    return Comparison(reference, alpha, base_clean, top_k(sparsified, clean, class_names, k), adv(sparse.model),
+    return Comparison(reference, alpha, base_clean, top_k(sparsified, clean, class_names, k), adv(sparse.base),
                       adv(sparsified), label_known=label is not None)
 
 
