@@ -29,11 +29,12 @@ from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_loca
 from .operator import GRAD_MODES
 from .outcomes import write_items
 from .protocol import Protocol, evaluate_test, report, run_names, select_alpha, table, test_settings
-from .statistics import Statistics
+from .statistics import ESTIMATORS, Statistics
 from .workbench import find_statistics, statistics_path
 
 CACHE = Path(".cache")
 GROUP = distributed.SOLO  # the torchrun ranks sharing this command's work; set by main()
+PUBLISHED = "published"
 
 
 @contextmanager
@@ -94,10 +95,13 @@ def _load(args, dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor
     return images.to(_device(args.device)), labels.to(_device(args.device))
 
 
-def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``n`` items of ``split`` sampled by --seed (all without ``n``), and their indices in the split."""
+def _items(args, spec: ModelSpec, split: str, n: int | None,
+           in_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` items of ``split`` sampled by --seed (all without ``n``), or, ``in_order``, the first ``n``
+    in the split's stored order; and their indices in the split."""
     dataset = _dataset(args, spec, split)
-    indices = sample_indices(len(dataset), n if n else len(dataset), args.seed)
+    count = min(n, len(dataset)) if n else len(dataset)
+    indices = list(range(count)) if in_order else sample_indices(len(dataset), count, args.seed)
     return *_load(args, dataset, indices), indices
 
 
@@ -105,18 +109,38 @@ def _statistics(args, spec: ModelSpec, model: torch.nn.Module) -> Statistics:
     if args.stats:
         return Statistics.load(args.stats)
     data = args.data or spec.dataset
-    found = find_statistics(spec, model, data, _weights_digest(args))
+    placement = args.placement or "activations"
+    found = find_statistics(spec, model, data, _weights_digest(args), placement=placement)
     if found is None:
         raise ValueError(
-            f"No statistics for {spec.key} on {data}: run `python -m meansparse_core calibrate "
-            f"--model {spec.key}` first, or pass --stats FILE."
+            f"No statistics for {spec.key} on {data} with the {placement} placement: run `python -m meansparse_core "
+            f"calibrate --model {spec.key} --placement {placement}` first, or pass --stats FILE."
         )
     return found.stats
 
 
+def _sparse(args, model: torch.nn.Module, stats: Statistics):
+    """The model with ``stats`` attached; ``--placement``, when given, must be the statistics' own."""
+    return attach(model, stats, args.placement)
+
+
+def _alpha(value: float | str, stats: Statistics) -> float:
+    """A number, or the threshold stored in the model's own MeanSparse layers for ``published``."""
+    if value != PUBLISHED:
+        return float(value)
+    if "published_alpha" not in stats.meta:
+        raise ValueError("--alpha published needs a model that stores its threshold in its own MeanSparse layers "
+                         "(RobustBench's Amini2024MeanSparse_* entries); give a number instead.")
+    return float(stats.meta["published_alpha"])
+
+
+def _batch_size(args) -> int:
+    return args.batch_size or 100
+
+
 def _settings(args) -> EvalSettings:
     return EvalSettings(attack=args.attack, eps=args.eps, steps=args.steps, step=args.step, grad=args.grad,
-                        targeted=args.targeted, seed=args.seed, batch_size=args.batch_size)
+                        targeted=args.targeted, seed=args.seed, batch_size=_batch_size(args))
 
 
 def _emit(records: list[dict] | dict, as_json: bool) -> None:
@@ -148,11 +172,16 @@ def cmd_models(args) -> None:
 
 def cmd_calibrate(args) -> None:
     spec, model = _model(args)
-    images, _, _ = _items(args, spec, "train", args.n)
+    authors = args.estimator == "authors"
+    # The authors' estimator averages per-batch figures, so batch size and order are part of it.
+    images, _, _ = _items(args, spec, "train", args.n, in_order=authors)
+    placement = args.placement or "activations"
     with progress_bar("calibration") as update:
-        stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
-                          meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed}, group=GROUP)
-    out = Path(args.out) if args.out else statistics_path(spec, args.data or spec.dataset, _weights_digest(args))
+        stats = calibrate(model, images.split(args.batch_size or (512 if authors else 100)), progress=update,
+                          total=len(images), meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed},
+                          group=GROUP, placement=placement, estimator=args.estimator)
+    out = Path(args.out) if args.out else statistics_path(spec, args.data or spec.dataset, _weights_digest(args),
+                                                          placement=placement)
     if GROUP.is_main:
         stats.save(out)
     summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
@@ -171,10 +200,11 @@ def _report_resumed(results: list[EvalResult]) -> None:
         print(f"resumed {resumed} attacked batches from the journal", file=sys.stderr)
 
 
-def _evaluation_run(args, alphas: list[float]) -> list[dict]:
+def _evaluation_run(args, alphas: list[float | str]) -> list[dict]:
     spec, model = _model(args)
     stats = _statistics(args, spec, model)
-    sparse = attach(model, stats)
+    sparse = _sparse(args, model, stats)
+    alphas = [_alpha(a, stats) for a in alphas]
     images, labels, indices = _items(args, spec, "test", args.n)
     context = {"model": spec.key, "data": args.data or spec.dataset}
     cache_key = {**context, "weights": _weights_digest(args) or spec.key,
@@ -200,15 +230,15 @@ def cmd_sweep(args) -> None:
 def _calibrated(args, spec: ModelSpec, model: torch.nn.Module, dataset, indices: list[int]) -> tuple[Statistics, str]:
     """Statistics over the chosen training items, calibrated once and kept (a rerun reads them back)."""
     data = args.data or spec.dataset
-    key = f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}"
+    placement = args.placement or "activations"
+    key = f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}__{placement}"
     path = CACHE / "stats" / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
     if path.exists():
         return Statistics.load(path), f"{len(indices)} training images, read back from {path}"
     images, _ = _load(args, dataset, indices)
     with progress_bar("calibration") as update:
-        # The placement and estimator options of `calibrate` go here once they exist.
-        stats = calibrate(model, images.split(args.batch_size), progress=update, total=len(images),
-                          meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP)
+        stats = calibrate(model, images.split(_batch_size(args)), progress=update, total=len(images),
+                          meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP, placement=placement)
     if GROUP.is_main:
         stats.save(path)
     return stats, f"{len(indices)} training images, exact moments, saved to {path}"
@@ -219,7 +249,7 @@ def cmd_reproduce(args) -> None:
     data = args.data or spec.dataset
     protocol = Protocol(eps=args.eps, alphas=tuple(a for a in args.alphas if a > 0), max_clean_drop=args.max_clean_drop,
                         apgd_steps=args.steps, square_queries=args.square_queries, seed=args.seed,
-                        batch_size=args.batch_size)
+                        batch_size=_batch_size(args))
     train = _dataset(args, spec, "train")
     order = sample_indices(len(train), len(train), args.seed)
     held_out, pool = order[:args.select_n], order[args.select_n:]
@@ -261,11 +291,12 @@ def cmd_export(args) -> None:
     spec, model = _model(args)
     model = model.cpu()
     stats = _statistics(args, spec, model)
-    save_sparsified(args.out, model, stats, args.alpha, architecture={"key": spec.key})
-    written = {"model": spec.key, "alpha": args.alpha, "file": args.out}
+    sparse, alpha = _sparse(args, model, stats), _alpha(args.alpha, stats)
+    save_sparsified(args.out, model, sparse.stats, alpha, architecture={"key": spec.key})
+    written = {"model": spec.key, "alpha": alpha, "file": args.out}
     if args.program:
         example = torch.rand(2, *spec.input_size, generator=torch.Generator().manual_seed(0))
-        export_program(attach(model, stats).at(args.alpha), example, args.program)
+        export_program(sparse.at(alpha), example, args.program)
         written["program"] = args.program
     print(json.dumps(written) if args.json else "wrote " + ", ".join(str(v) for k, v in written.items() if k in ("file", "program")))
 
@@ -283,8 +314,16 @@ def _alphas(text: str) -> list[float]:
     return values
 
 
+def _alpha_arg(text: str) -> float | str:
+    """A number >= 0, or ``published``: the threshold the model's own MeanSparse layers store."""
+    return PUBLISHED if text == PUBLISHED else _non_negative(text)
+
+
 def _non_negative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -312,11 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_model.add_argument("--n", "--n-items", dest="n", type=int, default=None,
                             help="number of items sampled by --seed (default: all)")
     with_model.add_argument("--seed", type=int, default=0)
-    with_model.add_argument("--batch-size", type=int, default=100)
+    with_model.add_argument("--batch-size", type=int, default=None,
+                            help="default 100; 512 for calibrate --estimator authors")
+    with_model.add_argument("--placement", default=None, help=(
+        "where MeanSparse goes: 'activations' (in front of every activation, the paper's text; the default), "
+        "'released' (where the authors' released models put it), or rules such as 'activations, "
+        "layer.*.block.*:output' (input, output or additions of the modules a pattern names); "
+        "evaluate, sweep and export check it against the statistics' own"))
     with_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     cal = commands.add_parser("calibrate", parents=[with_model], help="exact statistics over the training split")
     cal.add_argument("--out", help="statistics file (default: .cache/stats/<model>__<data>.pt)")
+    cal.add_argument("--estimator", choices=ESTIMATORS, default="exact", help=(
+        "exact: mean and std over the whole set; authors: per-batch mean and unbiased variance averaged "
+        "over batches, the training set in its stored order, batches of 512 unless --batch-size says otherwise"))
     cal.set_defaults(run=cmd_calibrate)
 
     with_stats = argparse.ArgumentParser(add_help=False, parents=[with_model])
@@ -333,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     attacked.add_argument("--items", help="also write per-item outcomes to this CSV file (format: outcomes.py)")
 
     ev = commands.add_parser("evaluate", parents=[attacked], help="clean and robust accuracy at one alpha")
-    ev.add_argument("--alpha", type=_non_negative, default=0.0)
+    ev.add_argument("--alpha", type=_alpha_arg, default=0.0, help="a number, or 'published' (the threshold a "
+                    "released model stores); 0 is the base model, its own MeanSparse layers switched off")
     ev.set_defaults(run=cmd_evaluate)
 
     sw = commands.add_parser("sweep", parents=[attacked], help="clean and robust accuracy for several alphas")
@@ -356,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=cmd_reproduce)
 
     ex = commands.add_parser("export", parents=[with_stats], help="write the sparsified model to one file")
-    ex.add_argument("--alpha", type=_non_negative, required=True)
+    ex.add_argument("--alpha", type=_alpha_arg, required=True, help="a number, or 'published'")
     ex.add_argument("--out", required=True, help="the file meansparse_core.export.load_sparsified reads")
     ex.add_argument("--program", help="also write a torch.export program (.pt2) that needs only PyTorch")
     ex.set_defaults(run=cmd_export)

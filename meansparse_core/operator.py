@@ -1,4 +1,4 @@
-"""The MeanSparse operator: clamp features within alpha*sigma of their channel mean to that mean.
+"""The MeanSparse operator: replace features within alpha*sigma of their channel mean with that mean.
 
 Amini et al., "MeanSparse: Post-Training Robustness Enhancement Through Mean-Centered Feature
 Sparsification" (2024). For every channel c with mean mu_c and standard deviation sigma_c:
@@ -101,7 +101,7 @@ def sparsify(
         alpha: band half-width in units of std; 0 returns ``x`` itself.
         grad: "exact" (true gradient, zero inside the band) or "straight-through" (identity, BPDA).
 
-    Returns a tensor shaped like ``x``. Zero-std channels are never clamped and no NaN is created:
+    Returns a tensor shaped like ``x``. Zero-std channels are never replaced and no NaN is created:
     NaN compares false, so it passes through unchanged. Example::
 
         y = sparsify(features, mean, std, alpha=0.25)

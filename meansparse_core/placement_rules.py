@@ -164,6 +164,8 @@ def released_for(model: nn.Module) -> Placement:
 def parse_rule(text: str) -> Placement:
     """A user's placement from text such as ``"activations, layer.*.block.*:output"``."""
     items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"Give a placement: {', '.join(PLACEMENTS)}, or rules such as 'layer.*.block.*:output'.")
     rules = []
     for item in items:
         if item == "activations":

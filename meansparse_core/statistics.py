@@ -312,16 +312,17 @@ def calibrate(
     return Statistics(stats, meta, resolved, input_size)
 
 
-def _example_for(model: nn.Module) -> torch.Tensor:
-    """A zero input the model accepts: CIFAR-sized, else ImageNet-sized (vision transformers fix it)."""
+def _own_taps(model: nn.Module, example: torch.Tensor | None) -> tuple[list[Tap], torch.Tensor]:
+    """The model's own MeanSparse taps and the example that found them: by default a zero image,
+    CIFAR-sized, else ImageNet-sized (vision transformers fix their input size)."""
+    if example is not None:
+        return find_taps(model, example), example
     device = next(model.parameters()).device
     for size in ((3, 32, 32), (3, 224, 224)):
         example = torch.zeros(1, *size, device=device)
         try:
-            with torch.no_grad(), eval_mode(model):
-                model(example)
-            return example
-        except (RuntimeError, AssertionError, ValueError):
+            return find_taps(model, example), example
+        except (RuntimeError, AssertionError):
             continue
     raise ValueError(f"{type(model).__name__} takes neither 32x32 nor 224x224 images; pass an example input.")
 
@@ -378,8 +379,7 @@ def embedded_statistics(model: nn.Module, example: torch.Tensor | None = None) -
     """
     if not own_layers(model):
         raise ValueError(f"{type(model).__name__} has no RobustBench MeanSparse layers; calibrate it instead.")
-    example = _example_for(model) if example is None else example
-    taps = find_taps(model, example)
+    taps, example = _own_taps(model, example)
     layers = dict(model.named_modules())
     stats = []
     for tap in taps:

@@ -28,7 +28,7 @@ from .files import discard_damaged
 from .models import ModelSpec, bundled_statistics_path
 from .operator import GradMode
 from .placement import SparseModel, find_taps, own_layers, placement_of
-from .placement_rules import Placement
+from .placement_rules import ACTIVATIONS, Placement
 from .statistics import Statistics, embedded_statistics
 
 STATS_CACHE = Path(".cache") / "stats"
@@ -123,7 +123,7 @@ def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest
     except ValueError as exc:
         discarded = discard_damaged(cached, str(exc))
     bundled = (bundled_statistics_path(spec) if spec.source == "bundled" and not weights_digest
-               and not _placement_tag(placement) else None)
+               and resolved == ACTIVATIONS else None)
     if bundled is not None and bundled.exists():
         stats = Statistics.load(bundled)
         return FoundStatistics(stats, f"shipped with the model ({stats.meta.get('n_images', '?')} {spec.dataset} training images)",

@@ -203,3 +203,63 @@ def test_zoo_lists_models_and_says_where_missing_weights_go(tmp_path):
     assert "not on this machine" in warning and str(tmp_path / "cifar10" / "Linf") in warning
     app.sidebar.text_input(key="zoo_search").set_value("MeanSparse").run()
     assert all("MeanSparse" in o for o in app.sidebar.selectbox(key="zoo_model").options)
+
+
+def released_digits_model():
+    """The digits demo model with the authors' own MeanSparse layers (RobustBench's class) in front
+    of its convolutional ReLUs, holding its statistics and a stored threshold of 0.25."""
+    from torch import nn
+
+    from meansparse_core import Statistics
+    from meansparse_core.models import bundled_statistics_path, find_model, load_model
+    from meansparse_core.robustbench_compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.architectures.Meansparse_wrn_70_16 import MeanSparse
+
+    spec = find_model("bundled/digits-cnn")
+    model, stats = load_model(spec), Statistics.load(bundled_statistics_path(spec))
+    for index, module in enumerate(list(model)):
+        if isinstance(module, nn.ReLU) and isinstance(model[index - 1], nn.BatchNorm2d):
+            tap = stats[str(index)]
+            layer = MeanSparse(tap.tap.channels)
+            layer.running_mean.copy_(tap.mean)
+            layer.running_var.copy_(tap.std.square())
+            layer.threshold.fill_(0.25)
+            model[index] = nn.Sequential(layer, module)
+    return model.eval()
+
+
+def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_layers_off(monkeypatch):
+    import torch
+
+    from meansparse_core import attach
+    from meansparse_core.statistics import embedded_statistics
+    from meansparse_core.workbench import AttackChoice, attack_image, top_k
+    from ui import loaders
+
+    released = released_digits_model()
+    monkeypatch.setattr(loaders, "load_model", lambda spec, model_dir=None, progress=None: released)
+    for cached in (loaders.cached_model, loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_set):
+        cached.clear()
+    try:
+        app = start()
+        check_clean(app)
+        sidebar = "\n".join(c.value for c in app.sidebar.caption)
+        assert "published: 0.25" in sidebar and "own MeanSparse layers" in sidebar
+        assert app.sidebar.slider(key="alpha").value == 0.25
+        picked = app.session_state["picked"]
+        sparse = attach(released, embedded_statistics(released, picked.image[None]))
+        with torch.no_grad():
+            assert not torch.equal(released(picked.image[None]), sparse.base(picked.image[None]))
+        base_shown = chart(app, "predictions")["data"][0]["x"][::-1]
+        base = top_k(sparse.base, picked.image, [str(i) for i in range(10)])
+        assert base_shown == pytest.approx(list(base.probabilities))
+        app.radio[0].set_value("base")
+        app.button(key="FormSubmitter:attack-Attack").click().run()
+        check_clean(app)
+        expected = attack_image(sparse, picked.image, picked.label, AttackChoice(eps=app.session_state["adversarial"].choice.eps, target="base"))
+        assert torch.equal(app.session_state["adversarial"].image, expected)
+    finally:
+        for cached in (loaders.cached_model, loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_set):
+            cached.clear()

@@ -120,3 +120,23 @@ def test_user_checkpoint_gets_its_own_statistics(workspace, capsys, tmp_path):
     record = run_json(capsys, ["evaluate", *workspace, "--checkpoint", str(checkpoint), "--n", "3",
                                "--attack", "fgsm", "--alpha", "0.2"])
     assert record["n"] == 3
+
+
+def test_placement_estimator_and_published_alpha(workspace, capsys, tmp_path):
+    authors = run_json(capsys, ["calibrate", *workspace, "--n", "6", "--estimator", "authors", "--placement", "released"])
+    stats = Statistics.load(authors["statistics"])
+    assert stats.meta["estimator"] == "authors" and stats.placement.name == "released" and len(stats.taps) == 17
+    assert stats.meta["n_images"] == 6 and authors["statistics"].endswith("__released.pt")
+    # Released statistics are found again for --placement released; the activations file does not exist.
+    attack = ["--attack", "fgsm", "--eps", "8", "--steps", "1", "--n", "2"]
+    assert run_json(capsys, ["evaluate", *workspace, *attack, "--placement", "released"])["alpha"] == 0.0
+    for argv, message in [
+        (["evaluate", *workspace, "--stats", authors["statistics"], "--placement", "activations"],
+         "computed with the released (ResNet) placement, not activations"),
+        (["evaluate", *workspace, "--placement", "released", "--alpha", "published"], "--alpha published needs"),
+        (["calibrate", *workspace, "--placement", "nowhere"], "Unknown placement 'nowhere'"),
+        (["calibrate", *workspace, "--placement", "layer9.*:output"], "matches no module"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -44,14 +44,14 @@ def cached_model(choice: ModelChoice) -> torch.nn.Module:
 
 
 @st.cache_resource(show_spinner="Looking for statistics...", max_entries=8)
-def cached_statistics(choice: ModelChoice, data: str):
-    return find_statistics(choice.spec, cached_model(choice), data, choice.weights_digest)
+def cached_statistics(choice: ModelChoice, data: str, placement: str = "activations"):
+    return find_statistics(choice.spec, cached_model(choice), data, choice.weights_digest, placement=placement)
 
 
 @st.cache_resource(max_entries=8)
-def cached_sparse(choice: ModelChoice, data: str) -> SparseModel | None:
+def cached_sparse(choice: ModelChoice, data: str, placement: str = "activations") -> SparseModel | None:
     """The shared sparsified view of the cached model; it holds no alpha, so sessions cannot collide."""
-    found = cached_statistics(choice, data)
+    found = cached_statistics(choice, data, placement)
     return attach(cached_model(choice), found.stats) if found else None
 
 
@@ -61,20 +61,23 @@ def cached_dataset(data: str, root: str, split: str) -> Dataset:
 
 
 @st.cache_resource(show_spinner="Crafting the live evaluation set (once per model)...", max_entries=4)
-def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float) -> LiveAccuracy:
+def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float, placement: str = "activations") -> LiveAccuracy:
     dataset = cached_dataset(data, root, "test")
     indices = sample_indices(len(dataset), LIMITS.live_set, seed=0)
     images, labels = load_items(dataset, indices)
-    return LiveAccuracy.craft(cached_model(choice), images.to(choice.device), labels.to(choice.device),
+    sparse = cached_sparse(choice, data, placement)
+    # The base model: a released model's own MeanSparse layers switched off, not run at their threshold.
+    base = sparse.base if sparse is not None else cached_model(choice)
+    return LiveAccuracy.craft(base, images.to(choice.device), labels.to(choice.device),
                               AttackChoice(eps=eps, target="base"), indices=indices)
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
 def cached_live_figures(choice: ModelChoice, data: str, root: str, eps: float, alpha: float,
-                        layer_alphas: tuple[tuple[str, float], ...]) -> tuple[float, float]:
+                        layer_alphas: tuple[tuple[str, float], ...], placement: str = "activations") -> tuple[float, float]:
     """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free."""
-    live = cached_live_set(choice, data, root, eps)
-    return live.at(cached_sparse(choice, data), alpha, dict(layer_alphas))
+    live = cached_live_set(choice, data, root, eps, placement)
+    return live.at(cached_sparse(choice, data, placement), alpha, dict(layer_alphas))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

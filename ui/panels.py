@@ -36,9 +36,9 @@ def accuracy_panel_ui(current: Setup) -> None:
     sparse = current.sparse
     if sparse is None or current.test_set is None:
         return
-    live = cached_live_set(current.model, current.data, current.data_root, current.eps)
+    live = cached_live_set(current.model, current.data, current.data_root, current.eps, current.placement)
     clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
-                                          tuple(sorted(current.layer_alphas.items())))
+                                          tuple(sorted(current.layer_alphas.items())), current.placement)
     left, middle, right = st.columns(3)
     n = len(live.labels)
     left.metric(f"Clean accuracy ({n} test images, live)", with_interval(clean, n),

@@ -15,7 +15,8 @@ from meansparse_core.data import DATASETS, DEFAULT_ROOT, DataUnavailable, load_d
 from meansparse_core.files import file_digest
 from meansparse_core.models import (DEFAULT_MODEL_DIR, LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
                                     is_local, load_model, preferred_bundled, weight_files)
-from meansparse_core.placement import SparseModel
+from meansparse_core.placement import SparseModel, own_layers
+from meansparse_core.placement_rules import PLACEMENTS
 from meansparse_core.workbench import statistics_path
 from ui import heavy
 from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
@@ -24,6 +25,7 @@ from ui.state import Setup
 
 UPLOADS = Path(".cache") / "uploads"
 DEFAULT_ALPHA = 0.2
+ALPHA_START, ALPHA_STARTED_FOR = "alpha_start", "alpha_started_for"  # session keys: the published alpha, once per model
 
 
 def default_model() -> str:
@@ -130,18 +132,35 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
         return data, root, None
 
 
-def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
+def placement_ui(choice: ModelChoice) -> str:
+    """Where MeanSparse goes, with one line on what the chosen rule does."""
+    if own_layers(cached_model(choice)):
+        st.caption("Placement: this model carries the authors' MeanSparse layers; they are its taps.")
+        return "released"
+    placement = st.radio("Placement", list(PLACEMENTS), horizontal=True, key="placement",
+                         help="The paper's text puts MeanSparse in front of every activation; the authors' "
+                              "released models also put it on residual sums.")
+    st.caption(PLACEMENTS[placement])
+    return placement
+
+
+def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> str:
     """Where the statistics in use come from; offers a calibration run (in the server's job queue) when there are none."""
     if heavy.collect("calibration") is not None:
         for cached in (cached_statistics, cached_sparse, cached_live_figures):
             cached.clear()
-    found = cached_statistics(choice, data)
+    try:
+        found = cached_statistics(choice, data, placement)
+    except ValueError as exc:  # no released placement is known for this architecture
+        st.warning(str(exc))
+        return "none"
     if found is not None and found.discarded:
         st.warning(found.discarded)
     if found is not None:
         st.caption(f"Statistics: {found.origin}.")
         return found.origin
-    st.warning(f"{choice.spec.name} has no MeanSparse statistics for {data} yet: calibrate them on its training split.")
+    st.warning(f"{choice.spec.name} has no MeanSparse statistics for {data} with the {placement} placement yet: "
+               "calibrate them on its training split.")
     try:
         train = cached_dataset(data, root, "train")
     except DataUnavailable:
@@ -149,17 +168,19 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
         return "none"
     n = st.slider("Calibration images", 100, len(train), min(5000, len(train)), 100, key="calibration_n")
     if st.button("Calibrate", key="calibrate"):
-        model, path = cached_model(choice), statistics_path(choice.spec, data, choice.weights_digest)
+        model = cached_model(choice)
+        path = statistics_path(choice.spec, data, choice.weights_digest, placement=placement)
 
         def calibration(job) -> Path:
             images, _ = load_items(train, sample_indices(len(train), n, seed=0))
             stats = calibrate(model, (b.to(choice.device) for b in images.split(100)), total=n,
                               progress=lambda done, total: job.report(done, total, f"{done}/{total} images"),
-                              meta={"model": choice.key, "data": data, "seed": 0})
+                              meta={"model": choice.key, "data": data, "seed": 0}, placement=placement)
             stats.save(path)
             return path
 
-        heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration, (choice, data, n))
+        heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration,
+                     (choice, data, n, placement))
     heavy.status_ui("calibration")
     return "none"
 
@@ -167,9 +188,25 @@ def statistics_ui(choice: ModelChoice, data: str, root: str) -> str:
 def threshold_ui() -> tuple[bool, float]:
     """MeanSparse on/off and the global alpha."""
     st.header("MeanSparse")
+    if (start := st.session_state.pop(ALPHA_START, None)) is not None:
+        st.session_state["alpha"] = start  # before the slider is drawn: Streamlit refuses it afterwards
     on = st.toggle("Sparsify", True, key="sparsify")
-    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, DEFAULT_ALPHA, 0.01, key="alpha")
+    st.session_state.setdefault("alpha", DEFAULT_ALPHA)  # set here, not as the slider's default: see above
+    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, step=0.01, key="alpha")
     return on, alpha
+
+
+def published_alpha_ui(choice: ModelChoice, sparse: SparseModel | None) -> None:
+    """Marks the threshold a released model stores; the slider starts there once per model."""
+    published = sparse.stats.meta.get("published_alpha") if sparse is not None else None
+    if published is None:
+        return
+    st.caption(f"published: {published:g} (the threshold stored in this model's MeanSparse layers; "
+               "alpha 0 switches them off)")
+    if st.session_state.get(ALPHA_STARTED_FOR) != choice:
+        st.session_state[ALPHA_STARTED_FOR] = choice
+        st.session_state[ALPHA_START] = float(published)
+        st.rerun()
 
 
 def layer_alphas_ui(sparse: SparseModel, alpha: float) -> dict[str, float]:
@@ -210,9 +247,11 @@ def sidebar_ui() -> Setup:
             download_ui(choice.spec, model_dir)
         cached_model(choice)
         data, root, test_set = data_ui(choice.spec)
-        origin = statistics_ui(choice, data, root)
-        sparse = cached_sparse(choice, data)
+        placement = placement_ui(choice)
+        origin = statistics_ui(choice, data, root, placement)
+        sparse = cached_sparse(choice, data, placement) if origin != "none" else None
     with threshold_box:
+        published_alpha_ui(choice, sparse)
         layer_alphas = layer_alphas_ui(sparse, alpha) if sparse is not None else {}
         if not on or sparse is None:
             alpha, layer_alphas = 0.0, {}
@@ -226,4 +265,4 @@ def sidebar_ui() -> Setup:
                 "- **ImageNet**: a local `val/<wnid>/*.JPEG` tree under `<data folder>/imagenet`.\n"
                 "- **Statistics** are cached under `.cache/stats` and reused."
             )
-    return Setup(choice, sparse, origin, data, root, test_set, alpha, layer_alphas)
+    return Setup(choice, sparse, origin, data, root, test_set, alpha, layer_alphas, placement)

@@ -28,6 +28,7 @@ class Setup:
     test_set: Dataset | None  # None when the data is not on this machine
     alpha: float
     layer_alphas: dict[str, float] = field(default_factory=dict)
+    placement: str = "activations"
 
     @property
     def spec(self) -> ModelSpec:
