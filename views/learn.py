@@ -17,9 +17,12 @@ $$
 With $\alpha = 0$ nothing changes. As $\alpha$ grows, more and more small, common variations
 around the mean are erased, while large, informative deviations pass untouched.
 
-**Where it goes.** In front of every activation (ReLU, SiLU, GELU, ...) of an adversarially
-trained network, including the last one before the classifier. Nothing is retrained: only the
-statistics are measured and one global $\alpha$ is chosen.
+**Where it goes.** The paper's text puts it in front of every activation (ReLU, SiLU, GELU, ...)
+of an adversarially trained network, including the last one before the classifier: the
+*activations* placement. The authors' released models put it in more places, after every residual
+addition too (per architecture: see the README): the *released* placement, which reproduces their
+published models exactly. The sidebar picks one. Nothing is retrained: only the statistics are
+measured and one global $\alpha$ is chosen.
 
 **Why it can help.** An adversarial perturbation is a small change spread over many features.
 Where a feature sits near its channel mean for both the clean and the adversarial image, the
