@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from .distributed import SOLO, Group
 from .evaluation import EvalResult, EvalSettings, ResultCache, evaluate, sweep
+from .outcomes import Outcomes
 from .placement import SparseModel
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -137,6 +138,6 @@ images, which tunes it on the figures reported.)
 """
 
 
-def run_names(results: dict[str, EvalResult]) -> Sequence[tuple[str, object]]:
+def run_names(results: dict[str, EvalResult]) -> list[tuple[str, Outcomes]]:
     """(run name, outcomes) pairs for the per-item file."""
     return [(f"{name} alpha={r.settings.alpha:g}", r.outcomes) for name, r in results.items()]
