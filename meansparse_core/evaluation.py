@@ -181,12 +181,9 @@ class Journal:
         self.path = path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
         self._pattern = f"{path.stem}*{path.suffix}"  # every rank's file
         self.batches: dict[int, tuple[list[str], float]] = {}
-        self._own: dict[int, tuple[list[str], float]] = {}  # this rank's file, rewritten whole on each record
         for file in sorted(path.parent.glob(self._pattern)):
-            entries = self._read(file)
-            self.batches.update(entries)
-            if file == self.path:
-                self._own = entries
+            self.batches.update(self._read(file))
+        self._own = self._read(self.path) if self.path.exists() else {}
 
     @staticmethod
     def _read(path: Path) -> dict[int, tuple[list[str], float]]:
