@@ -1,28 +1,43 @@
 """MeanSparse Explorer: pick a robust model and an image, slide the threshold, attack, and look inside.
 
-The sidebar (model, data, statistics, alpha) is drawn here once for every page; the pages read
-what it set up from the session.
+Every run: the link the session was opened with (once), the tour, the sidebar (model, data,
+statistics), then the page, which reads what the sidebar set up from the session.
 """
 
 import streamlit as st
 
+from meansparse_core.links import PAGES as PAGE_NAMES
+from ui import layout, links, threshold, tour
 from ui.errors import shown_errors
 from ui.sidebar import sidebar_ui
 
-PAGES = [
+PAGES = dict(zip(PAGE_NAMES, [
     st.Page("views/explore.py", title="Explore", icon=":material/image_search:", default=True),
     st.Page("views/layers.py", title="Layers", icon=":material/stacked_bar_chart:"),
     st.Page("views/accuracy.py", title="Accuracy", icon=":material/monitoring:"),
     st.Page("views/learn.py", title="Learn", icon=":material/school:"),
-]
+]))
 
 
 def main() -> None:
     st.set_page_config(page_title="MeanSparse Explorer", layout="wide")
-    page = st.navigation(PAGES)
+    page = st.navigation(list(PAGES.values()))
+    st.session_state["page_name"] = page.title.lower()
     with shown_errors():
-        st.session_state["setup"] = sidebar_ui()
-        page.run()
+        threshold.keep_values()
+        links.open_link(PAGES)
+        tour.follow_tour(PAGES)
+        layout.presentation_ui()
+        tour.start_ui()
+        current = sidebar_ui()
+        links.restore_view(current)
+        tour.carry_out(current)
+        tour.tour_ui()
+        st.session_state["setup"] = current
+        try:
+            page.run()
+        finally:
+            links.write_link(current)
 
 
 main()

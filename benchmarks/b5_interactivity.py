@@ -92,7 +92,7 @@ def app_rerun_timings(rounds: int) -> dict:
             app.switch_page(path).run()
         alphas = iter(np.round(np.linspace(0.05, 1.0, rounds + 1), 2))
         timings[f"app_rerun_{page}"] = median_seconds(
-            lambda: app.sidebar.slider(key="alpha").set_value(float(next(alphas))).run(), rounds)
+            lambda: app.slider(key="alpha").set_value(float(next(alphas))).run(), rounds)
         assert not app.exception, app.exception
     return timings
 

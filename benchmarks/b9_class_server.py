@@ -183,7 +183,7 @@ async def student(browser, url: str, session: Session, sessions: int, moves: int
         await page.get_by_role("button", name="Attack", exact=True).click()
         await page.get_by_text("Adversarial example:").first.wait_for()
         await check_page(page, "attack", session)
-        slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider'] input[type=range]").first
+        slider = page.locator("[data-testid='stMain'] [data-testid='stSlider'] input[type=range]").first
         alpha, presses = 0.2, session.number + 1
         for move in range(moves):
             alpha = round(alpha + 0.01 * presses, 2)

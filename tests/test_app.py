@@ -59,7 +59,7 @@ def test_opens_on_the_offline_model_with_statistics(explore):
 def test_alpha_changes_the_sparsified_predictions_only():
     app = start()
     before = chart(app, "predictions")["data"]
-    app.sidebar.slider(key="alpha").set_value(1.5).run()
+    app.slider(key="alpha").set_value(1.5).run()
     check_clean(app)
     after = chart(app, "predictions")["data"]
     assert after[0]["x"] == before[0]["x"]  # the base model ignores alpha
@@ -74,7 +74,7 @@ def test_attack_adds_adversarial_predictions_and_a_verdict():
     assert len(chart(app, "predictions")["data"]) == 4
     assert "True class" in texts(app) and "Adversarial example: pgd eps 32/255" in texts(app)
     crafted = app.session_state["adversarial"].image.clone()
-    app.sidebar.slider(key="alpha").set_value(0.5).run()  # the adversarial example stays put
+    app.slider(key="alpha").set_value(0.5).run()  # the adversarial example stays put
     assert app.session_state["adversarial"].image.equal(crafted)
 
 
@@ -119,7 +119,7 @@ def test_layers_page_updates_with_alpha():
     replaced = chart(app, "fraction_replaced")
     assert replaced["layout"]["xaxis"]["type"] == "category"
     assert taps is None or replaced["layout"]["xaxis"]["categoryarray"] == taps
-    app.sidebar.slider(key="alpha").set_value(0.8).run()
+    app.slider(key="alpha").set_value(0.8).run()
     check_clean(app)
     after = chart(app, "fraction_replaced")["data"][0]["y"]
     assert all(a > b for b, a in zip(replaced["data"][0]["y"], after))
@@ -161,10 +161,10 @@ def test_learn_page():
 
 def test_two_sessions_keep_their_own_alpha_and_results():
     first, second = start(), start()
-    first.sidebar.slider(key="alpha").set_value(0.0).run()
-    second.sidebar.slider(key="alpha").set_value(2.0).run()
+    first.slider(key="alpha").set_value(0.0).run()
+    second.slider(key="alpha").set_value(2.0).run()
     first.run()
-    assert first.sidebar.slider(key="alpha").value == 0.0
+    assert first.slider(key="alpha").value == 0.0
     assert chart(first, "predictions")["data"][0]["x"] == chart(first, "predictions")["data"][1]["x"]
     assert chart(second, "predictions")["data"][0]["x"] != chart(second, "predictions")["data"][1]["x"]
 
@@ -247,7 +247,7 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
         check_clean(app)
         sidebar = "\n".join(c.value for c in app.sidebar.caption)
         assert "published: 0.25" in sidebar and "own MeanSparse layers" in sidebar
-        assert app.sidebar.slider(key="alpha").value == 0.25
+        assert app.slider(key="alpha").value == 0.25
         picked = app.session_state["picked"]
         sparse = attach(released, embedded_statistics(released, picked.image[None]))
         with torch.no_grad():
@@ -263,3 +263,145 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
     finally:
         for cached in (loaders.cached_model, loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_set):
             cached.clear()
+
+
+# --- issue 16, the app half: findings and lecture features -------------------------------------
+
+
+def pick_buttons(app: AppTest) -> dict[str, object]:
+    return {b.key: b for b in app.button if b.key and b.key.startswith("pick_")}
+
+
+def test_the_picked_gallery_image_is_marked():
+    app = start()
+    first = next(iter(pick_buttons(app).values()))
+    assert (first.label, first.disabled) == ("Picked", True)  # the page starts on the first image
+    fourth = list(pick_buttons(app))[3]
+    app.button(key=fourth).click().run()
+    check_clean(app)
+    marked = [b.key for b in pick_buttons(app).values() if b.label == "Picked"]
+    assert marked == [fourth] and app.session_state["picked"].key == f"test/{fourth[5:]}"
+
+
+def test_a_zoo_model_without_weights_says_so_in_the_main_pane(tmp_path):
+    app = start()
+    app.sidebar.text_input(key="model_dir").set_value(str(tmp_path))
+    app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    assert not app.exception, app.exception
+    main = "\n".join(w.value for w in app.main.warning)
+    assert "not on this machine" in main and str(tmp_path / "cifar10" / "Linf") in main
+    assert "download_weights" in [b.key for b in app.main.button]
+
+
+def test_a_failed_download_leaves_no_progress_bar(tmp_path, monkeypatch):
+    import ui.sidebar
+    from meansparse_core.models import ModelUnavailable
+
+    def failing_download(spec, model_dir, progress):
+        progress(1, 10)
+        raise ModelUnavailable("The download failed: no network. Put the file there by hand.")
+
+    monkeypatch.setattr(ui.sidebar, "load_model", failing_download)
+    app = start()
+    app.sidebar.text_input(key="model_dir").set_value(str(tmp_path))
+    app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    app.button(key="download_weights").click().run()
+    assert not app.exception, app.exception
+    assert "The download failed" in "\n".join(e.value for e in app.error)
+    assert not app.get("progress")
+
+
+def test_alpha_sits_above_the_predictions_in_a_fragment():
+    app = start()
+    assert [s.key for s in app.main.slider] == ["alpha"] and not app.sidebar.slider
+    assert len(app._fragment_storage._fragments) == 1  # Explore's stage: slider moves rerun only it
+
+
+def test_the_view_is_written_into_the_link():
+    app = start()
+    app.slider(key="alpha").set_value(0.45).run()
+    app.button(key=list(pick_buttons(app))[2]).click().run()
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    check_clean(app)
+    params = app.query_params
+    image = app.session_state["picked"].key.split("/")[1]
+    assert {k: params[k] for k in ("page", "model", "alpha", "image", "attack", "seed", "target")} == {
+        "page": "explore", "model": "bundled/digits-cnn", "alpha": "0.45", "image": image, "attack": "pgd",
+        "seed": "0", "target": "sparse"}
+    assert f"model=bundled/digits-cnn&data=digits&image={image}&alpha=0.45&attack=pgd" in app.code[0].value
+
+
+def open_link(params: dict[str, str]) -> AppTest:
+    app = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    app.query_params.update(params)
+    return app.run()
+
+
+def test_opening_a_link_restores_page_alpha_image_and_attack():
+    made = start()
+    made.slider(key="alpha").set_value(0.6).run()
+    made.button(key=list(pick_buttons(made))[5]).click().run()
+    made.button(key="FormSubmitter:attack-Attack").click().run()
+    crafted = made.session_state["adversarial"].image
+    opened = open_link({**made.query_params, "page": "layers"})
+    check_clean(opened)
+    assert opened.title[0].value == "Layers" and opened.slider(key="alpha").value == 0.6
+    assert opened.session_state["picked"].key == made.session_state["picked"].key
+    assert opened.session_state["adversarial"].image.equal(crafted)  # re-crafted with the same seed
+    assert not opened.warning
+
+
+def test_a_hostile_link_gets_one_notice_and_the_rest_is_restored():
+    app = open_link({"alpha": "nan", "image": "99999999", "page": "../../etc", "model": "bundled/none",
+                     "layer_alphas": "<script>", "x": "1" * 5000})
+    check_clean(app)
+    notices = [w.value for w in app.main.warning]
+    assert len(notices) == 1 and all(n in notices[0] for n in ("alpha", "image", "page", "model", "layer_alphas"))
+    assert app.slider(key="alpha").value == 0.2 and app.title[0].value == "Explore"
+    app.slider(key="alpha").set_value(0.3).run()
+    assert not app.main.warning  # said once
+
+
+def test_presentation_layout_puts_the_stage_first_and_is_in_the_link():
+    app = open_link({"layout": "presentation"})
+    check_clean(app)
+    assert app.sidebar.toggle(key="presentation").value and not app.title
+    from ui.layout import PRESENTATION_FONT_SIZE
+
+    assert chart(app, "predictions")["layout"]["font"]["size"] == PRESENTATION_FONT_SIZE
+    assert app.query_params["layout"] == "presentation"
+    keys = [getattr(node, "key", None) for node in app.main]
+    assert keys.index("alpha") < min(keys.index(k) for k in pick_buttons(app))  # the stage comes first
+
+
+def test_two_alphas_side_by_side_on_explore():
+    app = start()
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    app.slider(key="alpha").set_value(0.8).run()
+    app.toggle(key="compare").set_value(True).run()
+    check_clean(app)
+    assert app.slider(key="alpha2").value == 0.0
+    verdicts = [m.value for m in app.markdown if m.value.startswith("**") and "alpha" in m.value]
+    assert len(verdicts) == 2 and "alpha 0.8" in verdicts[0] and "alpha 0:" in verdicts[1]
+    left, right = chart(app, "predictions")["data"], chart(app, "predictions_2")["data"]
+    assert len(left) == len(right) == 2 and left != right
+    assert app.query_params["alpha2"] == "0"
+
+
+def test_the_guided_tour_drives_the_pages():
+    from meansparse_core.tour import TOUR
+
+    app = start()
+    app.sidebar.button(key="tour_start").click().run()
+    seen = []
+    for index, step in enumerate(TOUR):
+        check_clean(app)
+        assert f"step {index + 1} of {len(TOUR)}" in texts(app)
+        seen.append((app.title[0].value if app.title else "", app.session_state["alpha"],
+                     "adversarial" in app.session_state))
+        if step.last_layer:
+            assert app.selectbox(key="layer").value.name == app.session_state["setup"].sparse.taps[-1].name
+        app.button(key="tour_next").click().run()
+    assert [s[0] for s in seen] == ["Explore"] * 4 + ["Layers", "Accuracy", "How MeanSparse works"]
+    assert [s[1] for s in seen[:4]] == [0.2, 0.2, 0.0, 1.0] and seen[1][2]
+    assert "Tour, step" not in texts(app)

@@ -97,7 +97,7 @@ def page(server, browser, request):
 
 def move_alpha(page, presses: int) -> None:
     """Streamlit hides the slider's range input: focus it and press arrow keys (0.01 each)."""
-    slider = page.locator("[data-testid='stSidebar'] [data-testid='stSlider']").first
+    slider = page.locator("[data-testid='stMain'] [data-testid='stSlider']").first
     slider.locator("input[type=range]").focus()
     for _ in range(presses):
         page.keyboard.press("ArrowRight")

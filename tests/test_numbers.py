@@ -146,7 +146,7 @@ def test_the_app_at_the_extremes_of_the_slider_draws_only_finite_numbers():
     for page in ("views/explore.py", "views/layers.py"):
         app.switch_page(page).run()
         for alpha in (0.0, 2.0):
-            app.sidebar.slider(key="alpha").set_value(alpha).run()
+            app.slider(key="alpha").set_value(alpha).run()
             assert not app.exception and not app.error, page
             for element in app.get("plotly_chart"):
                 numbers = plotted_numbers(json.loads(element.proto.spec))  # json reads NaN and Infinity as floats

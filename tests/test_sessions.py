@@ -169,9 +169,9 @@ def test_two_app_sessions_with_different_images_and_alphas_see_their_own_results
 
     first = AppTest.from_file("../app.py", default_timeout=120).run()
     second = AppTest.from_file("../app.py", default_timeout=120).run()
-    first.sidebar.slider(key="alpha").set_value(0.0).run()
+    first.slider(key="alpha").set_value(0.0).run()
     [b for b in second.button if (b.key or "").startswith("pick_")][1].click().run()  # another gallery image
-    second.sidebar.slider(key="alpha").set_value(1.8).run()
+    second.slider(key="alpha").set_value(1.8).run()
     second.button(key="FormSubmitter:attack-Attack").click().run()
     first_view, second_view = predictions(first.run()), predictions(second.run())
     assert not first.exception and not second.exception

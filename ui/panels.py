@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import streamlit as st
@@ -11,21 +13,26 @@ import torch
 
 from meansparse_core.charts import EXPORT_FORMATS, download_config
 from meansparse_core.workbench import nearest, with_interval
+from ui.layout import PRESENTATION_FONT_SIZE, presenting
 from ui.loaders import cached_live_figures, cached_live_set
 from ui.state import Setup, gallery_order, pick, test_image
 
 
 def gallery_ui(current: Setup, count: int = 8) -> None:
-    """A row of test images with labels; a button under each picks it."""
+    """A row of test images with labels; a button under each picks it, and the picked one is marked."""
     if current.test_set is None:
         return
     page = st.session_state.get("gallery_page", 0)
+    order = gallery_order(len(current.test_set))
+    chosen = getattr(st.session_state.get("picked"), "key", f"test/{order[0]}")  # the page picks the first one
     columns = st.columns(count)
-    for column, index in zip(columns, gallery_order(len(current.test_set))[page * count:(page + 1) * count]):
+    for column, index in zip(columns, order[page * count:(page + 1) * count]):
         picked = test_image(current, index)
-        column.image(to_display(picked.image), caption=current.spec.class_names[picked.label], width="stretch")
-        if column.button("Pick", key=f"pick_{index}"):
-            pick(picked)
+        here = picked.key == chosen
+        column.image(to_display(picked.image), caption=("▶ " if here else "") + current.spec.class_names[picked.label],
+                     width="stretch")
+        column.button("Picked" if here else "Pick", key=f"pick_{index}", on_click=pick, args=(picked,),
+                      disabled=here, type="primary" if here else "secondary", icon=":material/check:" if here else None)
     if st.button("More images", key="gallery_more"):
         st.session_state["gallery_page"] = page + 1
         st.rerun()
@@ -58,7 +65,11 @@ def accuracy_panel_ui(current: Setup) -> None:
 
 
 def chart_ui(figure, key: str) -> None:
-    """A Plotly chart whose camera button (top right) saves it at slide resolution, as PNG or SVG."""
+    """A Plotly chart whose camera button (top right) saves it at slide resolution, as PNG or SVG; in the
+    presentation layout in larger type."""
+    if presenting():
+        figure.update_layout(font_size=PRESENTATION_FONT_SIZE)
+        figure.update_annotations(font_size=PRESENTATION_FONT_SIZE + 1)  # subplot titles
     st.plotly_chart(figure, key=key, config=download_config(key, st.session_state.get("figure_format", "png")))
 
 
@@ -71,6 +82,16 @@ def figure_format_ui() -> None:
              index=formats.index(st.session_state.get("figure_format", "png")), format_func=str.upper,
              key="figure_format_choice",
              on_change=lambda: st.session_state.update(figure_format=st.session_state["figure_format_choice"]))
+
+
+@contextmanager
+def progress_bar(text: str) -> Iterator[Callable[..., None]]:
+    """A progress bar that goes away when the work ends, also when it fails; yields ``update(fraction, text)``."""
+    bar = st.progress(0.0, text)
+    try:
+        yield lambda fraction, label=None: bar.progress(min(max(fraction, 0.0), 1.0), label)
+    finally:
+        bar.empty()
 
 
 def to_display(image: torch.Tensor, size: int = 128) -> np.ndarray:

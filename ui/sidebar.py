@@ -1,4 +1,4 @@
-"""The sidebar: which model, data and statistics, and the threshold; it returns the session's Setup."""
+"""The sidebar: which model, data and statistics, and per-layer alphas; it returns the session's Setup."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 import torch
 from torch.utils.data import Dataset
 
@@ -21,11 +22,12 @@ from meansparse_core.workbench import statistics_path
 from ui import heavy
 from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
                         cached_statistics, cached_zoo)
-from ui.state import Setup
+from ui.panels import progress_bar
+from ui.state import Setup, layer_overrides
+from ui.threshold import chosen
 
 UPLOADS = Path(".cache") / "uploads"
-DEFAULT_ALPHA = 0.2
-ALPHA_START, ALPHA_STARTED_FOR = "alpha_start", "alpha_started_for"  # session keys: the published alpha, once per model
+ALPHA_STARTED_FOR = "alpha_started_for"  # session key: the model whose published alpha the slider started at
 
 
 def default_model() -> str:
@@ -100,14 +102,15 @@ def zoo_ui(model_dir: str, with_demo_architectures: bool) -> ModelSpec:
                         + (" · fits a laptop" if s.key in laptop else ""))
 
 
-def download_ui(spec: ModelSpec, model_dir: str) -> None:
-    """Weights that are not on disk yet: say where to put them, and offer the download."""
+def download_ui(spec: ModelSpec, model_dir: str, main: DeltaGenerator) -> None:
+    """Weights that are not on disk yet: say where to put them, and offer the download (in the main pane,
+    which stays empty until there is a model)."""
     files = ", ".join(str(p) for p in weight_files(spec, model_dir))
-    st.warning(f"The weights of {spec.name} are not on this machine. Put them at {files}, or download them.")
-    if st.button("Download the weights", key="download_weights"):
-        bar = st.progress(0.0, "Downloading...")
-        load_model(spec, model_dir, lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
-                                                                        f"{done / 2**20:.0f} MB"))
+    st.warning(f"The weights of {spec.name} are not on this machine.")
+    main.warning(f"The weights of {spec.name} are not on this machine. Put them at {files}, or download them.")
+    if main.button("Download the weights", key="download_weights"):
+        with main, progress_bar("Downloading...") as update:
+            load_model(spec, model_dir, lambda done, total: update(done / max(total, 1), f"{done / 2**20:.0f} MB"))
         st.rerun()
     st.stop()
 
@@ -125,8 +128,8 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
     except DataUnavailable as exc:
         st.warning(str(exc))
         if data != "imagenet" and st.button(f"Download {DATASETS[data].label}", key="download_data"):
-            bar = st.progress(0.0, "Downloading...")
-            load_dataset(data, "test", root, lambda done, total: bar.progress(min(done / max(total, 1), 1.0)))
+            with progress_bar("Downloading...") as update:
+                load_dataset(data, "test", root, lambda done, total: update(done / max(total, 1)))
             st.rerun()
         st.caption("Without data, the pages work on uploaded images only.")
         return data, root, None
@@ -185,17 +188,6 @@ def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> 
     return "none"
 
 
-def threshold_ui() -> tuple[bool, float]:
-    """MeanSparse on/off and the global alpha."""
-    st.header("MeanSparse")
-    if (start := st.session_state.pop(ALPHA_START, None)) is not None:
-        st.session_state["alpha"] = start  # before the slider is drawn: Streamlit refuses it afterwards
-    on = st.toggle("Sparsify", True, key="sparsify")
-    st.session_state.setdefault("alpha", DEFAULT_ALPHA)  # set here, not as the slider's default: see above
-    alpha = st.slider("alpha (band half-width in standard deviations)", 0.0, 2.0, step=0.01, key="alpha")
-    return on, alpha
-
-
 def published_alpha_ui(choice: ModelChoice, sparse: SparseModel | None) -> None:
     """Marks the threshold a released model stores; the slider starts there once per model."""
     published = sparse.stats.meta.get("published_alpha") if sparse is not None else None
@@ -205,7 +197,7 @@ def published_alpha_ui(choice: ModelChoice, sparse: SparseModel | None) -> None:
                "alpha 0 switches them off)")
     if st.session_state.get(ALPHA_STARTED_FOR) != choice:
         st.session_state[ALPHA_STARTED_FOR] = choice
-        st.session_state[ALPHA_START] = float(published)
+        st.session_state["alpha"] = float(published)  # the slider is drawn later, by the page
         st.rerun()
 
 
@@ -222,8 +214,7 @@ def layer_alphas_ui(sparse: SparseModel, alpha: float) -> dict[str, float]:
         if right.button("Clear all", key="clear_overrides"):
             overrides.clear()
         st.caption(", ".join(f"{k}: {v:g}" for k, v in overrides.items()) or "No overrides: every layer uses alpha.")
-    names = {t.name for t in sparse.taps}
-    return {k: v for k, v in overrides.items() if k in names}
+    return layer_overrides(sparse)
 
 
 def device_ui() -> str:
@@ -233,28 +224,21 @@ def device_ui() -> str:
 
 def sidebar_ui() -> Setup:
     """Draw the sidebar and return what it sets up; stops the page until a model is usable."""
+    main = st.container()
+    alpha, compare_alpha = chosen()
     with st.sidebar:
-        model_box, threshold_box = st.container(), st.container()
-    # The threshold is drawn first, so that it is drawn in every run even when the model part stops
-    # early (waiting for an upload, or rerunning after a calibration): Streamlit forgets the value of
-    # a widget after a run that did not draw it.
-    with threshold_box:
-        on, alpha = threshold_ui()
-    with model_box:
         key, checkpoint, model_dir = model_ui()
         choice = ModelChoice(key, model_dir, checkpoint, device_ui())
         if choice.spec.source == "robustbench" and not checkpoint and not is_local(choice.spec, model_dir):
-            download_ui(choice.spec, model_dir)
+            download_ui(choice.spec, model_dir, main)
         cached_model(choice)
         data, root, test_set = data_ui(choice.spec)
         placement = placement_ui(choice)
         origin = statistics_ui(choice, data, root, placement)
         sparse = cached_sparse(choice, data, placement) if origin != "none" else None
-    with threshold_box:
+        st.header("MeanSparse")
         published_alpha_ui(choice, sparse)
         layer_alphas = layer_alphas_ui(sparse, alpha) if sparse is not None else {}
-        if not on or sparse is None:
-            alpha, layer_alphas = 0.0, {}
         st.caption(f"**In use:** {choice.spec.label} · {DATASETS[data].label} · {choice.device}")
         with st.expander("Getting more models and data"):
             st.markdown(
@@ -265,4 +249,6 @@ def sidebar_ui() -> Setup:
                 "- **ImageNet**: a local `val/<wnid>/*.JPEG` tree under `<data folder>/imagenet`.\n"
                 "- **Statistics** are cached under `.cache/stats` and reused."
             )
-    return Setup(choice, sparse, origin, data, root, test_set, alpha, layer_alphas, placement)
+    if sparse is None or not st.session_state.get("sparsify", True):
+        alpha, compare_alpha, layer_alphas = 0.0, None, {}
+    return Setup(choice, sparse, origin, data, root, test_set, alpha, layer_alphas, placement, compare_alpha)

@@ -29,6 +29,7 @@ class Setup:
     alpha: float
     layer_alphas: dict[str, float] = field(default_factory=dict)
     placement: str = "activations"
+    compare_alpha: float | None = None  # the second alpha, when comparing two side by side
 
     @property
     def spec(self) -> ModelSpec:
@@ -54,6 +55,12 @@ def require_sparse(current: Setup) -> SparseModel:
         st.info("This page needs MeanSparse statistics: calibrate them in the sidebar first.")
         st.stop()
     return current.sparse
+
+
+def layer_overrides(sparse: SparseModel) -> dict[str, float]:
+    """The session's per-layer alphas for the layers this model has."""
+    names = {t.name for t in sparse.taps}
+    return {k: v for k, v in st.session_state.get("layer_alphas", {}).items() if k in names}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from ui import costs, heavy, panels, state
+from ui import costs, heavy, links, panels, state, threshold
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
@@ -111,6 +111,7 @@ def main() -> None:
     current = state.setup()
     state.require_sparse(current)
     st.title("Accuracy")
+    current = threshold.threshold_ui(current)
     st.markdown("Clean and robust accuracy against alpha. The attack runs against MeanSparse itself at each "
                 "alpha (adaptive), so each point costs one full attack on N images.")
     if current.test_set is None:
@@ -129,6 +130,7 @@ def main() -> None:
     if current.model_id in sweeps:
         results_ui(sweeps[current.model_id], current.alpha)
     export_ui(current)
+    links.link_ui(current)
 
 
 main()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import costs, heavy, loaders, panels, state, uploads
+from ui import costs, heavy, layout, links, loaders, panels, state, threshold, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import top_k_chart
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
@@ -66,49 +66,77 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
     return choice if pressed else None
 
 
-def images_ui(picked: state.Picked, crafted: state.Crafted | None) -> None:
+def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int) -> None:
     columns = st.columns(3)
-    columns[0].image(panels.to_display(picked.image, 192), caption=f"clean: {picked.caption}")
+    columns[0].image(panels.to_display(picked.image, size), caption=f"clean: {picked.caption}")
     if crafted is None:
         if not heavy.pending("attack"):
             columns[1].info("Press Attack to craft an adversarial example.")
         return
     perturbation, scale = amplified(crafted.image - picked.image)
     linf = float((crafted.image - picked.image).abs().max()) * 255
-    columns[1].image(panels.to_display(perturbation, 192), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
-    columns[2].image(panels.to_display(crafted.image, 192), caption="adversarial")
+    columns[1].image(panels.to_display(perturbation, size), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
+    columns[2].image(panels.to_display(crafted.image, size), caption="adversarial")
     st.caption(f"Adversarial example: {crafted.description}. It stays fixed while alpha moves.")
     if not crafted.found:
         st.warning(crafted.choice.not_found())
 
 
-def predictions_ui(comparison: Comparison) -> None:
+def predictions_ui(comparison: Comparison, key: str, with_base: bool = True) -> None:
     tops = [("base · clean", comparison.base_clean), ("MeanSparse · clean", comparison.sparse_clean),
             ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
-    panels.chart_ui(top_k_chart([(title, top) for title, top in tops if top is not None], comparison.label),
-                    "predictions")
+    shown = [(title, top) for title, top in tops if top is not None and (with_base or title.startswith("Mean"))]
+    panels.chart_ui(top_k_chart(shown, comparison.label), key)
+
+
+def comparisons_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
+    """The verdict and top-5 panels at alpha, or, comparing, at each of the two alphas side by side."""
+    def at(alpha: float) -> Comparison:
+        return compare(current.sparse, picked.image, crafted.image if crafted else None, picked.label, alpha,
+                       current.spec.class_names, current.layer_alphas)
+    if current.compare_alpha is None:
+        comparison = at(current.alpha)
+        st.markdown(f"**{comparison.verdict}**")
+        predictions_ui(comparison, "predictions")
+    else:
+        for column, alpha, key in zip(st.columns(2), (current.alpha, current.compare_alpha), ("", "_2")):
+            with column:
+                comparison = at(alpha)
+                st.markdown(f"**{comparison.verdict}**")
+                predictions_ui(comparison, f"predictions{key}", with_base=False)
     st.caption(f"Top-5 probabilities; green is {comparison.reference}.")
+
+
+@st.fragment
+def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
+    """Everything alpha changes, with the controls on top: a slider move reruns only this."""
+    current = threshold.threshold_ui(current)
+    images_ui(picked, crafted, 150 if layout.presenting() else 192)
+    comparisons_ui(current, picked, crafted)
+    panels.accuracy_panel_ui(current)
+    links.link_ui(current)
 
 
 def main() -> None:
     current = state.setup()
-    sparse = state.require_sparse(current)
-    st.title("Explore")
-    st.markdown("Pick an image, attack it, then move **alpha** in the sidebar: the predictions below follow it, "
-                "while the adversarial example stays the one you crafted.")
-    picked = image_ui(current)
-    choice = attack_ui(current)
-    if choice is not None:
-        state.craft(current, picked, choice)
-    crafted = state.adversarial(current, picked)
-    st.subheader("3 · See what each model says")
-    heavy.status_ui("attack")
-    images_ui(picked, crafted)
-    comparison = compare(sparse, picked.image, crafted.image if crafted else None, picked.label, current.alpha,
-                         current.spec.class_names, current.layer_alphas)
-    st.markdown(f"**{comparison.verdict}**")
-    predictions_ui(comparison)
-    panels.accuracy_panel_ui(current)
+    state.require_sparse(current)
+    presenting = layout.presenting()
+    if not presenting:
+        st.title("Explore")
+        st.markdown("Pick an image, attack it, then move **alpha**: the predictions follow it, while the "
+                    "adversarial example stays the one you crafted.")
+    first, second = st.container(), st.container()
+    controls, stage = (second, first) if presenting else (first, second)  # presenting: what alpha changes on top
+    with controls:
+        picked = image_ui(current)
+        choice = attack_ui(current)
+        if choice is not None:
+            state.craft(current, picked, choice)
+    with stage:
+        if not presenting:
+            st.subheader("3 · See what each model says")
+        heavy.status_ui("attack")
+        stage_ui(current, picked, state.adversarial(current, picked))
 
 
 main()

@@ -4,7 +4,7 @@ import streamlit as st
 
 from meansparse_core.charts import fraction_replaced_chart, histogram_chart, perturbation_chart, perturbation_split_chart
 from meansparse_core.probes import TapProbe, probe
-from ui import panels, state
+from ui import links, panels, state, threshold
 
 
 def layer_ui(current: state.Setup) -> tuple[str, int]:
@@ -17,7 +17,7 @@ def layer_ui(current: state.Setup) -> tuple[str, int]:
     return tap.name, int(channel)
 
 
-def histograms_ui(layer: TapProbe) -> None:
+def histograms_ui(layer: TapProbe, key: str = "") -> None:
     st.subheader(f"Layer {layer.name}")
     st.caption(f"alpha {layer.alpha:g} here · {layer.fraction_replaced_clean:.1%} of the clean and "
                f"{layer.fraction_replaced_adv:.1%} of the adversarial values replaced by the mean · the grey band "
@@ -26,24 +26,24 @@ def histograms_ui(layer: TapProbe) -> None:
     with left:
         st.markdown(f"**Channel {layer.channel}** (raw values; μ = {layer.channel_mean:.3g}, σ = {layer.channel_std:.3g})")
         panels.chart_ui(histogram_chart(layer.channel_values, layer.channel_mean, layer.alpha * layer.channel_std,
-                                        "feature value"), "channel_histogram")
+                                        "feature value"), f"channel_histogram{key}")
         if len(layer.channel_values.clean_before) < 64:
             st.caption(f"This channel has only {len(layer.channel_values.clean_before)} positions per image at this "
                        "depth, so its histogram is thin; the whole-layer view pools every channel.")
     with right:
         st.markdown("**Whole layer**, standardised per channel: (x − μ_c) / σ_c")
         panels.chart_ui(histogram_chart(layer.standardized, 0.0, layer.alpha, "standard deviations from the mean"),
-                        "layer_histogram")
+                        f"layer_histogram{key}")
 
 
-def depth_ui(probes: list[TapProbe]) -> None:
+def depth_ui(probes: list[TapProbe], key: str = "") -> None:
     left, right = st.columns(2)
     with left:
-        panels.chart_ui(fraction_replaced_chart(probes), "fraction_replaced")
+        panels.chart_ui(fraction_replaced_chart(probes), f"fraction_replaced{key}")
     with right:
-        relative = st.toggle("Relative to the base model's clean features", True, key="perturbation_relative")
-        panels.chart_ui(perturbation_chart(probes, relative), "perturbation")
-    panels.chart_ui(perturbation_split_chart(probes), "perturbation_split")
+        relative = st.toggle("Relative to the base model's clean features", True, key=f"perturbation_relative{key}")
+        panels.chart_ui(perturbation_chart(probes, relative), f"perturbation{key}")
+    panels.chart_ui(perturbation_split_chart(probes), f"perturbation_split{key}")
     st.caption(
         "Top left: how much of each layer the operator replaces by the mean. Top right: the size of the "
         "perturbation's effect on each layer's features, ‖f(x+δ) − f(x)‖, without MeanSparse (blue) and after "
@@ -53,24 +53,29 @@ def depth_ui(probes: list[TapProbe]) -> None:
         "outside, unchanged. **Created**: one inside and one outside, so one jumps to the mean: a change of at "
         "least alpha·σ however small the perturbation was. After the operator, what is left is passed and "
         "created together (their squares add up).")
-    panels.figure_format_ui()
 
 
 def main() -> None:
     current = state.setup()
     sparse = state.require_sparse(current)
     st.title("Layers")
+    current = threshold.threshold_ui(current)
     picked = state.picked_image(current)
     crafted = state.adversarial(current, picked) or state.craft(current, picked, state.default_attack(current))
     st.caption(f"Image: {picked.caption}. Adversarial example: {crafted.description} "
                "(pick the image and run other attacks on the Explore page).")
     name, channel = layer_ui(current)
-    probes = probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
-                   crafted.image[None].to(current.model.device), current.alpha, current.layer_alphas,
-                   channel={name: channel})
-    histograms_ui(next(p for p in probes if p.name == name))
-    depth_ui(probes)
+    alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
+    for column, alpha, key in zip(st.columns(len(alphas)), alphas, ("", "_2")):  # two alphas side by side
+        with column:
+            probes = probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
+                           crafted.image[None].to(current.model.device), alpha, current.layer_alphas,
+                           channel={name: channel})
+            histograms_ui(next(p for p in probes if p.name == name), key)
+            depth_ui(probes, key)
+    panels.figure_format_ui()
     panels.accuracy_panel_ui(current)
+    links.link_ui(current)
 
 
 main()
