@@ -199,7 +199,7 @@ def test_zoo_lists_models_and_says_where_missing_weights_go(tmp_path):
     assert not app.exception, app.exception
     models = app.sidebar.selectbox(key="zoo_model")
     assert len(models.options) > 50 and models.value.key.startswith("robustbench/cifar10/Linf/")
-    warning = "\n".join(w.value for w in app.sidebar.warning)
+    warning = "\n".join(w.value for w in app.warning)
     assert "not on this machine" in warning and str(tmp_path / "cifar10" / "Linf") in warning
     app.sidebar.text_input(key="zoo_search").set_value("MeanSparse").run()
     assert all("MeanSparse" in o for o in app.sidebar.selectbox(key="zoo_model").options)
@@ -405,3 +405,15 @@ def test_the_guided_tour_drives_the_pages():
     assert [s[0] for s in seen] == ["Explore"] * 4 + ["Layers", "Accuracy", "How MeanSparse works"]
     assert [s[1] for s in seen[:4]] == [0.2, 0.2, 0.0, 1.0] and seen[1][2]
     assert "Tour, step" not in texts(app)
+
+
+def test_two_alphas_side_by_side_on_layers():
+    app = start()
+    app.switch_page("views/layers.py").run()
+    app.slider(key="alpha").set_value(0.9).run()
+    app.toggle(key="compare").set_value(True).run()
+    check_clean(app)
+    for key in ("channel_histogram", "layer_histogram", "clamped", "attenuation"):
+        assert chart(app, key)["data"] and chart(app, f"{key}_2")["data"]
+    assert chart(app, "clamped")["data"][0]["y"] != chart(app, "clamped_2")["data"][0]["y"]
+    assert "alpha 0.9 here" in texts(app) and "alpha 0 here" in texts(app)

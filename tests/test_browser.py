@@ -36,18 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served_folder(tmp_path_factory) -> Path:
-    """The server's working folder: its models/, data/ and .cache/ (empty at first)."""
-    return tmp_path_factory.mktemp("served")
-
-
-@pytest.fixture(scope="module")
-def server(served_folder):
-    """``streamlit run app.py`` on a free local port, in a scratch folder with no data (offline default)."""
-    folder = served_folder
+def serve(folder: Path, data: Path):
+    """``streamlit run app.py`` on a free local port in ``folder``, reading data from ``data``; yields its URL."""
     port = free_port()
-    env = {**os.environ, "MEANSPARSE_DATA": str(folder / "data"), "MEANSPARSE_MODELS": str(folder / "models")}
+    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models")}
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
@@ -68,10 +60,27 @@ def server(served_folder):
     yield url
     process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:  # still finishing a heavy run on a loaded machine
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a loaded machine: do not leave it behind
         process.kill()
-        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served_folder(tmp_path_factory) -> Path:
+    """The server's working folder: its models/, data/ and .cache/ (empty at first)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def server(served_folder):
+    """The app in a scratch folder with no data (the offline default: digits)."""
+    yield from serve(served_folder, served_folder / "data")
+
+
+@pytest.fixture(scope="module")
+def cifar_server(tmp_path_factory, shared_cifar10):
+    """The app with CIFAR-10 from ../shared: it opens on the CIFAR-10 demo model."""
+    yield from serve(tmp_path_factory.mktemp("served-cifar"), shared_cifar10.parent)
 
 
 @pytest.fixture(scope="module")
@@ -83,22 +92,34 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(server, browser, request):
-    """A fresh browser context, hence a fresh app session, per test; its last view is saved."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def open_page(browser, url: str, width: int = 1400, height: int = 1000):
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(90_000)
-    page.goto(server)
+    page.goto(url)
+    return page
+
+
+def saved_session(browser, url: str, name: str):
+    """A fresh browser context, hence a fresh app session; its last view is saved as ``end-<name>.png``."""
+    page = open_page(browser, url)
     yield page
-    page.screenshot(path=SHOTS / f"end-{request.node.name}.png", full_page=True)
-    context.close()
+    page.screenshot(path=SHOTS / f"end-{name}.png", full_page=True)
+    page.context.close()
+
+
+@pytest.fixture
+def page(server, browser, request):
+    yield from saved_session(browser, server, request.node.name)
+
+
+def alpha_slider(page):
+    return page.locator("[data-testid='stMain'] [data-testid='stSlider']").first
 
 
 def move_alpha(page, presses: int) -> None:
     """Streamlit hides the slider's range input: focus it and press arrow keys (0.01 each)."""
-    slider = page.locator("[data-testid='stMain'] [data-testid='stSlider']").first
-    slider.locator("input[type=range]").focus()
+    alpha_slider(page).locator("input[type=range]").focus()
     for _ in range(presses):
         page.keyboard.press("ArrowRight")
 
@@ -118,7 +139,7 @@ def test_opens_slides_attacks_and_shows_layers(page):
     page.screenshot(path=SHOTS / "2-slider.png", full_page=True)
 
     page.get_by_role("button", name="Attack").click()
-    expect(page.get_by_text("True class")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^True class"))).to_be_visible()
     expect(page.get_by_text("Adversarial example: pgd eps 32/255")).to_be_visible()
     assert "Traceback" not in text_of(page)
     page.screenshot(path=SHOTS / "3-attack.png", full_page=True)
@@ -206,3 +227,89 @@ def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder,
     page.screenshot(path=SHOTS / "7-photo-imagenet.png", full_page=True)
     ticks.first.scroll_into_view_if_needed()
     page.screenshot(path=SHOTS / "8-photo-imagenet-top5.png", full_page=True)
+
+
+# --- the CIFAR-10 demo model, as a lecture uses it ----------------------------------------------
+
+
+@pytest.fixture
+def cifar_page(cifar_server, browser, request):
+    yield from saved_session(browser, cifar_server, request.node.name)
+
+
+def no_error_on(page) -> None:
+    text = text_of(page)
+    assert "Traceback" not in text and "Something went wrong" not in text, text[-2000:]
+
+
+def test_cifar_autoattack_on_explore(cifar_page):
+    page, expect = cifar_page, sync_api.expect
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    page.get_by_role("combobox", name="Attack").click()
+    page.get_by_role("option", name="autoattack", exact=True).click()
+    page.get_by_role("button", name="Attack").click()
+    expect(page.get_by_text("Adversarial example: autoattack")).to_be_visible(timeout=600_000)
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "cifar-1-autoattack.png", full_page=True)
+
+
+def tap_names() -> list[str]:
+    from meansparse_core.models import bundled_models, bundled_statistics_path
+    from meansparse_core.statistics import Statistics
+
+    spec = next(s for s in bundled_models() if s.dataset == "cifar10")
+    return [tap.name for tap in Statistics.load(bundled_statistics_path(spec)).tap_list]
+
+
+def chart_categories(page) -> list[list[str]]:
+    """The x values of every trace of every Plotly chart on the page, as text."""
+    return page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(
+        chart => (chart.data || []).map(trace => (trace.x || []).map(String)))""")
+
+
+def test_cifar_layers_charts_show_every_tap(cifar_page):
+    page, expect = cifar_page, sync_api.expect
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    page.get_by_role("link", name="Layers").click()
+    expect(page.get_by_text("Fraction of values").first).to_be_visible(timeout=300_000)
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4")
+    names = tap_names()
+    over_depth = [xs for xs in chart_categories(page) if len(xs) == len(names)]
+    assert over_depth and all(xs == names for xs in over_depth), (names, over_depth)
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "cifar-2-layers.png", full_page=True)
+
+
+def test_cifar_shared_link_restores_alpha_and_image(cifar_server, browser):
+    page, expect = open_page(browser, f"{cifar_server}/?page=layers&image=17&alpha=0.45&attack=pgd&seed=3"), sync_api.expect
+    expect(page.get_by_role("heading", name="Layers")).to_be_visible(timeout=300_000)
+    expect(page.get_by_text("Image: test image 17")).to_be_visible()
+    expect(page.get_by_text("Adversarial example: pgd eps 8/255, 10 steps, seed 3")).to_be_visible()
+    expect(alpha_slider(page).locator("input[type=range]")).to_have_value("0.45")
+    expect(page.get_by_text("Fraction of values").first).to_be_visible(timeout=300_000)
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "cifar-3-shared-link.png", full_page=True)
+    page.context.close()
+
+
+def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
+    """Opened from a link with the attack in it (as a lecturer would), nothing scrolled: all of it in view."""
+    url = f"{cifar_server}/?layout=presentation&image=17&attack=pgd&target=base"
+    page, expect = open_page(browser, url, 1280, 720), sync_api.expect
+    expect(page.get_by_text(re.compile(r"^True class")).first).to_be_visible(timeout=300_000)
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
+    page.screenshot(path=SHOTS / "cifar-4-presentation-1280x720.png")  # what the room sees
+    page.screenshot(path=SHOTS / "cifar-4-presentation-full.png", full_page=True)
+    in_view = {
+        "alpha slider": alpha_slider(page),
+        "clean image": page.get_by_text("clean: test image").first,
+        "adversarial image": page.get_by_text("adversarial", exact=True).first,
+        "predictions": page.locator(".js-plotly-plot").first,
+    }
+    for what, element in in_view.items():
+        box = element.bounding_box()
+        assert box and 0 <= box["y"] and box["y"] + box["height"] <= 720, f"{what} is out of view: {box}"
+    titles = page.locator(".js-plotly-plot").first.locator(".g-gtitle, .annotation-text").all_inner_texts()
+    assert sum("MeanSparse" in t or "base" in t for t in titles) == 4, titles
+    no_error_on(page)
+    page.context.close()
