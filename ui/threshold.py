@@ -33,7 +33,7 @@ def chosen() -> tuple[float, float | None]:
 
 def threshold_ui(current: Setup) -> Setup:
     """Draw the controls in one row and return the setup with the alphas they set."""
-    toggles, slider, second = st.columns([1, 3, 2], vertical_alignment="bottom")
+    toggles, slider, second = st.columns([1.4, 3, 2], vertical_alignment="bottom")
     toggles.toggle("Sparsify", key="sparsify", disabled=current.sparse is None)
     toggles.toggle("Compare two alphas", key="compare")
     slider.slider(ALPHA_LABEL, 0.0, 2.0, step=0.01, key="alpha")
