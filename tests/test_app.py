@@ -413,7 +413,7 @@ def test_two_alphas_side_by_side_on_layers():
     app.slider(key="alpha").set_value(0.9).run()
     app.toggle(key="compare").set_value(True).run()
     check_clean(app)
-    for key in ("channel_histogram", "layer_histogram", "clamped", "attenuation"):
+    for key in ("channel_histogram", "layer_histogram", "fraction_replaced", "perturbation", "perturbation_split"):
         assert chart(app, key)["data"] and chart(app, f"{key}_2")["data"]
-    assert chart(app, "clamped")["data"][0]["y"] != chart(app, "clamped_2")["data"][0]["y"]
+    assert chart(app, "fraction_replaced")["data"][0]["y"] != chart(app, "fraction_replaced_2")["data"][0]["y"]
     assert "alpha 0.9 here" in texts(app) and "alpha 0 here" in texts(app)

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from meansparse_core.data import DATASETS
 from meansparse_core.links import ViewLink, ignored_notice, link_params, parse_link
 from meansparse_core.models import find_model
 from ui import state, threshold
@@ -36,6 +37,7 @@ def open_link(pages: dict) -> None:
         session["layer_alphas"] = dict(view.layer_alphas)
     if view.model is not None and not _choose_model(view.model, view.data):
         ignored.append("model")
+    # view.placement is read and kept in the view; the sidebar applies it once it offers a placement choice.
     session[PENDING], session[NOTICE] = view, ignored
     if view.page is not None and view.page != session.get("page_name"):
         st.switch_page(pages[view.page])
@@ -52,7 +54,7 @@ def _choose_model(key: str, data: str | None) -> bool:
                                 zoo_search="", zoo_model=spec)
     else:
         st.session_state.update(model_source="Demo models", demo_model=spec)
-    if data is not None:
+    if data is not None and DATASETS[data].image_size == spec.input_size:  # the sidebar offers only those
         st.session_state[f"data_for_{spec.dataset}"] = data
     return True
 
@@ -75,8 +77,12 @@ def restore_view(current: Setup) -> None:
 
 
 def _restore_image_and_attack(current: Setup, view: ViewLink) -> list[str]:
-    if view.image is None or current.test_set is None or view.image >= len(current.test_set):
-        return ["image"] * (view.image is not None) + ["attack"] * (view.attack is not None)
+    """Pick the linked test image and re-craft the linked attack on it; the names of what could not be used."""
+    attack = ["attack"] if view.attack is not None else []
+    if view.image is None:
+        return attack
+    if current.test_set is None or view.image >= len(current.test_set):
+        return ["image", *attack]
     picked = state.test_image(current, view.image)
     state.pick(picked)
     if view.attack is not None and current.sparse is not None:
