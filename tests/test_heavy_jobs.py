@@ -43,7 +43,7 @@ def test_a_heavy_attack_waits_with_its_position_while_the_slider_keeps_working(b
     assert "queued, position 1" in texts(app)
     assert len(chart(app, "predictions")["data"]) == 2, "no adversarial predictions while it waits"
     before = chart(app, "predictions")["data"]
-    app.sidebar.slider(key="alpha").set_value(1.2).run()  # answered at once, the queue still blocked
+    app.slider(key="alpha").set_value(1.2).run()  # answered at once, the queue still blocked
     check_clean(app)
     assert "alpha 1.2" in texts(app) and "queued, position 1" in texts(app)
     assert chart(app, "predictions")["data"][1]["x"] != before[1]["x"]

@@ -95,7 +95,9 @@ def current_view(current: Setup) -> ViewLink:
     session = st.session_state
     picked: state.Picked | None = session.get("picked")
     image = int(picked.key.split("/")[1]) if picked is not None and picked.key.startswith("test/") else None
-    crafted = state.adversarial(current, picked) if image is not None else None
+    crafted: state.Crafted | None = session.get("adversarial")  # not state.adversarial: that collects queued jobs
+    if image is None or crafted is None or crafted.for_key != (current.model_id, picked.key):
+        crafted = None
     alpha, compare_alpha = threshold.chosen()
     layer = session.get("layer")
     return ViewLink(page=session.get("page_name"), model=None if current.model.checkpoint else current.model.key,

@@ -132,11 +132,12 @@ def main() -> None:
         choice = attack_ui(current)
         if choice is not None:
             state.craft(current, picked, choice)
+    crafted = state.adversarial(current, picked)  # collects a finished queued attack, so before its status
     with stage:
         if not presenting:
             st.subheader("3 · See what each model says")
         heavy.status_ui("attack")
-        stage_ui(current, picked, state.adversarial(current, picked))
+        stage_ui(current, picked, crafted)
 
 
 main()
