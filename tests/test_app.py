@@ -80,7 +80,7 @@ def test_attack_adds_adversarial_predictions_and_a_verdict():
 
 def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
     app = start()
-    app.sidebar.slider(key="alpha").set_value(0.6).run()
+    app.slider(key="alpha").set_value(0.6).run()
     for button, word in (("find_rescued", "rescued"), ("find_broken", "broken")):
         app.button(key=button).click().run()
         check_clean(app)
