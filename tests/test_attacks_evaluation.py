@@ -132,7 +132,7 @@ def test_sweep_at_alpha_zero_equals_the_base_model(digits_model):
     base = evaluate(model, images, labels, settings)
     assert (table[0].clean_acc, table[0].robust_acc) == (base.clean_acc, base.robust_acc)
     assert [r.settings.alpha for r in table] == [0.0, 0.5, 2.0]
-    assert table[2].clean_acc < table[0].clean_acc, "clamping everything within 2 sigma must cost accuracy"
+    assert table[2].clean_acc < table[0].clean_acc, "replacing everything within 2 sigma must cost accuracy"
 
 
 def test_sweep_progress_moves_within_each_alpha_and_ends_at_the_number_of_alphas(digits_model):

@@ -1,12 +1,13 @@
 """Numbers at their edges: alpha 0 and huge alphas, channels with zero variance, NaN and Inf in an
 input or in statistics. Each has a stated behaviour, no crash, and no NaN reaching a chart.
 
-Operator-level cases (NaN passing through, zero-std channels never clamped) are in test_operator.py.
+Operator-level cases (NaN passing through, zero-std channels never replaced) are in test_operator.py.
 """
 
 import base64
 import json
 import math
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -31,8 +32,8 @@ def digits():
 
 def finite_probes(probes) -> bool:
     for p in probes:
-        numbers = [p.channel_mean, p.channel_std, p.fraction_clamped_clean, p.fraction_clamped_adv,
-                   p.attenuation_base, p.attenuation_sparse]
+        numbers = [p.channel_mean, p.channel_std, p.fraction_replaced_clean, p.fraction_replaced_adv, p.clean_norm,
+                   *astuple(p.perturbation), *astuple(p.relative)]
         if not all(math.isfinite(v) for v in numbers):
             return False
         for sample in (p.standardized, p.channel_values):
@@ -49,7 +50,7 @@ def test_alpha_zero_is_the_model_itself(digits):
 
 
 @pytest.mark.parametrize("alpha", [50.0, 1e6, float("inf")])
-def test_a_huge_alpha_clamps_every_feature_to_its_mean_and_stays_finite(digits, alpha):
+def test_a_huge_alpha_replaces_every_feature_by_its_mean_and_stays_finite(digits, alpha):
     model, stats, sparse, images = digits
     with torch.no_grad():
         logits = sparse(images, alpha=alpha)
@@ -57,7 +58,7 @@ def test_a_huge_alpha_clamps_every_feature_to_its_mean_and_stays_finite(digits, 
     assert torch.allclose(logits, logits[:1].expand_as(logits)), "every image looks like the mean image"
     probes = probe(model, stats, images, images.flip(0), alpha=alpha)
     assert finite_probes(probes)
-    assert all(p.fraction_clamped_clean == 1.0 for p in probes if (stats[p.name].std > 0).all())
+    assert all(p.fraction_replaced_clean == 1.0 for p in probes if (stats[p.name].std > 0).all())
 
 
 @pytest.mark.parametrize("alpha", [-0.1, float("nan")])

@@ -43,7 +43,7 @@ def test_matches_numpy(layout, alpha, device):
     got = sparsify(x, mean, std, alpha, channel_dim=axis)
     assert got.device == x.device
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
-    assert (got != x).any(), "a test case that clamps nothing proves nothing"
+    assert (got != x).any(), "a test case that replaces nothing proves nothing"
 
 
 def test_alpha_zero_returns_input_itself(device):
@@ -52,7 +52,7 @@ def test_alpha_zero_returns_input_itself(device):
     assert MeanSparse(mean, std)(x, alpha=0.0) is x
 
 
-def test_zero_std_channels_are_never_clamped_and_no_nan_appears(device):
+def test_zero_std_channels_are_never_replaced_and_no_nan_appears(device):
     x, mean, std = random_case((4, 5, 3, 3), 1, device=device)
     std[2] = 0.0
     x[:, 2] = mean[2]  # even values exactly at the mean stay as they are
@@ -151,19 +151,19 @@ def test_every_output_is_the_input_or_the_channel_mean(case):
     y = sparsify(x, mean, std, alpha)
     m = mean.view(1, -1, 1).expand_as(x)
     assert torch.all((y == x) | (y == m))
-    clamped = y != x
-    assert torch.all(((x - m).abs() < alpha * std.view(1, -1, 1))[clamped])
+    replaced = y != x
+    assert torch.all(((x - m).abs() < alpha * std.view(1, -1, 1))[replaced])
 
 
 @settings(max_examples=200, deadline=None)
 @given(cases(), st.floats(0, 10, allow_nan=False))
-def test_a_wider_band_clamps_a_superset(case, other_alpha):
+def test_a_wider_band_replaces_a_superset(case, other_alpha):
     x, mean, std, alpha = case
     low, high = sorted([alpha, other_alpha])
     m = mean.view(1, -1, 1).expand_as(x)
-    clamped_low = (sparsify(x, mean, std, low) == m) & (x != m)
-    clamped_high = (sparsify(x, mean, std, high) == m) & (x != m)
-    assert torch.all(clamped_high | ~clamped_low)
+    replaced_low = (sparsify(x, mean, std, low) == m) & (x != m)
+    replaced_high = (sparsify(x, mean, std, high) == m) & (x != m)
+    assert torch.all(replaced_high | ~replaced_low)
 
 
 @settings(max_examples=200, deadline=None)

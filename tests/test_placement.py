@@ -206,13 +206,13 @@ def test_layer_alphas_override_the_global_alpha(device):
 
 
 def test_straight_through_gradients_flow_where_exact_ones_vanish(device):
-    model = TokenNet()  # GELU's derivative is non-zero at the clamped values, unlike ReLU's
+    model = TokenNet()  # GELU's derivative is non-zero at the replaced values, unlike ReLU's
     images, stats = calibrated(model, shape=(3, 16, 16), device=device)
     sparse = attach(model, stats)
     grads = {}
     for mode in ["exact", "straight-through"]:
         x = images.clone().requires_grad_(True)
-        sparse(x, alpha=50.0, grad=mode).sum().backward()  # every feature clamped
+        sparse(x, alpha=50.0, grad=mode).sum().backward()  # every feature replaced
         grads[mode] = x.grad
     assert torch.count_nonzero(grads["exact"]) == 0
     assert torch.count_nonzero(grads["straight-through"]) > 0
