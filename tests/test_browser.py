@@ -262,9 +262,12 @@ def tap_names() -> list[str]:
 
 
 def chart_categories(page) -> list[list[str]]:
-    """The x values of every trace of every Plotly chart on the page, as text."""
+    """The x values of every trace of every Plotly chart on the page, as text.
+
+    Numeric x values may reach the browser as Plotly's packed typed arrays (an object, not a list);
+    names never do, so only plain lists are read."""
     return page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(
-        chart => (chart.data || []).map(trace => (trace.x || []).map(String)))""")
+        chart => (chart.data || []).map(trace => (Array.isArray(trace.x) ? trace.x : []).map(String)))""")
 
 
 def test_cifar_layers_charts_show_every_tap(cifar_page):
@@ -309,7 +312,7 @@ def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
     for what, element in in_view.items():
         box = element.bounding_box()
         assert box and 0 <= box["y"] and box["y"] + box["height"] <= 720, f"{what} is out of view: {box}"
-    titles = page.locator(".js-plotly-plot").first.locator(".g-gtitle, .annotation-text").all_inner_texts()
+    titles = page.locator(".js-plotly-plot").first.locator(".g-gtitle, .annotation-text").all_text_contents()  # SVG text has no innerText
     assert sum("MeanSparse" in t or "base" in t for t in titles) == 4, titles
     no_error_on(page)
     page.context.close()

@@ -7,6 +7,9 @@ from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import top_k_chart
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
 
+#: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
+PRESENTATION_CHART_HEIGHT = 220
+
 
 def image_ui(current: state.Setup) -> state.Picked:
     st.subheader("1 · Pick an image")
@@ -78,7 +81,9 @@ def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int) ->
     columns[1].image(panels.to_display(perturbation, size), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
     columns[2].image(panels.to_display(crafted.image, size), caption="adversarial")
     st.caption(f"Adversarial example: {crafted.description}. It stays fixed while alpha moves.")
-    if not crafted.found:
+    if not crafted.found and layout.presenting():
+        st.caption(f":orange[{crafted.choice.not_found()}]")  # one line: the predictions must stay on screen
+    elif not crafted.found:
         st.warning(crafted.choice.not_found())
 
 
@@ -86,7 +91,10 @@ def predictions_ui(comparison: Comparison, key: str, with_base: bool = True) -> 
     tops = [("base · clean", comparison.base_clean), ("MeanSparse · clean", comparison.sparse_clean),
             ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
     shown = [(title, top) for title, top in tops if top is not None and (with_base or title.startswith("Mean"))]
-    panels.chart_ui(top_k_chart(shown, comparison.label), key)
+    figure = top_k_chart(shown, comparison.label)
+    if layout.presenting():
+        figure.update_layout(height=PRESENTATION_CHART_HEIGHT)
+    panels.chart_ui(figure, key)
 
 
 def comparisons_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
