@@ -112,7 +112,7 @@ def test_the_app_reports_a_failed_download_and_keeps_working(tmp_path, monkeypat
     app = AppTest.from_file("../app.py", default_timeout=120).run()
     app.sidebar.text_input(key="model_dir").set_value(str(tmp_path))
     app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
-    app.sidebar.button(key="download_weights").click().run()
+    app.main.button(key="download_weights").click().run()
     assert not app.exception, app.exception
     errors = "\n".join(e.value for e in app.error)
     assert "could not be downloaded: put the file at" in errors and str(tmp_path) in errors
