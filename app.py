@@ -40,4 +40,8 @@ def main() -> None:
             links.write_link(current)
 
 
-main()
+# Streamlit runs this file as __main__ and leaves it installed as sys.modules["__main__"]; a process
+# started with multiprocessing's "spawn" re-runs that file (as __mp_main__) before its own work, so
+# the app must only start when it is the script being run.
+if __name__ == "__main__":
+    main()
