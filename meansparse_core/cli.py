@@ -227,21 +227,51 @@ def cmd_sweep(args) -> None:
     _emit(_evaluation_run(args, args.alphas), args.json)
 
 
+def _training_split(args, size: int) -> tuple[list[int], list[int], str]:
+    """The held-out training indices for alpha selection, the calibration indices (disjoint), and a
+    sentence saying where the held-out slice lies.
+
+    The exact estimator takes both from one shuffle by --seed. The authors' estimator depends on the
+    order of the data and wants it as stored, so the held-out slice is the split's last --select-n
+    images and calibration runs over the others from the first one on.
+    """
+    if args.estimator == "authors":
+        cut = max(size - args.select_n, 0)
+        held_out, pool = list(range(cut, size)), list(range(cut))
+        where = f"the last {len(held_out)} training images in stored order"
+    else:
+        order = sample_indices(size, size, args.seed)
+        held_out, pool = order[:args.select_n], order[args.select_n:]
+        where = f"{len(held_out)} held-out training images sampled by seed {args.seed}"
+    if not pool:
+        raise ValueError(f"--select-n {args.select_n} leaves no training image for calibration; lower it.")
+    return held_out, pool[:args.calibration_n] if args.calibration_n else pool, where
+
+
 def _calibrated(args, spec: ModelSpec, model: torch.nn.Module, dataset, indices: list[int]) -> tuple[Statistics, str]:
-    """Statistics over the chosen training items, calibrated once and kept (a rerun reads them back)."""
+    """Statistics over the chosen training items, calibrated once and kept (a rerun reads them back),
+    and a sentence naming the images and the estimator."""
     data = args.data or spec.dataset
     placement = args.placement or "activations"
-    key = f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}__{placement}"
+    authors = args.estimator == "authors"
+    batch_size = args.calibration_batch_size or (512 if authors else _batch_size(args))
+    how = (f"the first {len(indices)} training images in stored order, the authors' estimator (per-batch mean "
+           f"and unbiased variance averaged over batches of {batch_size})" if authors else
+           f"{len(indices)} training images sampled by seed {args.seed}, the exact estimator (mean and std over "
+           "the whole set)")
+    key = (f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}__{placement}"
+           + (f"__authors-b{batch_size}" if authors else ""))
     path = CACHE / "stats" / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
     if path.exists():
-        return Statistics.load(path), f"{len(indices)} training images, read back from {path}"
+        return Statistics.load(path), f"{how}; read back from {path}"
     images, _ = _load(args, dataset, indices)
     with progress_bar("calibration") as update:
-        stats = calibrate(model, images.split(_batch_size(args)), progress=update, total=len(images),
-                          meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP, placement=placement)
+        stats = calibrate(model, images.split(batch_size), progress=update, total=len(images),
+                          meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP, placement=placement,
+                          estimator=args.estimator)
     if GROUP.is_main:
         stats.save(path)
-    return stats, f"{len(indices)} training images, exact moments, saved to {path}"
+    return stats, f"{how}; saved to {path}"
 
 
 def cmd_reproduce(args) -> None:
@@ -251,11 +281,8 @@ def cmd_reproduce(args) -> None:
                         apgd_steps=args.steps, square_queries=args.square_queries, seed=args.seed,
                         batch_size=_batch_size(args))
     train = _dataset(args, spec, "train")
-    order = sample_indices(len(train), len(train), args.seed)
-    held_out, pool = order[:args.select_n], order[args.select_n:]
-    if not pool:
-        raise ValueError(f"--select-n {args.select_n} leaves no training image for calibration; lower it.")
-    stats, calibration = _calibrated(args, spec, model, train, pool[:args.calibration_n] if args.calibration_n else pool)
+    held_out, pool, held_out_where = _training_split(args, len(train))
+    stats, calibration = _calibrated(args, spec, model, train, pool)
     sparse = attach(model, stats)
     cache = None if args.no_cache else ResultCache(CACHE / "results")
     cache_key = {"model": spec.key, "data": data, "weights": _weights_digest(args) or spec.key,
@@ -270,7 +297,7 @@ def cmd_reproduce(args) -> None:
                                 {**cache_key, "n": len(labels)}, GROUP,
                                 lambda name: lambda done, total: update(names.index(name) + done / max(total, 1), len(names)))
     _report_resumed([*selection.sweep, *results.values()])
-    markdown = report(spec.key, results, selection, protocol, len(held_out), calibration, GROUP.world_size)
+    markdown = report(spec.key, results, selection, protocol, held_out_where, calibration, GROUP.world_size)
     out = Path(args.out) if args.out else Path(f"reproduce-{spec.name}.md")
     if GROUP.is_main:
         out.write_text(markdown)
@@ -278,6 +305,7 @@ def cmd_reproduce(args) -> None:
             write_items(args.items, run_names(results), indices)
     if args.json:
         print(json.dumps({"model": spec.key, "alpha": selection.alpha, "n": len(labels), "world_size": GROUP.world_size,
+                          "estimator": args.estimator, "statistics": calibration, "held_out": held_out_where,
                           "selection": [r.as_record() for r in selection.sweep],
                           "test": {name: r.as_record() for name, r in results.items()}, "report": str(out)}, indent=2))
     else:
@@ -397,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="clean accuracy (fraction) an alpha may cost on the held-out slice")
     rep.add_argument("--select-n", type=int, default=1000, help="held-out training images for alpha selection")
     rep.add_argument("--calibration-n", type=int, default=None, help="training images for statistics (default: the rest)")
+    rep.add_argument("--estimator", choices=ESTIMATORS, default="exact", help=(
+        "exact: mean and std over the whole set, held-out slice and calibration images sampled by --seed; "
+        "authors: per-batch mean and unbiased variance averaged over batches, the held-out slice the training "
+        "split's last --select-n images and calibration over the others in stored order"))
+    rep.add_argument("--calibration-batch-size", type=int, default=None,
+                     help="calibration batches (default: 512 with --estimator authors, else --batch-size)")
     rep.add_argument("--steps", type=int, default=Protocol.apgd_steps, help="APGD-CE steps (selection and BPDA)")
     rep.add_argument("--square-queries", type=int, default=Protocol.square_queries)
     rep.add_argument("--no-cache", action="store_true", help="recompute even if cached results exist")

@@ -8,6 +8,12 @@ among the alphas that cost at most ``max_clean_drop`` of clean accuracy. The tes
 clean accuracy, AutoAttack (standard) on the base and the sparsified model, APGD-CE with BPDA and
 Square on the sparsified model: the columns of RobustBench's entries for the published models.
 Every evaluation goes through the result cache and its journal, so an interrupted run resumes.
+
+The statistics come from either estimator (statistics.py). The exact one (the default) draws the
+held-out slice and the calibration images from one shuffle of the training split. The authors'
+estimator averages per-batch figures in the data's order, as their scripts did over the training set
+in its stored order: then the held-out slice is the split's *last* images and calibration runs over
+the others from the first one on, so that the statistics are the authors' own over all but the tail.
 """
 
 from __future__ import annotations
@@ -113,8 +119,12 @@ def table(results: dict[str, EvalResult], alpha: float, protocol: Protocol) -> s
 
 
 def report(model: str, results: dict[str, EvalResult], selection: Selection, protocol: Protocol,
-           held_out: int, calibration: str, world_size: int) -> str:
-    """The whole Markdown report: the table, how alpha was chosen, and what was run."""
+           held_out: str, calibration: str, world_size: int) -> str:
+    """The whole Markdown report: the table, how alpha was chosen, and what was run.
+
+    ``held_out`` says which training images selected alpha, ``calibration`` which images and which
+    estimator gave the statistics (e.g. "the first 49000 training images in stored order, the authors'
+    estimator ...")."""
     n = next(iter(results.values())).n
     sweep_rows = "\n".join(f"| {r.settings.alpha:g} | {r.clean_acc:.2%} | {r.robust_acc:.2%} |" for r in selection.sweep)
     return f"""# MeanSparse reproduction: {model}
@@ -127,10 +137,10 @@ version. APGD-CE + BPDA: {protocol.apgd_steps} steps through straight-through gr
 
 Statistics: {calibration}.
 
-Alpha {selection.alpha:g} was selected on {held_out} held-out training images (not used for the
-statistics) with APGD-CE + BPDA, {protocol.apgd_steps} steps: the best robust accuracy among the
-alphas costing at most {protocol.max_clean_drop:.1%} of clean accuracy. (The authors selected alpha on test
-images, which tunes it on the figures reported.)
+Alpha {selection.alpha:g} was selected on {held_out} (not used for the statistics) with
+APGD-CE + BPDA, {protocol.apgd_steps} steps: the best robust accuracy among the alphas costing at
+most {protocol.max_clean_drop:.1%} of clean accuracy. (The authors selected alpha on test images, which
+tunes it on the figures reported.)
 
 | alpha | clean (held-out) | APGD-CE + BPDA (held-out) |
 |---|---|---|

@@ -79,6 +79,11 @@ class RunningMoments:
             self.batches.append((n_b, mean_b, m2_b))
         self.add(n_b, mean_b, m2_b)
 
+    def absorb(self, batches: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Merge other batches' (count, mean, centred sum), in order: another rank's ``batches``."""
+        for n_b, mean_b, m2_b in batches:
+            self.add(n_b, mean_b, m2_b)
+
     def add(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Merge one batch's count, mean and centred sum of squares (Chan et al.)."""
         n_a, n = self.count, self.count + n_b
@@ -214,17 +219,26 @@ class AuthorsMoments:
 
     Kept in the features' float32 and summed in the data's order as their MeanSparse layers do it
     (``running += batch_figure / n_batches``), so the result matches the buffers their scripts write.
+    ``batches`` holds each batch's (count, mean, unbiased variance); the ranks of a torchrun job
+    hand theirs to rank 0, which averages them all in batch order, as one process does.
     """
 
     def __init__(self, channels: int) -> None:
-        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.count = 0
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def update(self, x: torch.Tensor, channel_dim: int) -> None:
         dims = tuple(d for d in range(x.dim()) if d != channel_dim % x.dim())
         x = x.detach()
-        self.batches.append((torch.mean(x, dim=dims).cpu(), torch.var(x, dim=dims).cpu()))
-        self.count += x.numel() // max(x.shape[channel_dim], 1)
+        n_b = x.numel() // max(x.shape[channel_dim], 1)
+        self.batches.append((n_b, torch.mean(x, dim=dims).cpu(), torch.var(x, dim=dims).cpu()))
+
+    def absorb(self, batches: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Append other batches' figures, in order: another rank's ``batches``."""
+        self.batches.extend(batches)
+
+    @property
+    def count(self) -> int:
+        return sum(n_b for n_b, _, _ in self.batches)
 
     def _averaged(self, which: int) -> torch.Tensor:
         total = torch.zeros_like(self.batches[0][which])
@@ -234,15 +248,17 @@ class AuthorsMoments:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._averaged(0).double()
+        return self._averaged(1).double()
 
     @property
     def std(self) -> torch.Tensor:
         # The square root their layers take, in float32: band edges then agree to the last bit.
-        return torch.sqrt(self._averaged(1).clamp_min(0)).double()
+        return torch.sqrt(self._averaged(2).clamp_min(0)).double()
 
 
-_ESTIMATOR_CLASSES = {"exact": RunningMoments, "authors": AuthorsMoments}
+def _moments(estimator: Estimator, channels: int, shared: bool) -> RunningMoments | AuthorsMoments:
+    """One tap's accumulator; under torchrun the exact one also keeps its batches for rank 0's merge."""
+    return AuthorsMoments(channels) if estimator == "authors" else RunningMoments(channels, keep_batches=shared)
 
 
 @torch.no_grad()
@@ -267,7 +283,7 @@ def calibrate(
     of items seen (``total`` defaults to ``len(batches.dataset)``). The model's train/eval mode is
     restored afterwards. With a ``group`` of several ranks (torchrun), ``batches`` must be a
     sequence; each rank measures a contiguous share of it, rank 0 merges every batch's moments in
-    order, and all ranks return statistics bit-identical to one process's (exact estimator only).
+    order, and all ranks return statistics bit-identical to one process's (either estimator).
     Example::
 
         stats = calibrate(model, DataLoader(train_set, batch_size=256), placement="released")
@@ -279,8 +295,6 @@ def calibrate(
         total = len(getattr(batches, "dataset", ())) or 0
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shared = group.world_size > 1
-    if shared and estimator == "authors":
-        raise ValueError("The authors' estimator averages batches in the data's order: run it in one process.")
     if shared:
         share = group.shard(len(batches))
         batches = [batches[k] for k in share]
@@ -297,15 +311,14 @@ def calibrate(
             x = _inputs_of(batch).to(device)
             if taps is None:
                 taps, input_size = find_taps(model, x[:1], resolved), tuple(x.shape[1:])
-                moments = {t.name: (AuthorsMoments(t.channels) if estimator == "authors"
-                                    else RunningMoments(t.channels, keep_batches=shared)) for t in taps}
+                moments = {t.name: _moments(estimator, t.channels, shared) for t in taps}
             route_taps(model, taps, record, x)
             seen += x.shape[0]
             if progress is not None:
                 progress(seen, max(total, seen))
     meta = {"n_images": seen, "estimator": estimator, **(meta or {})}
     if shared:
-        return _merged(group, taps, moments, meta, resolved, input_size)
+        return _merged(group, taps, moments, meta, resolved, input_size, estimator)
     if taps is None:
         raise ValueError("The calibration set is empty: give it at least one image.")
     stats = [TapStatistics(t, moments[t.name].mean, moments[t.name].std, moments[t.name].count) for t in taps]
@@ -344,19 +357,18 @@ def published_layer_alphas(model: nn.Module) -> dict[str, float]:
     return {name: float(layer.threshold) for name, layer in own_layers(model).items()}
 
 
-def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMoments], meta: dict,
-            placement: Placement, input_size: tuple[int, ...] | None) -> Statistics:
+def _merged(group: Group, taps: list[Tap] | None, moments: dict[str, RunningMoments | AuthorsMoments], meta: dict,
+            placement: Placement, input_size: tuple[int, ...] | None, estimator: Estimator) -> Statistics:
     """Every rank's batch moments merged on rank 0 in batch order, the result shared with all ranks."""
     shares = group.gather((taps, {name: m.batches for name, m in moments.items()}, meta["n_images"], input_size))
     payload = None
     if group.is_main:
         taps, input_size = next(((t, size) for t, _, _, size in shares if t is not None), (None, None))
         if taps is not None:
-            merged = {t.name: RunningMoments(t.channels) for t in taps}
+            merged = {t.name: _moments(estimator, t.channels, shared=False) for t in taps}
             for _, logs, _, _ in shares:  # rank order is batch order: shares are contiguous
                 for name, log in logs.items():
-                    for n_b, mean_b, m2_b in log:
-                        merged[name].add(n_b, mean_b, m2_b)
+                    merged[name].absorb(log)
             stats = [TapStatistics(t, merged[t.name].mean, merged[t.name].std, merged[t.name].count) for t in taps]
             meta = {**meta, "n_images": sum(n for _, _, n, _ in shares)}
             payload = Statistics(stats, meta, placement, input_size).to_payload()

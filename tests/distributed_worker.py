@@ -39,8 +39,9 @@ def run(group):
     one_item = evaluate(sparse, images[:1], labels[:1], SETTINGS[0], group=group)  # rank 1 has no batch
     stats = calibrate(model, train.split(16), group=group)
     lone_batch = calibrate(model, train[:5].split(16), group=group)
+    authors = calibrate(model, train.split(16), group=group, estimator="authors")  # 6 batches, the last of 10
     return {"outcomes": outcomes, "one_item": one_item.outcomes, "world_size": one_item.world_size,
-            "stats": stats.to_payload(), "lone_batch": lone_batch.to_payload()}
+            "stats": stats.to_payload(), "lone_batch": lone_batch.to_payload(), "authors": authors.to_payload()}
 
 
 def rank_1_after(batches: int, fault: str, argv: list[str]) -> int:

@@ -42,7 +42,8 @@ def test_shards_are_contiguous_cover_everything_once_and_differ_by_at_most_one(c
 
 
 def test_two_ranks_give_one_process_outcomes_and_statistics_bit_for_bit(tmp_path):
-    """PGD, APGD-CE, Square and AutoAttack, exact and BPDA; calibration; and ranks with no items."""
+    """PGD, APGD-CE, Square and AutoAttack, exact and BPDA; calibration with either estimator; and ranks
+    with no items."""
     out = tmp_path / "both.pt"
     code, _, err = finish(torchrun([WORKER, str(out)], tmp_path))
     assert code == 0, err[-2000:]
@@ -56,7 +57,8 @@ def test_two_ranks_give_one_process_outcomes_and_statistics_bit_for_bit(tmp_path
     broken = {b for o in shared["outcomes"].values() for b in o.broken_by}
     assert {"", "pgd", "apgd-ce", "square"} <= broken, "every attack broke some items and spared others"
     assert shared["one_item"] == single["one_item"]
-    for key in ("stats", "lone_batch"):
+    assert shared["authors"]["meta"]["estimator"] == "authors" and shared["authors"]["meta"]["n_images"] == 90
+    for key in ("stats", "lone_batch", "authors"):
         for mine, theirs in zip(shared[key]["taps"], single[key]["taps"], strict=True):
             assert mine["count"] == theirs["count"]
             assert torch.equal(mine["mean"], theirs["mean"]) and torch.equal(mine["std"], theirs["std"])

@@ -3,12 +3,17 @@
 import json
 
 import pytest
+import torch
 from scipy.stats import binomtest
 
-from meansparse_core import evaluation
+from meansparse_core import Statistics, attach, evaluation
 from meansparse_core.cli import main
+from meansparse_core.data import load_dataset, load_items
+from meansparse_core.evaluation import predict
+from meansparse_core.models import find_model, load_model
 from meansparse_core.outcomes import Outcomes, read_items, write_items
 from meansparse_core.protocol import wilson
+from meansparse_core.statistics import calibrate
 from test_distributed import finish, torchrun
 
 REPRODUCE = ["reproduce", "--model", "bundled/digits-cnn", "--eps", "64", "--n-items", "4", "--select-n", "20",
@@ -60,3 +65,43 @@ def test_reproduce_runs_end_to_end_under_torchrun_and_a_rerun_reads_everything_b
     assert again["world_size"] == 1 and again["alpha"] == shared["alpha"]
     assert {k: r["robust_acc"] for k, r in again["test"].items()} == {k: r["robust_acc"] for k, r in shared["test"].items()}
     assert read_items(tmp_path / "again.csv") == items
+
+
+def test_reproduce_with_the_authors_estimator_calibrates_in_stored_order_and_two_ranks_match_one(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """Held-out slice: the training split's last images; statistics: the authors' average over the first
+    images in stored order, the same bits under torchrun with two ranks as in one process."""
+    args = [*REPRODUCE[:-4], "--estimator", "authors", "--calibration-batch-size", "16", "--out", "report.md"]
+    (tmp_path / "two").mkdir()
+    code, out, err = finish(torchrun(["-m", "meansparse_core", "--", *args], tmp_path / "two"))
+    assert code == 0, err[-2000:]
+    shared = json.loads(out)
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
+    single = json.loads(capsys.readouterr().out)
+
+    [two] = (tmp_path / "two" / ".cache" / "stats" / "reproduce").glob("*.pt")
+    [one] = (tmp_path / ".cache" / "stats" / "reproduce").glob("*.pt")
+    model = load_model(find_model("bundled/digits-cnn"))
+    train = load_dataset("digits", "train")
+    first, _ = load_items(train, range(100))  # --calibration-n 100, in stored order
+    expected = calibrate(model, first.split(16), estimator="authors")
+    for stats in (Statistics.load(two), Statistics.load(one)):
+        assert stats.meta["estimator"] == "authors" and stats.meta["n_images"] == 100
+        for mine, theirs in zip(stats.taps, expected.taps, strict=True):
+            assert torch.equal(mine.mean, theirs.mean) and torch.equal(mine.std, theirs.std)
+
+    # Alpha was selected on the last 20 training images: their clean accuracy at every alpha.
+    held_out, labels = load_items(train, range(len(train) - 20, len(train)))
+    sparse = attach(model, expected)
+    for record in shared["selection"]:
+        assert record["clean_acc"] == (predict(sparse.at(record["alpha"]), held_out) == labels).sum().item() / 20
+
+    def figures(result):
+        return [(r["alpha"], r["clean_acc"], r["robust_acc"]) for r in result["selection"]]
+
+    assert figures(shared) == figures(single) and shared["alpha"] == single["alpha"]
+    for result in (shared, single):
+        assert result["estimator"] == "authors" and "the last 20 training images in stored order" in result["held_out"]
+    report = (tmp_path / "two" / "report.md").read_text()
+    assert "the authors' estimator" in report and "the last 20 training images in stored order" in report
