@@ -42,7 +42,9 @@ class PaperBaseline(nn.Module):
 def with_baseline(model: nn.Module, stats):
     """A second sparsified view of the same model whose operators are the paper baseline."""
     baseline = attach(model, stats)
-    baseline.operators = nn.ModuleList(PaperBaseline(op.mean, op.std, op.channel_dim) for op in baseline.operators)
+    device = next(model.parameters()).device  # the statistics may stay on the CPU until first use
+    baseline.operators = nn.ModuleList(PaperBaseline(op.mean, op.std, op.channel_dim).to(device)
+                                       for op in baseline.operators)
     return baseline
 
 

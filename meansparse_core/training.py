@@ -41,6 +41,9 @@ def training_images(dataset: Dataset, n: int | None = None, seed: int = 0) -> tu
     return images.mul(255).round().to(torch.uint8), labels
 
 
+UNIT_PIXELS = torch.arange(256, dtype=torch.float32) / 255  # uint8 pixel value -> [0, 1], as the data loaders divide
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
     """Random crops (padding an eighth of the side, reflected) and, for natural images, horizontal flips.
 
@@ -48,7 +51,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> tor
     ``generator`` on the CPU, so a seeded run crops and flips the same way on every device.
     """
     if images.dtype == torch.uint8:
-        images = images.float().div_(255)
+        # a lookup, not a division: CUDA divides by a scalar through its reciprocal, which can
+        # round differently from the CPU's true division, so every device sees the CPU's pixels
+        images = UNIT_PIXELS.to(images.device)[images.long()]
     n, c, h, w = images.shape
     device = images.device
     pad = max(1, h // 8)
