@@ -84,10 +84,15 @@ def _model(args) -> tuple[ModelSpec, torch.nn.Module]:
 
 def _dataset(args, spec: ModelSpec, split: str):
     data = args.data or spec.dataset
-    if DATASETS[data].image_size != spec.input_size:
+    source = DATASETS[data]
+    if (source.image_size, source.num_classes) != (spec.input_size, spec.num_classes):
         raise ValueError(f"{spec.name} takes {spec.dataset} images, not {data}; pick --data {spec.dataset}.")
     with progress_bar(f"{data} download", "B") as update:
         return load_dataset(data, split, args.data_dir, update)
+
+
+def _class_names(args, spec: ModelSpec) -> tuple[str, ...]:
+    return DATASETS[args.data or spec.dataset].class_names
 
 
 def _load(args, dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +220,7 @@ def _evaluation_run(args, alphas: list[float | str]) -> list[dict]:
                         group=GROUP)
     _report_resumed(results)
     if args.items and GROUP.is_main:
-        write_items(args.items, [(_run_name(r), r.outcomes) for r in results], indices)
+        write_items(args.items, [(_run_name(r), r.outcomes) for r in results], indices, _class_names(args, spec))
     return [r.as_record(**context) for r in results]
 
 
@@ -302,7 +307,7 @@ def cmd_reproduce(args) -> None:
     if GROUP.is_main:
         out.write_text(markdown)
         if args.items:
-            write_items(args.items, run_names(results), indices)
+            write_items(args.items, run_names(results), indices, _class_names(args, spec))
     if args.json:
         print(json.dumps({"model": spec.key, "alpha": selection.alpha, "n": len(labels), "world_size": GROUP.world_size,
                           "estimator": args.estimator, "statistics": calibration, "held_out": held_out_where,

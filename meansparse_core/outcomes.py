@@ -5,18 +5,21 @@ or batches, so a result merged from many ranks or many runs weighs each item onc
 
 The per-item file is CSV with a header row and one row per (run, item)::
 
-    run,index,label,clean_pred,robust,broken_by
-    alpha=0.25 apgd-ce bpda,4512,3,3,1,
-    alpha=0.25 apgd-ce bpda,871,8,1,0,clean
-    alpha=0.25 apgd-ce bpda,90,6,6,0,apgd-ce
+    run,index,label,clean_pred,robust,broken_by,label_name,clean_pred_name
+    alpha=0.25 apgd-ce bpda,4512,3,3,1,,cat,cat
+    alpha=0.25 apgd-ce bpda,871,8,1,0,clean,ship,automobile
+    alpha=0.25 apgd-ce bpda,90,6,6,0,apgd-ce,frog,frog
 
 ``run`` names the evaluation (model variant, alpha, attack, gradients); ``index`` is the item's
 position in the dataset split (the test split for evaluations); ``label`` its true class;
 ``clean_pred`` the evaluated model's prediction without attack; ``robust`` 1 when the item is
 still classified correctly after the attack; ``broken_by`` empty for a robust item, ``clean``
 for an item misclassified without attack, else the attack that broke it (for AutoAttack, the
-component: apgd-ce, apgd-t, fab-t or square). Clean accuracy of a run is the mean of
-``clean_pred == label``, robust accuracy the mean of ``robust``.
+component: apgd-ce, apgd-t, fab-t or square); ``label_name`` and ``clean_pred_name`` the names of
+the classes ``label`` and ``clean_pred`` (as the data source names them: "0" to "9" for digits).
+Clean accuracy of a run is the mean of ``clean_pred == label``, robust accuracy the mean of
+``robust``. Files written before the two name columns existed have the first six columns only and
+are read the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Sequence
 from .files import atomic_write
 
 COLUMNS = ["run", "index", "label", "clean_pred", "robust", "broken_by"]
+NAME_COLUMNS = ["label_name", "clean_pred_name"]  # added after the first six, which stay as they were
 
 
 CLEAN = "clean"  # broken_by of an item the model misclassifies before any attack
@@ -71,13 +75,17 @@ class Outcomes:
         return sum(self.robust) / max(self.n, 1)
 
 
-def write_items(path: str | os.PathLike, runs: Sequence[tuple[str, Outcomes]], indices: Sequence[int]) -> None:
-    """Write the per-item file for ``runs`` (name, outcomes) over the items at dataset ``indices``."""
-    rows = [COLUMNS]
+def write_items(path: str | os.PathLike, runs: Sequence[tuple[str, Outcomes]], indices: Sequence[int],
+                class_names: Sequence[str]) -> None:
+    """Write the per-item file for ``runs`` (name, outcomes) over the items at dataset ``indices``;
+    ``class_names[c]`` names class ``c`` (e.g. ``DATASETS["cifar10"].class_names``)."""
+    rows = [COLUMNS + NAME_COLUMNS]
     for name, outcomes in runs:
         if outcomes.n != len(indices):
             raise ValueError(f"run {name!r} has {outcomes.n} items, not {len(indices)}")
-        rows += [[name, index, label, pred, int(robust), broken]
+        if any(not 0 <= c < len(class_names) for c in (*outcomes.labels, *outcomes.clean_pred)):
+            raise ValueError(f"run {name!r} has classes beyond the {len(class_names)} class names given")
+        rows += [[name, index, label, pred, int(robust), broken, class_names[label], class_names[pred]]
                  for index, label, pred, robust, broken in zip(indices, outcomes.labels, outcomes.clean_pred,
                                                                outcomes.robust, outcomes.broken_by)]
 
@@ -94,7 +102,7 @@ def read_items(path: str | os.PathLike) -> dict[str, tuple[list[int], Outcomes]]
     runs: dict[str, tuple[list[int], list[int], list[int], list[str]]] = {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
+        if reader.fieldnames not in (COLUMNS, COLUMNS + NAME_COLUMNS):
             raise ValueError(f"{path} is not a per-item results file (columns {reader.fieldnames}).")
         for row in reader:
             index, labels, preds, broken = runs.setdefault(row["run"], ([], [], [], []))

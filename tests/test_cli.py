@@ -1,5 +1,6 @@
 """The command line, end to end on a RobustBench architecture in a local model folder."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from PIL import Image
 
 from meansparse_core import Statistics, attach
 from meansparse_core.cli import main, progress_bar
+from meansparse_core.data import CIFAR10_CLASSES
 from meansparse_core.export import load_sparsified
 from meansparse_core.models import build_random, find_model, load_model, rebuild, weight_files
+from meansparse_core.outcomes import COLUMNS
 
 R18 = "robustbench/cifar10/Linf/Sehwag2021Proxy_R18"
 RECORD_FIELDS = {"model", "data", "n", "seed", "alpha", "attack", "eps", "steps", "grad", "clean_acc",
@@ -140,3 +143,18 @@ def test_placement_estimator_and_published_alpha(workspace, capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_the_per_item_file_names_the_classes_and_other_data_is_refused(workspace, capsys, tmp_path):
+    run_json(capsys, ["calibrate", *workspace, "--n", "6"])
+    attack = ["evaluate", *workspace, "--attack", "fgsm", "--eps", "8", "--steps", "1", "--n", "6"]
+    run_json(capsys, [*attack, "--items", "items.csv"])
+    with open(tmp_path / "items.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [*COLUMNS, "label_name", "clean_pred_name"] and len(rows) == 6
+    assert {r["label_name"] for r in rows} == {"airplane", "automobile"}
+    for row in rows:
+        assert (row["label_name"], row["clean_pred_name"]) == (CIFAR10_CLASSES[int(row["label"])],
+                                                              CIFAR10_CLASSES[int(row["clean_pred"])])
+    assert main(["calibrate", *workspace, "--data", "cifar100"]) == 2  # 32x32 images too, but 100 other classes
+    assert "takes cifar10 images, not cifar100; pick --data cifar10" in capsys.readouterr().err

@@ -30,9 +30,17 @@ def test_wilson_interval_matches_scipy(successes, n):
 def test_per_item_file_round_trips_and_gives_the_accuracies(tmp_path):
     runs = [("alpha=0.2 pgd", Outcomes((3, 1, 4), (3, 1, 0), ("", "pgd", "clean"))),
             ("alpha=0 autoattack", Outcomes((3, 1, 4), (3, 1, 4), ("apgd-t", "", "square")))]
-    write_items(tmp_path / "items.csv", runs, [10, 7, 2])
+    write_items(tmp_path / "items.csv", runs, [10, 7, 2], [f"class {c}" for c in range(5)])
     read = read_items(tmp_path / "items.csv")
     assert read == {name: ([10, 7, 2], outcomes) for name, outcomes in runs}
+    lines = (tmp_path / "items.csv").read_text().splitlines()
+    assert lines[:2] == ["run,index,label,clean_pred,robust,broken_by,label_name,clean_pred_name",
+                         "alpha=0.2 pgd,10,3,3,1,,class 3,class 3"]
+    old_format = "\n".join(",".join(line.split(",")[:6]) for line in lines)  # before the name columns
+    (tmp_path / "old.csv").write_text(old_format)
+    assert read_items(tmp_path / "old.csv") == read
+    with pytest.raises(ValueError, match="beyond the 4 class names"):
+        write_items(tmp_path / "items.csv", runs, [10, 7, 2], ["a", "b", "c", "d"])
     assert (read["alpha=0.2 pgd"][1].clean_acc, read["alpha=0.2 pgd"][1].robust_acc) == (2 / 3, 1 / 3)
     (tmp_path / "bad.csv").write_text("run,index\nx,1\n")
     with pytest.raises(ValueError, match="not a per-item results file"):
