@@ -180,10 +180,11 @@ class Journal:
     def __init__(self, path: Path, rank: int = 0) -> None:
         self.path = path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
         self._pattern = f"{path.stem}*{path.suffix}"  # every rank's file
+        stored = {file: self._read(file) for file in sorted(path.parent.glob(self._pattern))}
         self.batches: dict[int, tuple[list[str], float]] = {}
-        for file in sorted(path.parent.glob(self._pattern)):
-            self.batches.update(self._read(file))
-        self._own = self._read(self.path) if self.path.exists() else {}
+        for batches in stored.values():
+            self.batches.update(batches)
+        self._own = stored.get(self.path, {})  # each file is read once, this rank's own too
 
     @staticmethod
     def _read(path: Path) -> dict[int, tuple[list[str], float]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meansparse_core.evaluation import EvalResult, EvalSettings, ResultCache
+from meansparse_core.evaluation import EvalResult, EvalSettings, Journal, ResultCache
 from meansparse_core.outcomes import Outcomes
 from meansparse_core.files import CacheWarning
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
@@ -96,6 +96,19 @@ def test_a_damaged_result_is_discarded_rerun_and_rewritten(tmp_path, content):
     assert (result.clean_acc, result.robust_acc, len(runs)) == (0.75, 0.25, 2)
     assert record(path)["robust_acc"] == 0.25
     assert cache.get_or_run({"model": "m"}, settings, run).robust_acc == 0.25 and len(runs) == 2
+
+
+def test_a_journal_reads_each_ranks_file_once_and_keeps_its_own_batches(tmp_path, monkeypatch):
+    path = tmp_path / "key.journal"
+    Journal(path, rank=0).record(0, ["", "pgd"], 1.0)
+    Journal(path, rank=1).record(2, ["pgd"], 2.0)
+    reads, read = [], Journal._read
+    monkeypatch.setattr(Journal, "_read", staticmethod(lambda file: reads.append(file.name) or read(file)))
+    journal = Journal(path, rank=1)
+    assert sorted(reads) == ["key.journal", "key.rank1.journal"]
+    assert journal.batches == {0: (["", "pgd"], 1.0), 2: (["pgd"], 2.0)}
+    journal.record(4, [""], 0.5)  # rank 1's file keeps its earlier batch and gains the new one
+    assert record(tmp_path / "key.rank1.journal") == {"2": [["pgd"], 2.0], "4": [[""], 0.5]}
 
 
 def test_a_failed_write_keeps_the_old_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch, model):
