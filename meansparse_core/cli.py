@@ -451,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> None:
+    """One line on stderr. Under torchrun the ranks share stderr, where rank 0's progress bar may stand
+    unfinished: the line then starts with a line break, or it would read as the end of the bar."""
+    start = "\n" if GROUP.world_size > 1 else ""
+    print(f"{start}error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     global GROUP
     args = build_parser().parse_args(argv)
@@ -467,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args)
     except (KeyError, ValueError, FileNotFoundError, DataUnavailable, ModelUnavailable) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {where}{message}", file=sys.stderr)
+        _error(f"{where}{message}")
         return 2
     except torch.distributed.DistError as exc:  # another rank died: torchrun ends the job or restarts it
-        print(f"error: {where}lost another rank of the job ({' '.join(str(exc).split())[:200]})", file=sys.stderr)
+        _error(f"{where}lost another rank of the job ({' '.join(str(exc).split())[:200]})")
         return 1
     finally:
         sys.stdout = stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from meansparse_core import distributed
 from meansparse_core.cli import main
 from meansparse_core.distributed import Group
 from meansparse_core.outcomes import read_items
@@ -107,6 +108,15 @@ def test_a_rank_that_fails_prints_one_readable_line_and_the_job_fails_with_no_re
     code, out, err = finish(torchrun([WORKER, "--rank-1-after", "1", "fail", *args], tmp_path))
     assert code != 0 and out == ""
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "error: rank 1: The disk is full." in errors
+    assert "error: rank 1: The disk is full." in errors, err[-3000:]
     assert all(e.startswith("error: rank 0: lost another rank") for e in errors if "rank 1" not in e)
     assert not list((tmp_path / ".cache" / "results").glob("*.json")) and not (tmp_path / "items.csv").exists()
+
+
+def test_a_ranks_error_starts_its_own_line_after_another_ranks_unfinished_progress_bar(monkeypatch, capsys):
+    """The ranks share stderr, where rank 0's progress bar stands without a line break."""
+    monkeypatch.setattr(distributed, "join", lambda device: Group(rank=1, world_size=2))
+    print("alphas:  25%|██▌       | 0.25/1", end="", file=sys.stderr)
+    assert main(["evaluate", "--model", "bundled/no-such-model", "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and "no-such-model" in errors[0]
