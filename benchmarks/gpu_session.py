@@ -413,7 +413,7 @@ def card_rows(results: dict) -> str:
             continue
         clean = output["attack"] == "fgsm" and output["eps"] == 0
         model = "base" if output["alpha"] == 0 else f"MeanSparse, alpha {output['alpha']:g}"
-        attack = "clean" if clean else f"{output['attack']}, {output['steps']} steps, {output['grad']} gradients"
+        attack = "clean" if clean else _attack_words(output)
         accuracy = output["clean_acc"] if clean else output["robust_acc"]
         lines.append(f"| {model} | {attack} | {output['n']:,} | {accuracy:.2%} | `{record['command']}` "
                      f"({output['seconds']:.0f} s) |")
@@ -427,6 +427,15 @@ def card_rows(results: dict) -> str:
             lines += ["", f"{name} ({results[name]['status']}): `{results[name]['command']}`", "",
                       "    " + results[name]["output"].strip().replace("\n", "\n    ")[-1500:]]
     return "\n".join(lines)
+
+
+def _attack_words(output: dict) -> str:
+    """A card's name for an evaluated attack: AutoAttack has no step count, Square counts queries and no gradients."""
+    if output["attack"] == "autoattack":
+        return f"AutoAttack (standard), {output['grad']} gradients"
+    if output["attack"] == "square":
+        return f"Square, {output['steps']:,} queries (no gradients)"
+    return f"{output['attack']}, {output['steps']} steps, {output['grad']} gradients"
 
 
 def _normal(name: str) -> str:

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from meansparse_core import Statistics, attach
@@ -10,9 +11,9 @@ from meansparse_core.data import load_dataset, load_items, sample_indices
 from meansparse_core.evaluation import predict
 from meansparse_core.models import ASSETS, bundled_models, bundled_statistics_path, load_model
 
-#: Clean accuracy of the CIFAR-10 demo model on 500 test images drawn with seed 0, from its card
-#: (`python -m meansparse_core evaluate --model bundled/cifar-resnet9 --n 500 --seed 0 ...`).
-CIFAR_CLEAN_500 = 0.710
+#: Clean accuracy of each CIFAR-10 demo model on 500 test images drawn with seed 0, from its card
+#: (`python -m meansparse_core evaluate --model bundled/<name> --n 500 --seed 0 ...`).
+CIFAR_CLEAN_500 = {"cifar-resnet9": 0.710, "cifar-resnet9-w64": 0.822}
 
 
 def test_every_manifest_in_assets_is_listed_and_loads_with_statistics():
@@ -38,14 +39,16 @@ def test_offline_digits_model_is_as_accurate_as_measured():
     assert manifest["training"]["eps"] == 32.0 and manifest["threat_model"] == "Linf"
 
 
-def test_cifar10_demo_model_is_as_accurate_as_its_card(shared_cifar10):
-    spec = next(s for s in bundled_models() if s.name == "cifar-resnet9")
+@pytest.mark.parametrize("name", CIFAR_CLEAN_500)
+def test_cifar10_demo_model_is_as_accurate_as_its_card(name, shared_cifar10):
+    spec = next(s for s in bundled_models() if s.name == name)
     model = load_model(spec)
     test = load_dataset("cifar10", "test", root=shared_cifar10)
     images, labels = load_items(test, sample_indices(len(test), 500, seed=0))
     accuracy = (predict(model, images) == labels).float().mean().item()
-    assert abs(accuracy - CIFAR_CLEAN_500) <= 0.02, f"clean accuracy {accuracy:.3f}; the card says {CIFAR_CLEAN_500}"
-    manifest = json.loads(Path(ASSETS / "cifar-resnet9.json").read_text())
+    card = CIFAR_CLEAN_500[name]
+    assert abs(accuracy - card) <= 0.02, f"clean accuracy {accuracy:.3f}; the card says {card}"
+    manifest = json.loads(Path(ASSETS / f"{name}.json").read_text())
     assert manifest["training"]["eps"] == 8.0 and manifest["dataset"] == "cifar10"
 
 
