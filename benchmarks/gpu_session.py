@@ -489,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the files that come back go")
     parser.add_argument("--returned", type=Path, help="files an earlier call sent back, for a fresh machine")
     parser.add_argument("--deadline", type=float, help="seconds this call may take (default: the scale's)")
+    parser.add_argument("--train-seconds", type=float, help="training budget (default: the scale's, 270 s on a GPU)")
+    parser.add_argument("--max-epochs", type=int, help="most epochs the plan may choose (default: the scale's, 40)")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy scale")
     parser.add_argument("--only", help="comma-separated job names: run these (if not done yet) and nothing else")
     parser.add_argument("--card", type=Path, metavar="RESULTS", help="only print the card's rows from a results.json")
@@ -505,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.archive and args.state and args.out):
         parser.error("a session needs --archive, --state and --out")
     scale = TINY if args.tiny else GPU
-    if args.deadline:
-        scale = replace(scale, deadline=args.deadline)
+    chosen = {"deadline": args.deadline, "train_seconds": args.train_seconds, "max_epochs": args.max_epochs}
+    scale = replace(scale, **{k: v for k, v in chosen.items() if v})
     session = Session(args.state.resolve(), scale, args.out)
     if args.returned:
         restore(session, args.returned)

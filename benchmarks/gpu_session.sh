@@ -19,6 +19,10 @@
 #    If the machine went cold in between, first copy call 1's bundle.tar and session.tar.gz
 #    (from files_at) into carry/returned/: the fresh machine starts from them (a training run
 #    stopped mid-way restarts, since its checkpoint is too big to come back).
+#    Extra arguments after the seconds go to gpu_session.py: a session that should train longer
+#    than 270 s (the first run, 2026-11-26 on an H200, fitted 40 epochs of PGD-5 into 197 s and its
+#    adversarial training accuracy was still rising) gives e.g. `device 590 --train-seconds 420
+#    --max-epochs 80` in call 1 and leaves the evaluations to call 2.
 # 4. Here: unpack bundle.tar into assets/ and session.tar.gz anywhere; draft the card's rows with
 #      python benchmarks/gpu_session.py --card <unpacked>/results.json
 #    then write assets/cifar-resnet9-w64.md, measure its CPU speed (benchmarks/b5_interactivity.py),
@@ -63,7 +67,7 @@ device)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site carry/wheels/*.whl
     export PYTHONPATH=/tmp/site
     python3 benchmarks/gpu_session.py --archive carry/cifar10-jpeg.tar.gz --state carry/gpu --out "$OUT" \
-        --returned carry/returned --deadline "${2:-560}" 2>&1 | tee "$OUT/session.log"
+        --returned carry/returned --deadline "${2:-560}" "${@:3}" 2>&1 | tee "$OUT/session.log"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_session.sh prepare | tiny | device [seconds]" >&2
