@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .attacks import ATTACKS
-from .data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
+from .data import DATASETS, DataUnavailable, ItemBatches, load_dataset, load_items, sample_indices
 from .files import file_digest
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
@@ -100,13 +100,17 @@ def _load(args, dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor
     return images.to(_device(args.device)), labels.to(_device(args.device))
 
 
-def _items(args, spec: ModelSpec, split: str, n: int | None,
-           in_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``n`` items of ``split`` sampled by --seed (all without ``n``), or, ``in_order``, the first ``n``
-    in the split's stored order; and their indices in the split."""
-    dataset = _dataset(args, spec, split)
+def _indices(args, dataset, n: int | None, in_order: bool = False) -> list[int]:
+    """The indices of ``n`` items sampled by --seed (all without ``n``), or, ``in_order``, of the first
+    ``n`` in the split's stored order."""
     count = min(n, len(dataset)) if n else len(dataset)
-    indices = list(range(count)) if in_order else sample_indices(len(dataset), count, args.seed)
+    return list(range(count)) if in_order else sample_indices(len(dataset), count, args.seed)
+
+
+def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` items of ``split`` sampled by --seed (all without ``n``), and their indices in the split."""
+    dataset = _dataset(args, spec, split)
+    indices = _indices(args, dataset, n)
     return *_load(args, dataset, indices), indices
 
 
@@ -178,20 +182,22 @@ def cmd_models(args) -> None:
 def cmd_calibrate(args) -> None:
     spec, model = _model(args)
     authors = args.estimator == "authors"
+    dataset = _dataset(args, spec, "train")
     # The authors' estimator averages per-batch figures, so batch size and order are part of it.
-    images, _, _ = _items(args, spec, "train", args.n, in_order=authors)
+    indices = _indices(args, dataset, args.n, in_order=authors)
     placement = args.placement or "activations"
     with progress_bar("calibration") as update:
-        stats = calibrate(model, images.split(args.batch_size or (512 if authors else 100)), progress=update,
-                          total=len(images), meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed},
+        stats = calibrate(model, ItemBatches(dataset, indices, args.batch_size or (512 if authors else 100)),
+                          progress=update, total=len(indices),
+                          meta={"model": spec.key, "data": args.data or spec.dataset, "seed": args.seed},
                           group=GROUP, placement=placement, estimator=args.estimator)
     out = Path(args.out) if args.out else statistics_path(spec, args.data or spec.dataset, _weights_digest(args),
                                                           placement=placement)
     if GROUP.is_main:
         stats.save(out)
-    summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(images), "taps": len(stats.taps),
+    summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(indices), "taps": len(stats.taps),
                "statistics": str(out)}
-    print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps over {len(images)} images -> {out}")
+    print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps over {len(indices)} images -> {out}")
 
 
 def _run_name(result: EvalResult) -> str:
@@ -269,9 +275,8 @@ def _calibrated(args, spec: ModelSpec, model: torch.nn.Module, dataset, indices:
     path = CACHE / "stats" / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
     if path.exists():
         return Statistics.load(path), f"{how}; read back from {path}"
-    images, _ = _load(args, dataset, indices)
     with progress_bar("calibration") as update:
-        stats = calibrate(model, images.split(batch_size), progress=update, total=len(images),
+        stats = calibrate(model, ItemBatches(dataset, indices, batch_size), progress=update, total=len(indices),
                           meta={"model": spec.key, "data": data, "seed": args.seed}, group=GROUP, placement=placement,
                           estimator=args.estimator)
     if GROUP.is_main:

@@ -321,6 +321,25 @@ def load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, 
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+class ItemBatches(Sequence[torch.Tensor]):
+    """The images of ``dataset`` at ``indices`` in batches of ``size``, each read when it is asked for.
+
+    Calibration walks it batch by batch, so the whole set never sits in memory at once, and under
+    torchrun each rank reads only its own share of the batches (see ``statistics.calibrate``).
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], size: int) -> None:
+        self.dataset, self.indices, self.size = dataset, list(indices), size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.size)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} of {len(self)}")
+        return load_items(self.dataset, self.indices[k * self.size:(k + 1) * self.size])[0]
+
+
 def _connect(url: str, timeout: float):
     """``urlopen`` with ``timeout`` on the whole connection, name lookup included.
 

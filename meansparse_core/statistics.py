@@ -282,8 +282,9 @@ def calibrate(
     or (inputs, labels) pairs; ``progress(done, total)`` is called after each batch with the number
     of items seen (``total`` defaults to ``len(batches.dataset)``). The model's train/eval mode is
     restored afterwards. With a ``group`` of several ranks (torchrun), ``batches`` must be a
-    sequence; each rank measures a contiguous share of it, rank 0 merges every batch's moments in
-    order, and all ranks return statistics bit-identical to one process's (either estimator).
+    sequence (``data.ItemBatches`` reads each batch when asked, so a rank reads only its share);
+    each rank measures a contiguous share of it, rank 0 merges every batch's moments in order, and
+    all ranks return statistics bit-identical to one process's (either estimator).
     Example::
 
         stats = calibrate(model, DataLoader(train_set, batch_size=256), placement="released")
@@ -297,7 +298,7 @@ def calibrate(
     shared = group.world_size > 1
     if shared:
         share = group.shard(len(batches))
-        batches = [batches[k] for k in share]
+        batches = map(batches.__getitem__, share)  # one at a time, where ``batches`` reads lazily
     taps: list[Tap] | None = None
     moments: dict[str, RunningMoments | AuthorsMoments] = {}
 
