@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .attacks import ATTACKS
-from .data import DATASETS, DataUnavailable, ItemBatches, load_dataset, load_items, sample_indices
+from .data import DATASETS, DataUnavailable, ItemBatches, LazyImages, item_labels, load_dataset, sample_indices
 from .files import file_digest
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
@@ -95,9 +95,11 @@ def _class_names(args, spec: ModelSpec) -> tuple[str, ...]:
     return DATASETS[args.data or spec.dataset].class_names
 
 
-def _load(args, dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = load_items(dataset, indices)
-    return images.to(_device(args.device)), labels.to(_device(args.device))
+def _load(args, dataset, indices: list[int]) -> tuple[LazyImages, torch.Tensor]:
+    """The items' images, read only as the evaluation reaches them (a torchrun rank reads its share),
+    and their labels."""
+    device = _device(args.device)
+    return LazyImages(dataset, indices, device), item_labels(dataset, indices).to(device)
 
 
 def _indices(args, dataset, n: int | None, in_order: bool = False) -> list[int]:
@@ -107,7 +109,7 @@ def _indices(args, dataset, n: int | None, in_order: bool = False) -> list[int]:
     return list(range(count)) if in_order else sample_indices(len(dataset), count, args.seed)
 
 
-def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _items(args, spec: ModelSpec, split: str, n: int | None) -> tuple[LazyImages, torch.Tensor, list[int]]:
     """``n`` items of ``split`` sampled by --seed (all without ``n``), and their indices in the split."""
     dataset = _dataset(args, spec, split)
     indices = _indices(args, dataset, n)

@@ -60,6 +60,9 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
         return image.float().div_(255), self.labels[index]
@@ -83,6 +86,10 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def label(self, index: int) -> int:
+        """The label alone, without decoding the image."""
+        return self.samples[index][1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -338,6 +345,37 @@ class ItemBatches(Sequence[torch.Tensor]):
         if not 0 <= k < len(self):
             raise IndexError(f"batch {k} of {len(self)}")
         return load_items(self.dataset, self.indices[k * self.size:(k + 1) * self.size])[0]
+
+
+def item_labels(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
+    """The labels of the items at ``indices``, without decoding their images where the dataset allows."""
+    label = getattr(dataset, "label", None) or (lambda i: dataset[i][1])
+    return torch.tensor([label(i) for i in indices], dtype=torch.long)
+
+
+class LazyImages:
+    """The images of ``dataset`` at ``indices``, indexed like a tensor of them (by a slice, or a tensor
+    of positions) but each read when first indexed and then kept.
+
+    ``evaluation.evaluate`` takes it in place of an image tensor: under torchrun each rank reads only
+    the items it predicts and attacks, not all N.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.dataset, self.indices, self.device = dataset, list(indices), torch.device(device)
+        self._read: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        positions = range(len(self))[key] if isinstance(key, slice) else key.tolist()
+        if not positions:
+            return torch.zeros(0, device=self.device)
+        for p in positions:
+            if p not in self._read:
+                self._read[p] = self.dataset[self.indices[p]][0]
+        return torch.stack([self._read[p] for p in positions]).to(self.device)
 
 
 def _connect(url: str, timeout: float):

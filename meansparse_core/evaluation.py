@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .attacks import make_attack
+from .data import LazyImages
 from .distributed import SOLO, Group
 from .files import atomic_write, discard_damaged
 from .operator import GradMode
@@ -29,6 +30,7 @@ from .outcomes import CLEAN, Outcomes
 from .placement import SparseModel
 
 Progress = Callable[[float, int], None]  # (done, total); sweeps report fractions of an alpha
+Images = torch.Tensor | LazyImages  # a batch of images, or the items of a dataset read as they are reached
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def _classifier(sparse: SparseModel | nn.Module, settings: EvalSettings) -> nn.M
     return sparse.at(settings.alpha, settings.grad) if isinstance(sparse, SparseModel) else sparse
 
 
-def _clean_predictions(classifier: nn.Module, images: torch.Tensor, batch_size: int, group: Group) -> torch.Tensor:
+def _clean_predictions(classifier: nn.Module, images: Images, batch_size: int, group: Group) -> torch.Tensor:
     """Predictions without attack, each rank predicting its share of a single process's batches."""
     share = group.shard(-(-len(images) // batch_size))
     own = predict(classifier, images[share.start * batch_size:share.stop * batch_size], batch_size)
@@ -102,7 +104,7 @@ def _attack_batch(attack, classifier: nn.Module, images: torch.Tensor, labels: t
     return ["" if kept else breaker or attack.name for kept, breaker in zip(survived, breakers)]
 
 
-def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def evaluate(model: SparseModel | nn.Module, images: Images, labels: torch.Tensor,
              settings: EvalSettings, progress: Progress | None = None, journal: "Journal | None" = None,
              group: Group = SOLO) -> EvalResult:
     """Clean and robust accuracy (fractions) on ``images`` for one setting, with per-item outcomes.
@@ -110,7 +112,8 @@ def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch
     With a ``journal``, every attacked batch is recorded as it finishes and batches recorded by an
     earlier, interrupted run are not attacked again. With a ``group`` of several ranks (torchrun),
     each rank attacks a contiguous share of the batches a single process would attack, and every
-    rank returns the same, gathered result.
+    rank returns the same, gathered result; with ``images`` a ``data.LazyImages``, each rank also
+    reads only the items of its share.
     """
     start = time.perf_counter()
     classifier = _classifier(model, settings)
@@ -148,7 +151,7 @@ def evaluate(model: SparseModel | nn.Module, images: torch.Tensor, labels: torch
     return EvalResult(outcomes, seconds, settings, group.world_size, sum(r for _, r, _ in shares))
 
 
-def sweep(model: SparseModel, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
+def sweep(model: SparseModel, images: Images, labels: torch.Tensor, settings: EvalSettings,
           alphas: Sequence[float], progress: Progress | None = None,
           cache: "ResultCache | None" = None, cache_key: dict | None = None, group: Group = SOLO) -> list[EvalResult]:
     """One evaluation per alpha on the same items and seed.

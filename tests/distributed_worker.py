@@ -4,7 +4,8 @@
 rank 0 runs each again as a single process (same process, same thread settings) and writes both
 to OUT. ``distributed_worker.py --rank-1-after K kill|fail CLI-ARGS...``: the command line, where rank 1
 kills itself with SIGKILL (kill) or raises an error (fail) when it starts its (K+1)-th attacked
-batch: a fault at a known point.
+batch: a fault at a known point. ``distributed_worker.py --count-reads OUT CLI-ARGS...``: the
+command line, each rank writing to OUT.rank<r> how many images it read from the dataset.
 """
 
 import os
@@ -61,7 +62,20 @@ def rank_1_after(batches: int, fault: str, argv: list[str]) -> int:
     return cli.main(argv)
 
 
+def count_reads(out: str, argv: list[str]) -> int:
+    from meansparse_core import cli, data
+
+    read, getitem = [], data.ArrayDataset.__getitem__
+    data.ArrayDataset.__getitem__ = lambda self, index: read.append(index) or getitem(self, index)
+    code = cli.main(argv)
+    with open(f"{out}.rank{os.environ['RANK']}", "w") as f:
+        f.write(str(len(read)))
+    return code
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--count-reads":
+        sys.exit(count_reads(sys.argv[2], sys.argv[3:]))
     if sys.argv[1] == "--rank-1-after":
         sys.exit(rank_1_after(int(sys.argv[2]), sys.argv[3], sys.argv[4:]))
     group = join(torch.device("cpu"))

@@ -80,6 +80,14 @@ def test_torchrun_command_prints_one_process_accuracies_and_items(tmp_path, monk
     assert len(set(indices)) == 40 and outcomes.robust_acc == single["robust_acc"]
 
 
+def test_each_rank_reads_only_the_test_images_of_its_share(tmp_path):
+    args = [*EVALUATE, "--n-items", "40", "--batch-size", "4", "--no-cache"]
+    code, out, err = finish(torchrun([WORKER, "--count-reads", "reads", *args], tmp_path))
+    assert code == 0, err[-2000:]
+    reads = [int((tmp_path / f"reads.rank{rank}").read_text()) for rank in (0, 1)]
+    assert all(0 < r < 40 for r in reads) and sum(reads) >= 40, reads
+
+
 def test_a_killed_rank_fails_the_job_and_the_same_command_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
     args = [*EVALUATE, "--n-items", "60", "--batch-size", "4", "--items", "items.csv"]
     code, out, err = finish(torchrun([WORKER, "--rank-1-after", "2", "kill", *args], tmp_path))
