@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .attacks import ATTACKS
-from .data import DATASETS, DataUnavailable, ItemBatches, LazyImages, item_labels, load_dataset, sample_indices
+from .data import DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, item_labels, load_dataset, sample_indices
 from .files import file_digest
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
@@ -187,6 +187,8 @@ def cmd_calibrate(args) -> None:
     dataset = _dataset(args, spec, "train")
     # The authors' estimator averages per-batch figures, so batch size and order are part of it.
     indices = _indices(args, dataset, args.n, in_order=authors)
+    if authors:
+        _warn_if_sorted_by_class(dataset)
     placement = args.placement or "activations"
     with progress_bar("calibration") as update:
         stats = calibrate(model, ItemBatches(dataset, indices, args.batch_size or (512 if authors else 100)),
@@ -240,7 +242,20 @@ def cmd_sweep(args) -> None:
     _emit(_evaluation_run(args, args.alphas), args.json)
 
 
-def _training_split(args, size: int) -> tuple[list[int], list[int], str]:
+def _warn_if_sorted_by_class(dataset) -> str:
+    """The authors' estimator follows the training split's stored order, which an ImageFolder tree has lost
+    (it lists its images class by class): say so on stderr. Returns the warning, or "" where the order is
+    the dataset's own."""
+    if not isinstance(dataset, FolderDataset):
+        return ""
+    warning = ("these training images come from an ImageFolder tree, sorted by class rather than in the dataset's "
+               "original order; for the authors' order, point --data-dir at the official python batches")
+    if GROUP.is_main:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
+def _training_split(args, dataset) -> tuple[list[int], list[int], str]:
     """The held-out training indices for alpha selection, the calibration indices (disjoint), and a
     sentence saying where the held-out slice lies.
 
@@ -248,10 +263,12 @@ def _training_split(args, size: int) -> tuple[list[int], list[int], str]:
     order of the data and wants it as stored, so the held-out slice is the split's last --select-n
     images and calibration runs over the others from the first one on.
     """
+    size = len(dataset)
     if args.estimator == "authors":
         cut = max(size - args.select_n, 0)
         held_out, pool = list(range(cut, size)), list(range(cut))
-        where = f"the last {len(held_out)} training images in stored order"
+        warning = _warn_if_sorted_by_class(dataset)
+        where = f"the last {len(held_out)} training images in stored order" + (f" ({warning})" if warning else "")
     else:
         order = sample_indices(size, size, args.seed)
         held_out, pool = order[:args.select_n], order[args.select_n:]
@@ -293,7 +310,7 @@ def cmd_reproduce(args) -> None:
                         apgd_steps=args.steps, square_queries=args.square_queries, seed=args.seed,
                         batch_size=_batch_size(args))
     train = _dataset(args, spec, "train")
-    held_out, pool, held_out_where = _training_split(args, len(train))
+    held_out, pool, held_out_where = _training_split(args, train)
     stats, calibration = _calibrated(args, spec, model, train, pool)
     sparse = attach(model, stats)
     cache = None if args.no_cache else ResultCache(CACHE / "results")
