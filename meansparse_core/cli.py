@@ -22,7 +22,8 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .attacks import ATTACKS
-from .data import DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, item_labels, load_dataset, sample_indices
+from .data import (DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, item_labels, load_dataset,
+                   sample_indices)
 from .files import file_digest
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
