@@ -1,16 +1,25 @@
-"""Fused kernels: the operator and the statistics pass compiled into one kernel each, eager as fallback.
+"""Fused kernels: the operator and the statistics pass as one kernel each, and the switches that choose them.
 
 Eagerly, the operator makes four passes over memory (sub, abs, compare, select) and a float64
 statistics pass converts, then reduces; on CPUs the broadcasting compare and select and the
 reductions over every axis but one are slow (each several times a ReLU of the same tensor).
-``torch.compile`` turns each into one kernel that reads the features once, with the same IEEE
-operations (float32 and float64 only, so fused and eager results agree). Compiling costs a few
-seconds once per process and needs a C++ compiler on CPUs; where it fails, the library says so
-once and stays eager. Tensors under ``MIN_ELEMENTS`` (one image on the slider path) stay eager:
-there the call overhead dominates. ``MEANSPARSE_FUSED=0`` turns fusion off.
+A fused kernel reads the features once, with the same IEEE operations (float32 and float64 only,
+so fused and eager results agree). Two kinds:
 
-Both kernels see features in one canonical shape, (A, C, B) with the channels in the middle (see
-``as_rows``), so every layout shares one compiled kernel per dtype and device.
+- On CPUs the operator is a small C kernel (``native.py``), built once per machine into
+  ``.cache/kernels`` and loaded in milliseconds, and can include the ReLU that follows it.
+- ``torch.compile`` (this module's ``Fused``) does the statistics pass, and the operator where the C
+  kernel does not run (GPUs). Compiling costs seconds in every new process even with Inductor's
+  on-disk caches warm (``.cache/inductor``; B13 measures it), so it is used where the work is long
+  enough to pay, and tensors under ``MIN_ELEMENTS`` stay eager. Where it fails (no C++ compiler),
+  the library says so once and stays eager.
+
+Switches: ``MEANSPARSE_FUSED=0`` turns every fused kernel off (PyTorch's operations only);
+``MEANSPARSE_COMPILE=0`` never calls ``torch.compile``; ``MEANSPARSE_COMPILE=1`` uses it for the
+operator too, instead of the C kernel. Unset, the library chooses as above.
+
+Kernels see features in one canonical shape, (A, C, B) with the channels in the middle (see
+``as_rows``), so every layout shares one kernel per dtype and device.
 """
 
 from __future__ import annotations
@@ -18,14 +27,29 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 MIN_ELEMENTS = 1 << 16
+FUSED = os.environ.get("MEANSPARSE_FUSED", "1") != "0"
+COMPILE = os.environ.get("MEANSPARSE_COMPILE")  # "0", "1", or None: the library chooses
+#: Inductor's on-disk caches in the project's cache folder, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
+INDUCTOR_CACHE = Path(".cache") / "inductor"
 # Fused half-precision arithmetic skips the rounding between operations, which can move a value
 # across the band's edge: those dtypes stay eager, so every path gives the same answer.
 EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def compile_enabled() -> bool:
+    """Whether ``torch.compile`` may run at all."""
+    return FUSED and COMPILE != "0"
+
+
+def compile_everything() -> bool:
+    """``MEANSPARSE_COMPILE=1``: compiled kernels in place of the C kernel, whatever the run's length."""
+    return FUSED and COMPILE == "1"
 
 
 def as_rows(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -46,9 +70,10 @@ def as_rows(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, Callable[[
 class Fused:
     """``fn`` compiled with ``torch.compile`` for inputs big enough to pay; ``fn`` itself otherwise."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], name: str | None = None) -> None:
         self.fn = fn
-        self.enabled = os.environ.get("MEANSPARSE_FUSED", "1") != "0"
+        self.name = name or fn.__name__
+        self.enabled = compile_enabled()
         self.kernel: Callable | None = None
 
     def worth_it(self, x: torch.Tensor) -> bool:
@@ -63,11 +88,12 @@ class Fused:
         with torch.no_grad():
             try:
                 if self.kernel is None:
+                    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE.resolve()))
                     self.kernel = torch.compile(self.fn, dynamic=True, fullgraph=True)
                 return self.kernel(*tensors)
             except Exception as exc:  # no compiler, unsupported platform or device: eager is exact too
                 self.enabled = False
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
-                warnings.warn(f"MeanSparse runs {self.fn.__name__} unfused: torch.compile failed "
+                warnings.warn(f"MeanSparse runs {self.name} unfused: torch.compile failed "
                               f"({exc.__class__.__name__}: {first_line}).", RuntimeWarning, stacklevel=2)
                 return self.fn(*tensors)

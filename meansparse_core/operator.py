@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from . import native
 from .fusion import Fused, as_rows
 
 GradMode = Literal["exact", "straight-through"]
@@ -30,58 +31,85 @@ def channel_view(stat: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch
     return stat.to(dtype=x.dtype, device=x.device).view(shape)
 
 
-def _sparsify_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-    # `mean` broadcasts inside torch.where, so no full-size tensor of means is ever built.
-    return torch.where((x - mean).abs() < band, mean, x)
+def _operator_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, relu: bool = False,
+                    mask: GradMode | None = None) -> tuple[torch.Tensor, ...]:
+    """(output,) or (output, mask of the gradients that pass) with PyTorch's operations; ``mean`` and
+    ``band`` broadcast against ``x``, so no full-size tensor of means is ever built.
 
-
-def _exact_gradient_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    # What autograd derives for torch.where above: nothing flows back from inside the band.
-    return torch.where((x - mean).abs() < band, 0.0, grad)
-
-
-_fused_sparsify, _fused_exact_gradient = Fused(_sparsify_eager), Fused(_exact_gradient_eager)
-
-
-def _per_channel(fused: Fused, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int,
-                 *more: torch.Tensor) -> torch.Tensor:
-    """``fused.fn(x, mean, band, *more)`` with per-channel vectors ``mean`` and ``band`` (alpha * std).
-
-    Runs the compiled kernel on canonical rows when it pays and every tensor has ``x``'s layout,
-    else the eager function on broadcast views; no autograd either way.
+    The mask is what autograd derives for ``torch.where`` and ReLU: exact gradients stop inside the
+    band, and the ReLU's own gradient stops where its output is <= 0 (NaN passes, as in PyTorch).
     """
-    views = [as_rows(t, channel_dim) for t in (x, *more)] if fused.worth_it(x) and all(
-        t.stride() == x.stride() for t in more) else [None]
-    if views[0] is None:
-        return fused.fn(x, channel_view(mean, x, channel_dim), channel_view(band, x, channel_dim), *more)
-    (rows, back), more_rows = views[0], [v[0] for v in views[1:]]
-    return back(fused(rows, mean.view(1, -1, 1), band.view(1, -1, 1), *more_rows))
+    inside = (x - mean).abs() < band
+    y = torch.where(inside, mean, x)
+    if relu:
+        y = torch.relu(y)
+    if mask is None:
+        return (y,)
+    if not relu:
+        return y, ~inside
+    passes = ~(y <= 0)
+    return y, (~inside & passes) if mask == "exact" else passes
+
+
+def _sparsify_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor]:
+    return _operator_eager(x, mean, band)
+
+
+def _sparsify_with_mask_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _operator_eager(x, mean, band, mask="exact")
+
+
+# Compiled kernels for the devices and dtypes the C kernel does not take (two functions, not one
+# with flags: TorchDynamo keeps its compiled variants per function and limits how many).
+_COMPILED = {None: Fused(_sparsify_eager), "exact": Fused(_sparsify_with_mask_eager)}
+
+
+def _operator(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
+              mask: GradMode | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The operator (then ReLU if ``relu``) and where gradients pass (None: everywhere); no autograd.
+
+    ``mean`` and ``band`` (alpha * std) are per-channel vectors. The C kernel runs it on CPUs, a
+    compiled kernel where that pays (``fusion.py``), PyTorch's operations elsewhere: all alike, bit for bit.
+    """
+    if mask == "straight-through" and not relu:
+        mask = None  # the operator alone passes every gradient: nothing to mask
+    if native.usable(x, channel_dim):
+        return native.run(x, mean, band, channel_dim, relu, mask)
+    fused = _COMPILED[mask] if not relu else None  # ReLU is fused by the C kernel only (placement.py)
+    view = as_rows(x, channel_dim) if fused is not None and fused.worth_it(x) else None
+    if view is None:
+        out = _operator_eager(x, channel_view(mean, x, channel_dim), channel_view(band, x, channel_dim), relu, mask)
+    else:
+        rows, back = view
+        out = tuple(back(t) for t in fused(rows, mean.view(1, -1, 1), band.view(1, -1, 1)))
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 class _Sparsify(torch.autograd.Function):
-    """The operator with its gradient written out, so both passes can be fused kernels.
+    """The operator, and optionally the ReLU after it, with the gradient written out: the forward
+    pass saves one mask of the gradients that pass, and the backward pass is one ``torch.where``.
 
     Exact: the gradient is zero inside the band and passes elsewhere (what autograd derives for
-    ``torch.where``). Straight-through (BPDA): the gradient passes everywhere.
+    ``torch.where``). Straight-through (BPDA): the operator passes the gradient everywhere.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int,
-                straight_through: bool) -> torch.Tensor:
-        ctx.channel_dim, ctx.straight_through = channel_dim, straight_through
-        if not straight_through:
-            ctx.save_for_backward(x, mean, band)
-        y = _per_channel(_fused_sparsify, x, mean, band, channel_dim)
-        # The fused path returns a view of the kernel's output; autograd forbids changing a custom
-        # Function's view in place, which torchvision's ResNets do next (ReLU(inplace=True)).
+                grad: GradMode, relu: bool) -> torch.Tensor:
+        y, keep = _operator(x, mean, band, channel_dim, relu, grad)
+        ctx.passes_all = keep is None
+        if keep is not None:
+            ctx.save_for_backward(keep)
+        # The compiled path can return a view of its kernel's output; autograd forbids changing a
+        # custom Function's view in place, which torchvision's ResNets do next (ReLU(inplace=True)).
         return y.clone() if y._base is not None else y
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.straight_through:
-            return grad_output, None, None, None, None
-        x, mean, band = ctx.saved_tensors
-        return _per_channel(_fused_exact_gradient, x, mean, band, ctx.channel_dim, grad_output), None, None, None, None
+        if ctx.passes_all:
+            return grad_output, None, None, None, None, None
+        (keep,) = ctx.saved_tensors
+        return native.masked(grad_output, keep), None, None, None, None, None
 
 
 def sparsify(
@@ -106,12 +134,26 @@ def sparsify(
 
         y = sparsify(features, mean, std, alpha=0.25)
     """
+    return _apply(x, mean, std, alpha, channel_dim, grad, relu=False)
+
+
+def sparsify_relu(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float, channel_dim: int = 1,
+                  grad: GradMode = "exact") -> torch.Tensor:
+    """``torch.relu(sparsify(x, ...))`` in one pass over memory where the CPU kernel runs, bit for bit.
+
+    The backward pass of both is one masked copy, as cheap as ReLU's own.
+    """
+    return _apply(x, mean, std, alpha, channel_dim, grad, relu=True)
+
+
+def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float, channel_dim: int, grad: GradMode,
+           relu: bool) -> torch.Tensor:
     if not alpha >= 0:  # also refuses NaN, which would silently switch the operator off
         raise ValueError(f"alpha must be a number >= 0, got {alpha}.")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     if alpha == 0:
-        return x
+        return torch.relu(x) if relu else x
     channel_dim = channel_dim % x.dim()
     if x.shape[channel_dim] != mean.numel() or mean.numel() != std.numel():
         raise ValueError(
@@ -121,8 +163,8 @@ def sparsify(
     mean = mean.to(dtype=x.dtype, device=x.device)
     band = std.to(dtype=x.dtype, device=x.device) * alpha
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Sparsify.apply(x, mean, band, channel_dim, grad == "straight-through")
-    return _per_channel(_fused_sparsify, x, mean, band, channel_dim)
+        return _Sparsify.apply(x, mean, band, channel_dim, grad, relu)
+    return _operator(x, mean, band, channel_dim, relu, None)[0]
 
 
 class MeanSparse(nn.Module):
@@ -143,6 +185,10 @@ class MeanSparse(nn.Module):
 
     def forward(self, x: torch.Tensor, alpha: float = 0.0, grad: GradMode = "exact") -> torch.Tensor:
         return sparsify(x, self.mean, self.std, alpha, self.channel_dim, grad)
+
+    def relu(self, x: torch.Tensor, alpha: float = 0.0, grad: GradMode = "exact") -> torch.Tensor:
+        """``torch.relu(self(x, alpha, grad))`` in one pass (``sparsify_relu``)."""
+        return sparsify_relu(x, self.mean, self.std, alpha, self.channel_dim, grad)
 
     def extra_repr(self) -> str:
         return f"channels={self.mean.numel()}, channel_dim={self.channel_dim}"

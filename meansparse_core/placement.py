@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import native
 from .operator import GradMode, MeanSparse
 from .placement_rules import ACTIVATIONS, OWN_LAYERS, Placement, name_matches, resolve
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 TapKind = Literal["function", "module", "robustbench", "input", "output", "sum"]
 Handler = Callable[["Tap", torch.Tensor], torch.Tensor]
+# A tapped ReLU's output in one call (operator and activation fused), or None to run them apart.
+ReluHandler = Callable[["Tap", torch.Tensor], "torch.Tensor | None"]
 
 # Functional activations, keyed to the short name used in tap names.
 ACTIVATION_FUNCTIONS: dict[Callable, str] = {
@@ -134,8 +137,10 @@ class _Pass:
     """
 
     def __init__(self, handler: Handler | None, taps: Mapping[str, Tap] | None,
-                 names: Iterable[str] = (), placement: Placement = ACTIVATIONS) -> None:
+                 names: Iterable[str] = (), placement: Placement = ACTIVATIONS,
+                 relu_handler: ReluHandler | None = None) -> None:
         self.handler = handler
+        self.relu_handler = relu_handler
         self.taps = taps  # None while discovering
         if taps is None:
             names = list(names)
@@ -171,6 +176,11 @@ class _Pass:
         tap = self.taps.get(name)
         return x if tap is None else self.handler(tap, x)
 
+    def route_relu(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of a tapped ReLU, operator included, from the ReLU handler; None: route the input."""
+        tap = self.taps.get(name) if self.taps is not None and self.relu_handler is not None else None
+        return None if tap is None else self.relu_handler(tap, x)
+
 
 _current: ContextVar[_Pass | None] = ContextVar("meansparse_pass", default=None)
 
@@ -194,6 +204,8 @@ class _FunctionCalls(TorchFunctionMode):
             op = None  # the call inside an activation module whose pre-hook has already routed its input
         if op is not None and state is not None and args and isinstance(args[0], torch.Tensor):
             name = state.call_name(self.router.function_tap_base(state, op))
+            if op == "relu" and (output := state.route_relu(name, args[0])) is not None:
+                return output  # a new tensor, as routing the input gives the activation a new tensor
             args = (state.route(name, "function", args[0]), *args[1:])
         return func(*args, **kwargs)
 
@@ -208,6 +220,7 @@ class _Router:
         # a pre-hook catches them as well as the function mode does, without its cost per operation.
         self.torch_activations = {self.names[m] for m in self.activation_modules
                                   if type(m).__module__ == nn.ReLU.__module__}
+        self.torch_relus = {self.names[m] for m in self.activation_modules if type(m) is nn.ReLU}
         self.robustbench_layers = {m for m in self.names if is_robustbench_meansparse(m)}
         self.users = 0
         self.handles = [h for m in self.names for h in (
@@ -219,10 +232,14 @@ class _Router:
         for handle in self.handles:
             handle.remove()
 
-    def cheapest(self, taps: list[Tap]) -> list[Tap]:
-        """``taps`` with functional calls inside PyTorch's activation modules caught by the modules' pre-hooks."""
+    def cheapest(self, taps: list[Tap], fuse_relu: bool = False) -> list[Tap]:
+        """``taps`` with functional calls inside PyTorch's activation modules caught by the modules' pre-hooks.
+
+        With ``fuse_relu``, ``nn.ReLU`` modules' calls stay functional: the function mode can then
+        replace the whole call by the operator and ReLU in one pass (``_Pass.route_relu``).
+        """
         return [replace(t, kind="module") if t.kind == "function" and t.name.split("#")[0] in self.torch_activations
-                else t for t in taps]
+                and not (fuse_relu and t.name.split("#")[0] in self.torch_relus) else t for t in taps]
 
     def function_tap_base(self, state: _Pass, op: str) -> str:
         module, name = state.scopes[-1] if state.scopes else (None, "")
@@ -447,7 +464,7 @@ class SparseModel(nn.Module):
         self._index = {t.name: i for i, t in enumerate(self.taps)}
         self._attachment = _routing(model)
         self._router = self._attachment.__enter__()
-        routed = self._router.cheapest(self.taps)
+        routed = self._router.cheapest(self.taps, fuse_relu=native.available())
         self._by_name = {t.name: t for t in routed}  # built once: forward runs on every slider move
         self._functional = _uses_function_mode(routed)
         self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
@@ -469,7 +486,15 @@ class SparseModel(nn.Module):
             operator = self.operators[self._index[tap.name]]
             return operator(features, layer_alphas.get(tap.name, alpha), grad)
 
-        state = _Pass(handler, self._by_name)
+        def relu_handler(tap: Tap, features: torch.Tensor) -> torch.Tensor | None:
+            tap_alpha = layer_alphas.get(tap.name, alpha)
+            # At alpha 0 the model's own call runs untouched (in place, if it says so); where the
+            # kernel cannot run (a GPU), the operator and the ReLU run apart, each at its best.
+            if not tap_alpha or not native.usable(features, tap.channel_dim):
+                return None
+            return self.operators[self._index[tap.name]].relu(features, tap_alpha, grad)
+
+        state = _Pass(handler, self._by_name, relu_handler=relu_handler)
         return _run(self._router, state, self.model, (x,), {}, self._functional)
 
     def at(self, alpha: float, grad: GradMode = "exact", layer_alphas: Mapping[str, float] | None = None) -> "FixedAlpha":

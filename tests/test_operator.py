@@ -177,57 +177,143 @@ def test_sparsify_is_idempotent(case):
 # --- the fused (compiled) path -------------------------------------------------------------------
 
 FUSED_CASES = {"nchw": ((8, 24, 32, 32), 1, False), "channels_last": ((8, 24, 32, 32), 1, True),
-               "tokens": ((8, 1024, 12), -1, False)}
+               "tokens": ((8, 1024, 12), -1, False), "wide_channels_last": ((4, 1100, 4, 4), 1, True)}
 
 
-@pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_fused_operator_equals_the_eager_one_bit_for_bit(case, dtype, device):
-    from meansparse_core.fusion import MIN_ELEMENTS
-    from meansparse_core.operator import _fused_exact_gradient, _fused_sparsify, _per_channel, _sparsify_eager, channel_view
-
+def edge_case(case, dtype, device):
+    """Features with NaN, infinities, signed zeros, a dead channel and a channel on the band's edge."""
     shape, axis, channels_last = FUSED_CASES[case]
     x, mean, std = random_case(shape, axis, seed=5, device=device)
     x, mean, std = x.to(dtype), mean.to(dtype), std.to(dtype)
     std[0] = 0.0  # a dead channel
-    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=dtype, device=device)
-    band = std * 0.5
-    x.select(axis, 1).fill_(mean[1] + band[1])  # a whole channel exactly on the band's edge
+    x.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype, device=device)
+    x.select(axis, 1).fill_(mean[1] + std[1] * 0.5)  # a whole channel exactly on the band's edge (alpha 0.5)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    axis = axis % x.dim()
-    assert x.numel() >= MIN_ELEMENTS and _fused_sparsify.enabled
+    return x, mean, std, axis % x.dim()
 
-    fused = _per_channel(_fused_sparsify, x, mean, band, axis)
-    eager = _sparsify_eager(x, channel_view(mean, x, axis), channel_view(band, x, axis))
-    assert _fused_sparsify.kernel is not None and _fused_sparsify.enabled, "the compiled kernel ran"
-    assert fused.stride() == eager.stride(), "the output keeps the input's memory layout"
-    torch.testing.assert_close(fused, eager, rtol=0, atol=0, equal_nan=True)
+
+def reference(x, mean, std, axis, grad, relu, grad_output):
+    """The operator written with plain PyTorch operations (then ReLU), and the input gradient autograd derives."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    mean, band = mean.view(shape), (std * 0.5).view(shape)
+    leaf = x.detach().clone().requires_grad_(True)
+    if grad == "exact":
+        y = torch.where((leaf - mean).abs() < band, mean, leaf)
+        inner = leaf
+    else:  # straight-through: the gradient passes the operator unchanged, only ReLU's own backward applies
+        inner = torch.where((x - mean).abs() < band, mean, x).requires_grad_(True)
+        y = inner
+    out = torch.relu(y) if relu else y
+    out.backward(grad_output)
+    return out.detach(), inner.grad
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [False, True], ids=["operator", "operator+relu"])
+@pytest.mark.parametrize("kernel", ["native", "pytorch"])
+def test_the_fused_operator_equals_plain_pytorch_bit_for_bit(case, dtype, relu, kernel, device, monkeypatch):
+    """The C kernel (CPU) and the library's PyTorch path, forward and both gradients, against plain autograd."""
+    from meansparse_core import native
+    from meansparse_core.operator import sparsify_relu
+
+    monkeypatch.setattr(native, "enabled", kernel == "native")
+    x, mean, std, axis = edge_case(case, dtype, device)
+    assert native.usable(x, axis) == (kernel == "native" and device.type == "cpu")
+    apply = sparsify_relu if relu else sparsify
     for grad in ("exact", "straight-through"):
-        grads = []
-        for fuse in (True, False):
-            _fused_sparsify.enabled = _fused_exact_gradient.enabled = fuse
-            leaf = x.detach().clone().requires_grad_(True)
-            y = sparsify(leaf, mean, std, 0.5, axis, grad)
-            y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype, device=device).view(y.shape))
-            grads.append(leaf.grad)
-        _fused_sparsify.enabled = _fused_exact_gradient.enabled = True
-        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)
-    assert _fused_exact_gradient.kernel is not None, "the compiled backward ran"
+        grad_output = torch.linspace(-1, 1, x.numel(), dtype=dtype, device=device).view(x.shape)
+        expected, expected_grad = reference(x, mean, std, axis, grad, relu, grad_output)
+        with torch.no_grad():
+            forward_only = apply(x, mean, std, 0.5, axis, grad)
+        leaf = x.detach().clone().requires_grad_(True)
+        y = apply(leaf, mean, std, 0.5, axis, grad)
+        y.backward(grad_output)
+        for got in (forward_only, y.detach()):
+            assert got.stride() == x.stride(), "the output keeps the input's memory layout"
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(got.signbit(), expected.signbit()), "signed zeros as PyTorch gives them"
+        torch.testing.assert_close(leaf.grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_the_compiled_operator_equals_the_eager_one_bit_for_bit(case, device, monkeypatch):
+    """Where the C kernel does not run (GPUs, no C compiler), forward-only work may use torch.compile."""
+    from meansparse_core import native
+    from meansparse_core.fusion import MIN_ELEMENTS
+    from meansparse_core.operator import _COMPILED, _operator, _operator_eager, channel_view
+
+    monkeypatch.setattr(native, "enabled", False)
+    x, mean, std, axis = edge_case(case, torch.float32, device)
+    band = std * 0.5
+    for mask, fused in _COMPILED.items():
+        assert x.numel() >= MIN_ELEMENTS and fused.enabled
+        compiled = _operator(x, mean, band, axis, False, mask)
+        eager = _operator_eager(x, channel_view(mean, x, axis), channel_view(band, x, axis), False, mask)
+        assert fused.kernel is not None and fused.enabled, "the compiled kernel ran"
+        assert compiled[0].stride() == eager[0].stride(), "the output keeps the input's memory layout"
+        for got, expected in zip(compiled, eager):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("grad", ["exact", "straight-through"])
+def test_the_demo_model_gives_the_same_logits_gradients_and_attack_with_and_without_fusion(grad, monkeypatch):
+    """The whole sparsified model: ReLUs fused with the operator (C kernel) against PyTorch's operations."""
+    from meansparse_core import attach, native
+    from meansparse_core.attacks import make_attack
+    from meansparse_core.fusion import Fused
+    from meansparse_core.models import bundled_statistics_path, find_model, load_model
+    from meansparse_core.statistics import Statistics
+
+    spec = find_model("bundled/cifar-resnet9")
+    model, stats = load_model(spec), Statistics.load(bundled_statistics_path(spec))
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 10
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(native, "enabled", fused)
+        monkeypatch.setattr(Fused, "worth_it", lambda self, x, on=fused: on and x.numel() >= 1 << 16)
+        sparse = attach(model, stats)
+        assert sparse._functional == fused, "fused: the ReLU modules' calls are replaced"
+        with torch.no_grad():
+            logits = sparse(images, alpha=0.3)
+        leaf = images.clone().requires_grad_(True)
+        sparse(leaf, alpha=0.3, grad=grad).logsumexp(1).sum().backward()
+        adversarial = make_attack("pgd", sparse.at(0.3, grad), eps=8, steps=3, seed=0)(images, labels)
+        runs.append((logits, leaf.grad, adversarial))
+        sparse.detach()
+    for fused, eager in zip(*runs):
+        assert torch.equal(fused, eager)
 
 
 def test_the_operator_stays_eager_and_says_so_once_where_compiling_fails(monkeypatch):
     from meansparse_core.fusion import Fused
-    from meansparse_core.operator import _sparsify_eager
+    from meansparse_core.operator import _operator_eager
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    fused = Fused(_sparsify_eager)
+    fused = Fused(_operator_eager)
     x, mean, std = random_case((4, 16, 32, 32), 1)
     arguments = (x, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1) * 0.5)
     assert fused.worth_it(x)
-    with pytest.warns(RuntimeWarning, match="_sparsify_eager unfused: torch.compile failed .*no C\\+\\+ compiler"):
-        assert torch.equal(fused(*arguments), _sparsify_eager(*arguments))
+    with pytest.warns(RuntimeWarning, match="_operator_eager unfused: torch.compile failed .*no C\\+\\+ compiler"):
+        assert torch.equal(fused(*arguments)[0], _operator_eager(*arguments)[0])
     assert not fused.enabled and not fused.worth_it(x), "no second try, and so no second warning"
+
+
+def test_without_a_c_compiler_the_operator_says_so_once_and_uses_pytorch(monkeypatch, tmp_path):
+    from meansparse_core import native
+
+    monkeypatch.setattr(native, "KERNEL_CACHE", tmp_path)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    x, mean, std = random_case((4, 16, 32, 32), 1)
+    with pytest.warns(RuntimeWarning, match="uses PyTorch's operations: its C kernel could not be built"):
+        assert not native.usable(x, 1)
+    assert torch.equal(sparsify(x, mean, std, 0.5), torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
+    assert not native.available(), "no second try, and so no second warning"

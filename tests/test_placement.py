@@ -143,7 +143,7 @@ class MixedNet(nn.Module):
         return F.relu(self.gelu(h) - 0.1) + self.act(h)
 
 
-def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device):
+def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device, monkeypatch):
     from meansparse_core.placement import route_taps
 
     model = MixedNet()
@@ -163,8 +163,14 @@ def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device):
         assert sparse._functional, "the functional F.relu still needs the function mode"
         assert torch.allclose(sparse(images, alpha=0.4), expected, atol=1e-6)
     sparse.detach()
+    from meansparse_core import native
+
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    assert not attach(plain, calibrated(plain)[1])._functional, "PyTorch modules alone need no function mode"
+    plain_stats = calibrated(plain)[1]
+    # The function mode replaces a tapped nn.ReLU's call by the operator and ReLU in one C kernel.
+    assert attach(plain, plain_stats)._functional == native.available()
+    monkeypatch.setattr(native, "enabled", False)
+    assert not attach(plain, plain_stats)._functional, "without the kernel, PyTorch modules need no function mode"
 
 
 def test_channel_last_features_use_the_last_axis(device):
