@@ -1,7 +1,9 @@
 """B3: PGD-10 against the sparsified model over PGD-10 against the base model, on the same items.
 
 Exact gradients and straight-through (BPDA) gradients through MeanSparse are both timed, each
-interleaved with the base attack; same images, labels, seed and step size.
+interleaved with the base attack, eager and compiled whole (``torch.compile``, compiled in the
+warm-up round); same images, labels, seed and step size. Ratios are against the eager base and
+against the faster base (the best base a user could attack).
 
     python benchmarks/b3_attacks.py [--n 200] [--rounds 3] [--alpha 0.25] [--device cpu]
 """
@@ -29,14 +31,20 @@ def main() -> None:
     def pgd(target):
         return lambda: make_attack("pgd", target, eps=8, steps=10, seed=0)(x, labels)
 
-    times = interleaved({"base": pgd(model), "meansparse_exact": pgd(sparse.at(args.alpha)),
-                          "meansparse_bpda": pgd(sparse.at(args.alpha, "straight-through"))}, args.rounds)
+    times = interleaved({"base": pgd(model), "compiled_base": pgd(torch.compile(model)),
+                         "meansparse_exact": pgd(sparse.at(args.alpha)),
+                         "meansparse_bpda": pgd(sparse.at(args.alpha, "straight-through"))}, args.rounds)
     median = medians(times)
-    ratios = {k: ratio(times, k, "base") for k in ("meansparse_exact", "meansparse_bpda")}
-    print(f"{args.model}, PGD-10 on {args.n} images: base {median['base']:.2f} s; MeanSparse exact x"
-          f"{ratios['meansparse_exact']:.3f}, BPDA x{ratios['meansparse_bpda']:.3f} (goal <= 1.10)")
+    best = min(("base", "compiled_base"), key=median.get)
+    ratios = {k: ratio(times, k, "base") for k in ("compiled_base", "meansparse_exact", "meansparse_bpda")}
+    best_ratios = {k: ratio(times, k, best) for k in ("meansparse_exact", "meansparse_bpda")}
+    print(f"{args.model}, PGD-10 on {args.n} images: base {median['base']:.2f} s, compiled base "
+          f"x{ratios['compiled_base']:.3f}; MeanSparse exact x{ratios['meansparse_exact']:.3f}, BPDA "
+          f"x{ratios['meansparse_bpda']:.3f}; against the faster base ({best}): exact x{best_ratios['meansparse_exact']:.3f}, "
+          f"BPDA x{best_ratios['meansparse_bpda']:.3f} (goal <= 1.05)")
     save(f"b3_attacks_{args.device}", {"model": args.model, "n": args.n, "alpha": args.alpha, "rounds": args.rounds,
-                                       "median_seconds": median, "ratios": ratios})
+                                       "median_seconds": median, "ratios": ratios, "best_base": best,
+                                       "ratios_vs_best_base": best_ratios})
 
 
 if __name__ == "__main__":

@@ -146,14 +146,17 @@ def sparsify_relu(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha:
     return _apply(x, mean, std, alpha, channel_dim, grad, relu=True)
 
 
-def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float, channel_dim: int, grad: GradMode,
-           relu: bool) -> torch.Tensor:
-    if not alpha >= 0:  # also refuses NaN, which would silently switch the operator off
-        raise ValueError(f"alpha must be a number >= 0, got {alpha}.")
+def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float | torch.Tensor, channel_dim: int,
+           grad: GradMode, relu: bool) -> torch.Tensor:
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
-    if alpha == 0:
-        return torch.relu(x) if relu else x
+    # A tensor alpha is a compiled graph's input (compiled.py), checked by its caller: reading its
+    # value here would tie the graph to it. At 0 its band is empty, which leaves x as it is.
+    if not isinstance(alpha, torch.Tensor):
+        if not alpha >= 0:  # also refuses NaN, which would silently switch the operator off
+            raise ValueError(f"alpha must be a number >= 0, got {alpha}.")
+        if alpha == 0:
+            return torch.relu(x) if relu else x
     channel_dim = channel_dim % x.dim()
     if x.shape[channel_dim] != mean.numel() or mean.numel() != std.numel():
         raise ValueError(

@@ -490,7 +490,7 @@ class SparseModel(nn.Module):
             tap_alpha = layer_alphas.get(tap.name, alpha)
             # At alpha 0 the model's own call runs untouched (in place, if it says so); where the
             # kernel cannot run (a GPU), the operator and the ReLU run apart, each at its best.
-            if not tap_alpha or not native.usable(features, tap.channel_dim):
+            if not native.usable(features, tap.channel_dim) or not tap_alpha:
                 return None
             return self.operators[self._index[tap.name]].relu(features, tap_alpha, grad)
 
