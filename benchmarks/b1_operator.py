@@ -42,6 +42,10 @@ class PaperBaseline(nn.Module):
         means = mean * torch.ones_like(x)
         return torch.where(torch.abs(x - mean) < alpha * std, means, x)
 
+    def relu(self, x: torch.Tensor, alpha: float = 0.0, grad: str = "exact") -> torch.Tensor:
+        """The ReLU after the operator, as its own pass (the placement asks for both at tapped ReLUs)."""
+        return torch.relu(self(x, alpha, grad))
+
 
 def with_baseline(model: nn.Module, stats):
     """A second sparsified view of the same model whose operators are the paper baseline."""
