@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -67,6 +69,25 @@ def as_rows(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, Callable[[
     return None
 
 
+_THREAD = threading.local()
+
+
+@contextmanager
+def eager_in_this_thread() -> Iterator[None]:
+    """Run every ``Fused`` eagerly in the calling thread (while the block lasts).
+
+    A compiled kernel is guarded on the calling thread's torch thread count: a thread that runs with
+    another count (a heavy-job worker of ``jobs.JobQueue``) would compile its own copy, seconds of
+    pure-Python work holding the interpreter lock.
+    """
+    before = getattr(_THREAD, "eager", False)
+    _THREAD.eager = True
+    try:
+        yield
+    finally:
+        _THREAD.eager = before
+
+
 class Fused:
     """``fn`` compiled with ``torch.compile`` for inputs big enough to pay; ``fn`` itself otherwise."""
 
@@ -78,7 +99,7 @@ class Fused:
 
     def worth_it(self, x: torch.Tensor) -> bool:
         return (self.enabled and x.numel() >= MIN_ELEMENTS and x.dtype in EXACT_DTYPES
-                and not torch.compiler.is_compiling())
+                and not torch.compiler.is_compiling() and not getattr(_THREAD, "eager", False))
 
     def __call__(self, *tensors: torch.Tensor):
         """``fn(*tensors)`` without autograd: callers that need gradients write them out themselves."""

@@ -18,7 +18,11 @@ A job's handle is the only way to its result: the queue lists no jobs, so whoeve
 Torch threads: ``torch.set_num_threads`` sets the OpenMP thread count of the *calling* thread, and
 also a process-wide count that threads started later read the first time they run an operator.
 Each worker sets its own count, then puts the process-wide count back from a short-lived helper
-thread, so the threads a web server starts later for its pages keep every core.
+thread, so the threads a web server starts later for its pages keep every core. Workers run the
+MeanSparse operator eagerly (``fusion.eager_in_this_thread``): its compiled kernels are guarded on
+the thread count, and a worker would otherwise compile copies of its own (logged as "GLOBAL_STATE
+changed: num_threads"), seconds of pure-Python work holding the interpreter lock at low priority
+while every page of the server waits for the lock.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections import deque
 from typing import Callable, Generic, Literal, TypeVar
 
 import torch
+
+from meansparse_core.fusion import eager_in_this_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,6 +237,10 @@ class JobQueue:
     def _serve(self) -> None:
         use_torch_threads(self.threads_per_job)
         yield_to_pages()
+        with eager_in_this_thread():
+            self._run_jobs()
+
+    def _run_jobs(self) -> None:
         while True:
             with self._changed:
                 while not self._waiting and not self._closed:

@@ -210,3 +210,13 @@ def test_jobs_run_at_a_lower_cpu_priority_than_the_pages():
         assert in_new_thread(niceness) == os.getpriority(os.PRIO_PROCESS, 0)  # a page's thread keeps the process's
     finally:
         queue.close()
+
+
+def test_jobs_run_the_operator_eagerly_so_a_worker_compiles_no_kernel_of_its_own(queue):
+    """A compiled kernel is guarded on the thread count, which differs in a worker: it would recompile
+    there (pure-Python work holding the interpreter lock at low priority while the pages wait)."""
+    from meansparse_core.fusion import MIN_ELEMENTS, Fused
+
+    fused, x = Fused(torch.neg), torch.zeros(MIN_ELEMENTS)
+    assert fused.worth_it(x) or not fused.enabled  # outside a worker this tensor takes the compiled kernel
+    assert finished(queue.submit(lambda job: fused.worth_it(x), "operator")).result() is False
