@@ -317,6 +317,16 @@ def test_alpha_sits_above_the_predictions_in_a_fragment():
     assert len(app._fragment_storage._fragments) == 1  # Explore's stage: slider moves rerun only it
 
 
+def test_alpha_and_the_layer_rerun_only_a_fragment_on_layers():
+    app = start()
+    app.switch_page("views/layers.py").run()
+    check_clean(app)
+    assert len(app._fragment_storage._fragments) == 1  # the probes, histograms and charts
+    app.slider(key="alpha").set_value(0.7).run()
+    check_clean(app)
+    assert "alpha 0.7 here" in texts(app)
+
+
 def test_the_view_is_written_into_the_link():
     app = start()
     app.slider(key="alpha").set_value(0.45).run()

@@ -55,16 +55,12 @@ def depth_ui(probes: list[TapProbe], key: str = "") -> None:
         "created together (their squares add up).")
 
 
-def main() -> None:
-    current = state.setup()
-    sparse = state.require_sparse(current)
-    st.title("Layers")
+@st.fragment
+def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted) -> None:
+    """Everything alpha and the layer change, with their controls on top: moving them reruns only this."""
     current = threshold.threshold_ui(current)
-    picked = state.picked_image(current)
-    crafted = state.adversarial(current, picked) or state.craft(current, picked, state.default_attack(current))
-    st.caption(f"Image: {picked.caption}. Adversarial example: {crafted.description} "
-               "(pick the image and run other attacks on the Explore page).")
     name, channel = layer_ui(current)
+    sparse = current.sparse
     alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
     for column, alpha, key in zip(st.columns(len(alphas)), alphas, ("", "_2")):  # two alphas side by side
         with column:
@@ -76,6 +72,17 @@ def main() -> None:
     panels.figure_format_ui()
     panels.accuracy_panel_ui(current)
     links.link_ui(current)
+
+
+def main() -> None:
+    current = state.setup()
+    state.require_sparse(current)
+    st.title("Layers")
+    picked = state.picked_image(current)
+    crafted = state.adversarial(current, picked) or state.craft(current, picked, state.default_attack(current))
+    st.caption(f"Image: {picked.caption}. Adversarial example: {crafted.description} "
+               "(pick the image and run other attacks on the Explore page).")
+    stage_ui(current, picked, crafted)
 
 
 main()
