@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.data import DATASETS
+from meansparse_core.placement_rules import ACTIVATIONS, PLACEMENTS
 from meansparse_core.workbench import LIMITS, AttackChoice
 
 PAGES = ("explore", "layers", "accuracy", "learn")
@@ -26,7 +27,6 @@ MAX_SEED = 2**31 - 1
 _NUMBER = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")  # no sign, exponent, nan or inf: nothing to misread
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _NAME = re.compile(r"[A-Za-z0-9_.\-/@]{1,200}")  # model keys and layer names
-_WORD = re.compile(r"[a-z0-9_\-]{1,40}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ViewLink:
     compare_alpha: float | None = None  # the second alpha of the side-by-side view
     layer_alphas: tuple[tuple[str, float], ...] = ()
     layer: str | None = None  # the tap open on the Layers page
-    placement: str | None = None  # where the operator goes, for when the app offers a choice
+    placement: str | None = None  # where the operator goes (a key of ``PLACEMENTS``)
     attack: AttackChoice | None = None  # re-crafted with its seed when the link is opened
     presentation: bool = False
 
@@ -52,7 +52,7 @@ def link_params(view: ViewLink) -> dict[str, str]:
               "image": None if view.image is None else str(view.image),
               "alpha": _number(view.alpha), "alpha2": _number(view.compare_alpha),
               "layer_alphas": ",".join(f"{name}:{value:g}" for name, value in view.layer_alphas) or None,
-              "layer": view.layer, "placement": view.placement,
+              "layer": view.layer, "placement": None if view.placement == ACTIVATIONS.name else view.placement,
               "layout": "presentation" if view.presentation else None}
     if view.attack is not None:
         a = view.attack
@@ -162,7 +162,7 @@ PARAMETERS = {
     "alpha2": _float_in(0.0, MAX_ALPHA),
     "layer_alphas": _layer_alphas,
     "layer": _matching(_NAME),
-    "placement": _matching(_WORD),
+    "placement": _one_of(*PLACEMENTS),
     "layout": lambda text: True if text == "presentation" else None,
     # the attack, read together by _attack
     "attack": _one_of(*ATTACKS),

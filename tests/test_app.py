@@ -361,6 +361,14 @@ def test_opening_a_link_restores_page_alpha_image_and_attack():
     assert not opened.warning
 
 
+def test_a_link_chooses_the_placement_and_the_link_keeps_it():
+    app = open_link({"placement": "released"})
+    assert app.sidebar.radio(key="placement").value == "released"
+    assert app.query_params["placement"] == "released"  # the digits model has no such statistics: the page stops there
+    app.sidebar.radio(key="placement").set_value("activations").run()
+    assert "placement" not in app.query_params  # the default is not written
+
+
 def test_a_hostile_link_gets_one_notice_and_the_rest_is_restored():
     app = open_link({"alpha": "nan", "image": "99999999", "page": "../../etc", "model": "bundled/none",
                      "layer_alphas": "<script>", "x": "1" * 5000})

@@ -9,7 +9,7 @@ from meansparse_core.workbench import LIMITS, AttackChoice
 
 FULL = ViewLink(page="layers", model="bundled/cifar10-resnet", data="cifar10", image=17, alpha=0.45,
                 compare_alpha=0.0, layer_alphas=(("3", 0.5), ("8.body.2", 1.25)), layer="8.body.2",
-                placement="before-activations",
+                placement="released",
                 attack=AttackChoice("apgd-ce", 8.0, 20, "sparse", "straight-through", True, 7), presentation=True)
 
 
@@ -25,6 +25,7 @@ def test_the_example_from_the_issue():
 
 def test_only_what_is_set_is_written():
     assert link_params(ViewLink(alpha=0.0)) == {"alpha": "0"}
+    assert link_params(ViewLink(placement="activations")) == {}  # the default placement
     assert "layout" not in link_params(ViewLink(presentation=False))
 
 
@@ -34,6 +35,7 @@ def test_only_what_is_set_is_written():
     ("alpha2", "-1"), ("image", "-3"), ("image", "1.5"), ("image", "١٧"), ("image", "99999999999999999999"),
     ("page", "../../etc/passwd"), ("page", "Layers<script>"), ("model", "bundled/x y"), ("model", "a" * 300),
     ("data", "cifar10\x00"), ("data", "mnist"), ("layer", "<img src=x onerror=alert(1)>"), ("placement", "Ü"),
+    ("placement", "before-activations"),
     ("layout", "projector"), ("layer_alphas", "3:0.5,8:nan"), ("layer_alphas", ",".join(f"l{i}:1" for i in range(65))),
     ("layer_alphas", "3:11"), ("layer_alphas", ":0.5"), ("layer_alphas", "3"),
     ("attack", "rm -rf"), ("__proto__", "1"), ("<script>alert(1)</script>", "x"),

@@ -37,7 +37,8 @@ def open_link(pages: dict) -> None:
         session["layer_alphas"] = dict(view.layer_alphas)
     if view.model is not None and not _choose_model(view.model, view.data):
         ignored.append("model")
-    # view.placement is read and kept in the view; the sidebar applies it once it offers a placement choice.
+    if view.placement is not None:
+        session["placement"] = view.placement  # the sidebar's radio; a model with its own layers ignores it
     session[PENDING], session[NOTICE] = view, ignored
     if view.page is not None and view.page != session.get("page_name"):
         st.switch_page(pages[view.page])
@@ -103,7 +104,8 @@ def current_view(current: Setup) -> ViewLink:
     return ViewLink(page=session.get("page_name"), model=None if current.model.checkpoint else current.model.key,
                     data=current.data, image=image, alpha=alpha, compare_alpha=compare_alpha,
                     layer_alphas=tuple(sorted(session.get("layer_alphas", {}).items())),
-                    layer=getattr(layer, "name", None), attack=crafted.choice if crafted else None,
+                    layer=getattr(layer, "name", None), placement=current.placement,
+                    attack=crafted.choice if crafted else None,
                     presentation=session.get("presentation", False))
 
 
