@@ -103,6 +103,13 @@ def to_display(image: torch.Tensor, size: int = 128) -> np.ndarray:
     return array.repeat_interleave(repeat, 1).repeat_interleave(repeat, 2).permute(1, 2, 0).numpy()
 
 
+def pixel_image_ui(where, image: torch.Tensor, size: int, caption: str) -> None:
+    """``image`` drawn at ``to_display``'s size: without a set width, Streamlit widens an image to its
+    caption, so images side by side came out at different sizes."""
+    array = to_display(image, size)
+    where.image(array, caption=caption, width=array.shape[1])
+
+
 def bytes_of(write) -> bytes:
     """What ``write(path)`` writes, as bytes (for download buttons)."""
     with tempfile.TemporaryDirectory() as folder:

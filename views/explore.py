@@ -9,6 +9,8 @@ from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplifie
 
 #: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
 PRESENTATION_CHART_HEIGHT = 220
+#: Pixels across the clean, perturbation and adversarial images (a whole multiple of the image's size).
+IMAGE_SIZE = 192
 
 
 def image_ui(current: state.Setup) -> state.Picked:
@@ -71,15 +73,15 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
 
 def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int) -> None:
     columns = st.columns(3)
-    columns[0].image(panels.to_display(picked.image, size), caption=f"clean: {picked.caption}")
+    panels.pixel_image_ui(columns[0], picked.image, size, f"clean: {picked.caption}")
     if crafted is None:
         if not heavy.pending("attack"):
             columns[1].info("Press Attack to craft an adversarial example.")
         return
     perturbation, scale = amplified(crafted.image - picked.image)
     linf = float((crafted.image - picked.image).abs().max()) * 255
-    columns[1].image(panels.to_display(perturbation, size), caption=f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
-    columns[2].image(panels.to_display(crafted.image, size), caption="adversarial")
+    panels.pixel_image_ui(columns[1], perturbation, size, f"perturbation x{scale:.0f} (Linf {linf:.1f}/255)")
+    panels.pixel_image_ui(columns[2], crafted.image, size, "adversarial")
     st.caption(f"Adversarial example: {crafted.description}. It stays fixed while alpha moves.")
     if not crafted.found and layout.presenting():
         st.caption(f":orange[{crafted.choice.not_found()}]")  # one line: the predictions must stay on screen
@@ -119,7 +121,7 @@ def comparisons_ui(current: state.Setup, picked: state.Picked, crafted: state.Cr
 def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
     """Everything alpha changes, with the controls on top: a slider move reruns only this."""
     current = threshold.threshold_ui(current)
-    images_ui(picked, crafted, 150 if layout.presenting() else 192)
+    images_ui(picked, crafted, IMAGE_SIZE)
     comparisons_ui(current, picked, crafted)
     panels.accuracy_panel_ui(current)
     links.link_ui(current)
