@@ -242,6 +242,21 @@ def no_error_on(page) -> None:
     assert "Traceback" not in text and "Something went wrong" not in text, text[-2000:]
 
 
+def test_cifar_autoattack_on_explore(cifar_server, cifar_page):
+    page, expect = cifar_page, sync_api.expect
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    page.get_by_role("combobox", name="Attack").click()
+    page.get_by_role("option", name="autoattack", exact=True).click()
+    page.get_by_role("button", name="Attack").click()
+    expect(page.get_by_text("Adversarial example: autoattack")).to_be_visible(timeout=600_000)
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "cifar-1-autoattack.png", full_page=True)
+    # The server goes on serving other sessions (page loads once stalled for minutes after this attack).
+    other = open_page(page.context.browser, cifar_server)
+    expect(other.get_by_text("Run an attack to compare")).to_be_visible()
+    other.context.close()
+
+
 def tap_names() -> list[str]:
     from meansparse_core.models import bundled_models, bundled_statistics_path
     from meansparse_core.statistics import Statistics
@@ -301,19 +316,12 @@ def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
     for what, element in in_view.items():
         box = element.bounding_box()
         assert box and 0 <= box["y"] and box["y"] + box["height"] <= 720, f"{what} is out of view: {box}"
+    images = page.locator("[data-testid='stMain'] [data-testid='stImage']").filter(
+        has_text=re.compile(r"^(clean: |perturbation x|adversarial$)")).locator("img")
+    expect(images).to_have_count(3)
+    widths = [images.nth(i).bounding_box()["width"] for i in range(3)]
+    assert max(widths) - min(widths) < 1, f"clean, perturbation and adversarial drawn at {widths} px"
     titles = page.locator(".js-plotly-plot").first.locator(".g-gtitle, .annotation-text").all_text_contents()  # SVG text has no innerText
     assert sum("MeanSparse" in t or "base" in t for t in titles) == 4, titles
     no_error_on(page)
     page.context.close()
-
-# Last of the CIFAR-10 tests, on purpose: after this AutoAttack the shared server answered no page load
-# for over 90 s in the 2026-11-26 runs (cause not yet found; see the session note), which failed the tests after it.
-def test_cifar_autoattack_on_explore(cifar_page):
-    page, expect = cifar_page, sync_api.expect
-    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
-    page.get_by_role("combobox", name="Attack").click()
-    page.get_by_role("option", name="autoattack", exact=True).click()
-    page.get_by_role("button", name="Attack").click()
-    expect(page.get_by_text("Adversarial example: autoattack")).to_be_visible(timeout=600_000)
-    no_error_on(page)
-    page.screenshot(path=SHOTS / "cifar-1-autoattack.png", full_page=True)
