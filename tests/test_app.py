@@ -317,6 +317,14 @@ def test_alpha_sits_above_the_predictions_in_a_fragment():
     assert len(app._fragment_storage._fragments) == 1  # Explore's stage: slider moves rerun only it
 
 
+def test_explore_charts_download_as_svg_too():
+    app = start()
+    app.radio(key="figure_format_choice").set_value("svg").run()
+    check_clean(app)
+    configs = [json.loads(e.proto.config) for e in app.get("plotly_chart")]
+    assert configs and all(c["toImageButtonOptions"]["format"] == "svg" for c in configs)
+
+
 def test_alpha_and_the_layer_rerun_only_a_fragment_on_layers():
     app = start()
     app.switch_page("views/layers.py").run()

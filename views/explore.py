@@ -124,6 +124,7 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted 
     images_ui(picked, crafted, IMAGE_SIZE)
     comparisons_ui(current, picked, crafted)
     panels.accuracy_panel_ui(current)
+    panels.figure_format_ui()
     links.link_ui(current)
 
 
