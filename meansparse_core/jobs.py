@@ -18,9 +18,9 @@ A job's handle is the only way to its result: the queue lists no jobs, so whoeve
 Torch threads: ``torch.set_num_threads`` sets the OpenMP thread count of the *calling* thread, and
 also a process-wide count that threads started later read the first time they run an operator.
 Each worker sets its own count, then puts the process-wide count back from a short-lived helper
-thread, so the threads a web server starts later for its pages keep every core. Workers run the
-MeanSparse operator eagerly (``fusion.eager_in_this_thread``): its compiled kernels are guarded on
-the thread count, and a worker would otherwise compile copies of its own (logged as "GLOBAL_STATE
+thread, so the threads a web server starts later for its pages keep every core. Workers never call
+``torch.compile`` (``fusion.eager_in_this_thread``; eager results are the same): compiled kernels
+are guarded on the thread count, and a worker compiled copies of its own (logged as "GLOBAL_STATE
 changed: num_threads"), seconds of pure-Python work holding the interpreter lock at low priority
 while every page of the server waits for the lock.
 """
