@@ -43,6 +43,9 @@ _ARGUMENTS = {**{name: [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_
 #: False: compiled kernels or PyTorch's operations instead (see fusion.py's switches; benchmarks compare both).
 enabled = FUSED and not compile_everything()
 _library: ctypes.CDLL | None = None
+# Values per thread below which a second thread costs more than it saves (PyTorch's own grain size):
+# waking a thread takes microseconds, and milliseconds when the other core is busy.
+GRAIN = 32768
 _failed = False
 _lock = threading.Lock()
 
@@ -121,8 +124,13 @@ def run(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: in
     getattr(_library, _FUNCTIONS[x.dtype])(
         rows.data_ptr(), mean.contiguous().data_ptr(), band.contiguous().data_ptr(), out_rows.data_ptr(),
         keep_rows.data_ptr() if keep_rows is not None else None, a, c, b, int(relu), int(mask == "exact"),
-        torch.get_num_threads())
+        _threads(x))
     return out, keep
+
+
+def _threads(x: torch.Tensor) -> int:
+    """The calling thread's torch thread count, one thread per ``GRAIN`` values at most."""
+    return max(1, min(torch.get_num_threads(), x.numel() // GRAIN))
 
 
 def masked(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -133,5 +141,5 @@ def masked(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return torch.where(keep, grad, 0.0)
     out = torch.empty_like(grad)
     getattr(_library, _MASKED[grad.dtype])(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(),
-                                           torch.get_num_threads())
+                                           _threads(grad))
     return out
