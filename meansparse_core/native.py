@@ -1,9 +1,9 @@
 """The operator as a small C kernel, built once per machine into the project's cache folder.
 
 Why not ``torch.compile`` here: a new process pays for importing TorchDynamo and Inductor and for
-tracing the kernel again even when Inductor's on-disk caches hold the compiled code (about 5 s on
-the 2-core development machine, measured in BENCHMARKS.md, B13), which is more than a short
-``evaluate`` spends in the operator. This kernel is compiled once by the system C compiler
+tracing the kernel again even when Inductor's on-disk caches hold the compiled code (seconds on
+the 2-core development machine: BENCHMARKS.md, B13), which is more than a short ``evaluate``
+spends in the operator. This kernel is compiled once by the system C compiler
 (about a second), kept in ``.cache/kernels/`` and loaded by later processes in milliseconds.
 
 It reads the features once and writes the result, and can apply the ReLU that follows the
