@@ -61,7 +61,8 @@ def as_rows(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, Callable[[
     """
     channel_dim %= x.dim()
     if x.is_contiguous():
-        rows = x.view(math.prod(x.shape[:channel_dim]), x.shape[channel_dim], -1)
+        # Sizes spelt out, not -1: an empty batch has no size that -1 could stand for.
+        rows = x.view(math.prod(x.shape[:channel_dim]), x.shape[channel_dim], math.prod(x.shape[channel_dim + 1:]))
         return rows, lambda y: y.view(x.shape)
     if x.dim() == 4 and channel_dim == 1 and x.is_contiguous(memory_format=torch.channels_last):
         n, c, h, w = x.shape

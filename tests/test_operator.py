@@ -180,6 +180,22 @@ FUSED_CASES = {"nchw": ((8, 24, 32, 32), 1, False), "channels_last": ((8, 24, 32
                "tokens": ((8, 1024, 12), -1, False), "wide_channels_last": ((4, 1100, 4, 4), 1, True)}
 
 
+@pytest.mark.parametrize("shape, axis", [((0, 5, 4, 6), 1), ((3, 5, 0, 6), 1), ((0, 5), 1), ((2, 0, 5), -1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_empty_features_pass_through(shape, axis, relu):
+    """An empty batch (e.g. no item left to attack) gives an empty result, with and without gradients."""
+    from meansparse_core.operator import sparsify_relu
+
+    apply = sparsify_relu if relu else sparsify
+    x = torch.randn(shape, requires_grad=True)
+    y = apply(x, torch.zeros(5), torch.ones(5), 0.3, axis)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with torch.no_grad():
+        assert apply(x, torch.zeros(5), torch.ones(5), 0.3, axis).shape == x.shape
+
+
 def edge_case(case, dtype, device):
     """Features with NaN, infinities, signed zeros, a dead channel and a channel on the band's edge."""
     shape, axis, channels_last = FUSED_CASES[case]
