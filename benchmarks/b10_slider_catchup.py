@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -29,6 +30,12 @@ def slider(page):
     return page.locator("[data-testid='stSlider']").filter(has_text="alpha (band").locator("input[type=range]").first
 
 
+def verdict_at(alpha: float) -> re.Pattern:
+    """The verdict above the predictions at ``alpha`` ("True class 3, alpha 0.4: ..."): other text on the
+    page that names an alpha (the attack's, hidden elements) must not count."""
+    return re.compile(rf"^True class .*, alpha {alpha:g}: ")
+
+
 def catch_up(url: str, presses: int, rounds: int) -> list[float]:
     from playwright.sync_api import sync_playwright
 
@@ -40,6 +47,9 @@ def catch_up(url: str, presses: int, rounds: int) -> list[float]:
         page.get_by_text(alpha_pattern(0.2)).first.wait_for()
         page.get_by_role("button", name="Attack").click()
         page.get_by_text("True class").first.wait_for()
+        # Keys pressed while the attack's page run is still going move the slider back to its old value
+        # when that run ends (the page's alpha stays the new one): wait until the page is idle.
+        page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden")
         seconds, alpha = [], 0.2
         for _ in range(rounds):
             slider(page).focus()
@@ -47,7 +57,7 @@ def catch_up(url: str, presses: int, rounds: int) -> list[float]:
                 page.keyboard.press("ArrowRight")
             pressed = time.perf_counter()
             alpha = round(alpha + 0.01 * presses, 2)
-            page.get_by_text(alpha_pattern(alpha)).first.wait_for()
+            page.get_by_text(verdict_at(alpha)).first.wait_for()
             page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden")
             seconds.append(time.perf_counter() - pressed)
         browser.close()
