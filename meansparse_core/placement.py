@@ -344,7 +344,10 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 _routers: "weakref.WeakKeyDictionary[nn.Module, _Router]" = weakref.WeakKeyDictionary()
-_routers_lock = threading.Lock()
+# Reentrant: a SparseModel keeps its model's routing entered, and when the cyclic garbage collector
+# frees one, the routing's exit runs in whatever this thread was doing, possibly inside this very lock
+# (building another router allocates); a plain Lock then waits on itself forever.
+_routers_lock = threading.RLock()
 
 
 @contextmanager

@@ -1,6 +1,9 @@
 """Placement on toy models whose every tap can be checked by hand, plus threads and RobustBench layers."""
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,3 +311,24 @@ def test_robustbench_meansparse_layers_become_the_taps_and_follow_our_alpha():
 def test_embedded_statistics_are_refused_for_models_without_meansparse_layers():
     with pytest.raises(ValueError, match="calibrate it instead"):
         embedded_statistics(FunctionalNet().eval(), torch.rand(1, 3, 8, 8))
+
+
+def test_a_sparse_model_collected_while_a_router_is_being_built_does_not_hang_the_process():
+    """The cyclic collector can free a SparseModel (and run its routing's exit) while this thread holds
+    the routers' lock; that hung a long pytest run. In a subprocess, so that a hang fails the test."""
+    code = """if True:
+        import gc
+        from meansparse_core import attach, placement
+        from meansparse_core.models import bundled_statistics_path, find_model, load_model
+        from meansparse_core.statistics import Statistics
+        spec = find_model("bundled/digits-cnn")
+        sparse = attach(load_model(spec), Statistics.load(bundled_statistics_path(spec)))
+        sparse.cycle = [sparse]  # freed by the cyclic collector only
+        del sparse
+        with placement._routers_lock:  # as while another router is being built
+            gc.collect()
+        print("collected")
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "collected", done.stderr[-2000:]
