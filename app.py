@@ -24,7 +24,7 @@ def main() -> None:
     page = st.navigation(list(PAGES.values()))
     st.session_state["page_name"] = page.title.lower()
     with shown_errors():
-        threshold.keep_values()
+        threshold.fill_defaults(st.session_state["page_name"])
         links.open_link(PAGES)
         tour.follow_tour(PAGES)
         layout.presentation_ui()
@@ -37,6 +37,7 @@ def main() -> None:
         try:
             page.run()
         finally:
+            threshold.keep_values()
             links.write_link(current)
 
 

@@ -317,6 +317,18 @@ def test_alpha_sits_above_the_predictions_in_a_fragment():
     assert len(app._fragment_storage._fragments) == 1  # Explore's stage: slider moves rerun only it
 
 
+def test_a_full_rerun_leaves_the_slider_where_the_browser_put_it():
+    """A run that set the slider's value from the script makes the browser show that value when the run
+    ends, undoing arrow keys pressed meanwhile; only the first run sets the default."""
+    app = start()
+    app.slider(key="alpha").set_value(0.4).run()
+    app.run()
+    assert app.slider(key="alpha").value == 0.4 and not app.slider(key="alpha").proto.set_value
+    app.switch_page("views/learn.py").run()
+    app.switch_page("views/explore.py").run()
+    assert app.slider(key="alpha").value == 0.4  # kept over a page without the controls
+
+
 def test_explore_charts_download_as_svg_too():
     app = start()
     app.radio(key="figure_format_choice").set_value("svg").run()

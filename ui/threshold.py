@@ -1,8 +1,8 @@
 """The threshold controls, drawn at the top of each page's main pane: MeanSparse on/off, alpha, a second alpha.
 
 They sit next to what they change (and, on Explore, in one ``st.fragment`` with it, so that a slider
-move reruns only what depends on alpha). Pages draw them, so Streamlit would forget their values on a
-page that does not: ``keep_values`` carries them over.
+move reruns only what depends on alpha). Pages draw them, so Streamlit would forget their values after a
+run that does not draw them: ``keep_values`` carries those over.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from ui.state import Setup, layer_overrides
 
@@ -18,10 +19,33 @@ DEFAULTS = {"sparsify": True, "alpha": DEFAULT_ALPHA, "compare": False, "alpha2"
 ALPHA_LABEL = "alpha (band half-width in standard deviations)"
 
 
-def keep_values() -> None:
-    """Give each control its last value (or its default) before any page runs."""
+def fill_defaults(page: str) -> None:
+    """Before ``page`` runs: each control's default the first time, and its last value after a page switch.
+
+    Each page's widgets are new ones, which would start at their own defaults: a value set by the
+    script carries over. Only then, see ``keep_values``.
+    """
+    state = st.session_state
+    switched = state.get("controls_page") != page
+    state["controls_page"] = page
     for key, default in DEFAULTS.items():
-        st.session_state[key] = st.session_state.get(key, default)
+        if switched or key not in state:
+            state[key] = state.get(key, default)
+
+
+def keep_values() -> None:
+    """After the page ran: carry over the values of the controls it did not draw.
+
+    Those it drew keep theirs. Reassigning one of those before every run (as this app once did)
+    marks its value as set by the script, and the browser shows that value once the run ends:
+    arrow keys pressed on the slider while a page run was going were undone on screen (slider back at
+    0.2, predictions at 0.4).
+    """
+    for key, default in DEFAULTS.items():
+        try:
+            st.session_state[key] = st.session_state.get(key, default)
+        except StreamlitAPIException:  # drawn in this run: Streamlit keeps its value
+            pass
 
 
 def chosen() -> tuple[float, float | None]:
