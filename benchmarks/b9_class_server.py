@@ -269,6 +269,10 @@ def main() -> None:
             SHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(folder) / "server.log", SHOTS / "server.log")
     results["model"] = args.model
+    save("b9_class_server", results)
+    if results["p50_s"] is None:  # no slider move reached the page: the errors say why
+        print("no slider update was measured;", len(results["errors"]), "errors:", *results["errors"][:10], sep="\n  ")
+        return
     print(f"{args.sessions} sessions x {args.moves} slider moves ({args.model}), {args.heavy} heavy jobs: "
           f"p50 {results['p50_s']:.2f} s, p95 {results['p95_s']:.2f} s, max {results['max_s']:.2f} s; "
           f"{len(results['errors'])} errors, {len(results['leaks'])} leaks; heavy jobs {results['heavy_jobs']}, "
@@ -276,7 +280,6 @@ def main() -> None:
           f"load average {results['load_average_before'][0]:.1f} -> {results['load_average_after'][0]:.1f}")
     for line in results["errors"] + results["leaks"]:
         print("  ", line)
-    save("b9_class_server", results)
 
 
 if __name__ == "__main__":
