@@ -111,3 +111,13 @@ def test_the_server_skips_the_full_garbage_collection_after_every_script_run():
 
     config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
     assert config["runner"]["postScriptGC"] is False
+
+
+def test_the_server_watches_no_files():
+    """With the README's `.venv` inside the project, Streamlit's default watcher turned every file opened there
+    into an event: the server spent 14 processor-seconds in 36 s re-walking the tree (BENCHMARKS.md, B14)."""
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["fileWatcherType"] == "none"
