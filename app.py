@@ -37,7 +37,6 @@ def main() -> None:
         try:
             page.run()
         finally:
-            threshold.keep_values()
             links.write_link(current)
 
 

@@ -15,25 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from b9_class_server import BROWSER_FLAGS, CHROMIUM, CIFAR_ARCHIVE, alpha_pattern, start_server
+from b9_class_server import BROWSER_FLAGS, CHROMIUM, CIFAR_ARCHIVE, alpha_pattern, start_server, verdict_at
 from common import save
 
 
 def slider(page):
     """The alpha slider's hidden range input, wherever the layout puts it."""
     return page.locator("[data-testid='stSlider']").filter(has_text="alpha (band").locator("input[type=range]").first
-
-
-def verdict_at(alpha: float) -> re.Pattern:
-    """The verdict above the predictions at ``alpha`` ("True class 3, alpha 0.4: ..."): other text on the
-    page that names an alpha (the attack's, hidden elements) must not count."""
-    return re.compile(rf"^True class .*, alpha {alpha:g}: ")
 
 
 def catch_up(url: str, presses: int, rounds: int) -> list[float]:

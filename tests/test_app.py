@@ -329,6 +329,31 @@ def test_a_full_rerun_leaves_the_slider_where_the_browser_put_it():
     assert app.slider(key="alpha").value == 0.4  # kept over a page without the controls
 
 
+def test_the_controls_fall_back_to_their_current_values():
+    """A click during the run that first draws the controls (a page's first run) leaves the browser
+    without their values: it then shows each widget's default, which was the slider's minimum and
+    toggles off, so alpha jumped from 0.2 to 0 (seen in the B9 load test)."""
+    app = start()
+    assert list(app.slider(key="alpha").proto.default) == [0.2] and app.toggle(key="sparsify").proto.default
+    app.slider(key="alpha").set_value(0.4).run()
+    assert list(app.slider(key="alpha").proto.default) == [0.4]
+
+
+def test_alpha_survives_a_page_switch_that_drops_the_widget_values():
+    """In the browser a page switch drops the values of the widgets the old page drew (AppTest keeps
+    them, and offers no way to drop them): alpha moved on Explore came back as 0.2 on Layers."""
+    import streamlit as st
+    from ui import threshold
+
+    app = start()
+    app.slider(key="alpha").set_value(0.4).run()
+    kept = app.session_state[threshold.KEPT]
+    assert kept["alpha"] == 0.4  # recorded where Streamlit does not drop it
+    st.session_state.update({threshold.KEPT: kept, "controls_page": "explore"})  # the session, outside a run
+    threshold.fill_defaults("layers")  # the switch, with the slider's own value gone
+    assert st.session_state["alpha"] == 0.4
+
+
 def test_explore_charts_download_as_svg_too():
     app = start()
     app.radio(key="figure_format_choice").set_value("svg").run()

@@ -30,9 +30,9 @@ def open_link(pages: dict) -> None:
     if view.presentation:
         session["presentation"] = True
     if view.alpha is not None:
-        session.update(alpha=view.alpha, sparsify=True)
+        threshold.set_controls(alpha=view.alpha, sparsify=True)
     if view.compare_alpha is not None:
-        session.update(alpha2=view.compare_alpha, compare=True)
+        threshold.set_controls(alpha2=view.compare_alpha, compare=True)
     if view.layer_alphas:
         session["layer_alphas"] = dict(view.layer_alphas)
     if view.model is not None and not _choose_model(view.model, view.data):

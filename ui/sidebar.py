@@ -24,7 +24,7 @@ from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached
                         cached_statistics, cached_zoo)
 from ui.panels import progress_bar
 from ui.state import Setup, layer_overrides
-from ui.threshold import chosen
+from ui.threshold import chosen, set_controls
 
 UPLOADS = Path(".cache") / "uploads"
 ALPHA_STARTED_FOR = "alpha_started_for"  # session key: the model whose published alpha the slider started at
@@ -197,7 +197,7 @@ def published_alpha_ui(choice: ModelChoice, sparse: SparseModel | None) -> None:
                "alpha 0 switches them off)")
     if st.session_state.get(ALPHA_STARTED_FOR) != choice:
         st.session_state[ALPHA_STARTED_FOR] = choice
-        st.session_state["alpha"] = float(published)  # the slider is drawn later, by the page
+        set_controls(alpha=float(published))  # the slider is drawn later, by the page
         st.rerun()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from meansparse_core.tour import TOUR, TourStep
-from ui import state
+from ui import state, threshold
 from ui.state import Setup
 
 STEP, GOTO, TODO = "tour_step", "tour_goto", "tour_todo"
@@ -23,7 +23,7 @@ def go_to_step(index: int | None) -> None:
         return
     step = TOUR[index]
     if step.alpha is not None:
-        st.session_state.update(alpha=step.alpha, sparsify=True, compare=False)
+        threshold.set_controls(alpha=step.alpha, sparsify=True, compare=False)
     st.session_state[GOTO], st.session_state[TODO] = step.page, step
 
 
