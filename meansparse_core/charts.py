@@ -52,9 +52,17 @@ def download_config(name: str, fmt: str = "png") -> dict:
 # --- Explore ---------------------------------------------------------------------------------
 
 
+def panel_title(title: str) -> str:
+    """A top-k panel's title on two lines, model then image ("MeanSparse<br>adversarial"): four panels
+    side by side get about 200 px each at 1280x720 in the presentation layout's type, too narrow
+    for "MeanSparse · adversarial" on one line (the last one was cut off at the figure's edge)."""
+    return title.replace(" · ", "<br>")
+
+
 def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figure:
     """Side-by-side top-k bars (most probable on top), the true class in green, the others in red."""
-    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.1)
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel_title(t) for t, _ in panels],
+                           horizontal_spacing=0.1)
     for column, (_, top) in enumerate(panels, start=1):
         classes = list(top.classes)[::-1]
         figure.add_trace(go.Bar(x=list(top.probabilities)[::-1], y=classes, orientation="h", showlegend=False,
@@ -62,7 +70,7 @@ def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figur
                                 hovertemplate="%{y}: %{x:.1%}<extra></extra>"), row=1, col=column)
         figure.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=column)
         figure.update_yaxes(**names_axis(classes), row=1, col=column)
-    return _style(figure, 280)
+    return _style(figure, 300).update_layout(margin_t=60)  # room for two-line titles in presentation type
 
 
 # --- Layers ----------------------------------------------------------------------------------

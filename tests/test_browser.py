@@ -331,5 +331,8 @@ def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
     assert max(widths) - min(widths) < 1, f"clean, perturbation and adversarial drawn at {widths} px"
     titles = page.locator(".js-plotly-plot").first.locator(".g-gtitle, .annotation-text").all_text_contents()  # SVG text has no innerText
     assert sum("MeanSparse" in t or "base" in t for t in titles) == 4, titles
+    chart = page.locator(".js-plotly-plot").first.bounding_box()  # h16b: no title runs past the chart's edge
+    ends = [t.bounding_box()["x"] + t.bounding_box()["width"] for t in page.locator(".js-plotly-plot").first.locator(".annotation-text").all()]
+    assert max(ends) <= chart["x"] + chart["width"], f"a panel title is cut off: {ends} vs {chart}"
     no_error_on(page)
     page.context.close()

@@ -47,6 +47,19 @@ def test_digit_classes_label_the_top_k_bars():
     assert figure.data[0].marker.color[-1] == "#2e7d32"  # the true class, on top, in green
 
 
+def test_top_k_titles_fit_four_panels_at_1280x720_in_presentation_type():
+    """At 1280x720 with the sidebar open the main pane is about 820 px wide, about 200 px a panel; in
+    the presentation type (20 px, about 10 px a character) a title line must stay within 20
+    characters: "MeanSparse · adversarial" (24) on one line was cut off at the figure's edge."""
+    top = TopK(("cat", "dog"), (0.6, 0.4))
+    titles = ["base · clean", "MeanSparse · clean", "base · adversarial", "MeanSparse · adversarial"]  # Explore's
+    figure = top_k_chart([(t, top) for t in titles], true_class="cat")
+    shown = [a.text for a in figure.layout.annotations]
+    assert [t.replace("<br>", " · ") for t in shown] == titles
+    assert max(len(line) for t in shown for line in t.split("<br>")) <= 20
+    assert figure.layout.margin.t >= 2 * 20 * 1.2  # two lines of 20-px type above the bars
+
+
 @pytest.mark.parametrize("values", [2000, 9])
 def test_histogram_panels_share_one_log_axis_and_one_x_title(values):
     rng = np.random.default_rng(0)

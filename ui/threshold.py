@@ -58,7 +58,7 @@ def threshold_ui(current: Setup) -> Setup:
     # Each control's default is its current value: the browser falls back to a widget's default when a
     # click interrupted the run that first drew it (the page's first run, a page switch), and Streamlit's
     # own default (the slider's minimum, toggles off) then replaced alpha 0.2 by 0 (seen in B9).
-    toggles, slider, second = st.columns([1.4, 3, 2], vertical_alignment="bottom")
+    toggles, slider, second = st.columns([1.9, 3, 1.6], vertical_alignment="bottom")  # "Compare two alphas" uncut at 1280 px
     toggles.toggle("Sparsify", state["sparsify"], key="sparsify", disabled=current.sparse is None)
     toggles.toggle("Compare two alphas", state["compare"], key="compare")
     slider.slider(ALPHA_LABEL, 0.0, 2.0, state["alpha"], step=0.01, key="alpha")
