@@ -23,7 +23,12 @@ from .workbench import TopK, wilson_interval
 
 CLEAN, ADVERSARIAL, WITH_MEANSPARSE, GOOD, BAD = "#1f77b4", "#d62728", "#ff7f0e", "#2e7d32", "#c62828"
 FONT_SIZE = 15  # readable from the back of a lecture room
-LEGEND_BELOW = dict(orientation="h", y=-0.3, x=0)
+#: Legends sit at the figure's bottom edge: Plotly then makes room for them below the tick labels and
+#: the axis title. Placed at a fraction of the plot's height (y=-0.3), a legend overlapped the axis
+#: title once long layer names were drawn slanted (CIFAR-10 demo model, Layers page).
+LEGEND_BELOW = dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0)
+#: Of two lines that can coincide, the one drawn first is wider: it stays visible around the other.
+UNDER, OVER = 5, 2
 
 #: Size of a downloaded chart: 1600 x 900 at scale 2 is 3200 x 1800 pixels, sharp on a 4K projector.
 SLIDE_WIDTH, SLIDE_HEIGHT, SLIDE_SCALE = 1600, 900, 2
@@ -75,11 +80,11 @@ def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figur
 
 # --- Layers ----------------------------------------------------------------------------------
 
-HISTOGRAM_VIEWS = {
-    "clean_before": ("clean", CLEAN, "solid", 1),
-    "adv_before": ("adversarial", ADVERSARIAL, "solid", 1),
-    "clean_after": ("clean", CLEAN, "dot", 2),
-    "adv_after": ("adversarial", ADVERSARIAL, "dot", 2),
+HISTOGRAM_VIEWS = {  # name, colour, dash, panel, width (clean is drawn first, wider, under adversarial)
+    "clean_before": ("clean", CLEAN, "solid", 1, 3.5),
+    "adv_before": ("adversarial", ADVERSARIAL, "solid", 1, 1.5),
+    "clean_after": ("clean", CLEAN, "dot", 2, 3.5),
+    "adv_after": ("adversarial", ADVERSARIAL, "dot", 2, 1.5),
 }
 
 #: Below this many values per view a histogram says little; the chart says how many there are.
@@ -105,11 +110,11 @@ def histogram_chart(sample: Sample, centre: float, band: float, x_title: str) ->
     figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
                            subplot_titles=["before MeanSparse", "after MeanSparse"], x_title=x_title + note)
     top = 1
-    for view, (name, colour, dash, col) in HISTOGRAM_VIEWS.items():
+    for view, (name, colour, dash, col, width) in HISTOGRAM_VIEWS.items():
         counts, _ = np.histogram(getattr(sample, view), edges)
         top = max(top, int(counts.max(initial=0)))
         figure.add_trace(go.Scatter(x=centres, y=counts, name=name, legendgroup=name, showlegend=col == 1,
-                                    mode="lines", line_shape="hvh", line=dict(color=colour, dash=dash)),
+                                    mode="lines", line_shape="hvh", line=dict(color=colour, dash=dash, width=width)),
                          row=1, col=col)
     if band > 0:
         for col in (1, 2):
@@ -119,7 +124,8 @@ def histogram_chart(sample: Sample, centre: float, band: float, x_title: str) ->
     # type and range on both axes: ``shared_yaxes`` shares the range only, not the log type.
     figure.update_yaxes(type="log", range=[-0.1, math.log10(top) + 0.1], tickvals=ticks, ticktext=labels)
     figure.update_yaxes(title_text="count", row=1, col=1)
-    return _style(figure, 340)
+    # The shared x title is an annotation, which Plotly makes no room for: room below it for the legend.
+    return _style(figure, 360).update_layout(margin_b=85)
 
 
 def fraction_replaced_chart(probes: Sequence[TapProbe]) -> go.Figure:
@@ -130,7 +136,7 @@ def fraction_replaced_chart(probes: Sequence[TapProbe]) -> go.Figure:
         go.Bar(x=names, y=[p.fraction_replaced_adv for p in probes], name="adversarial", marker_color=ADVERSARIAL),
     ])
     figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
-    figure.update_yaxes(tickformat=".0%", rangemode="tozero")
+    figure.update_yaxes(tickformat=".0%", rangemode="tozero", title_text="of the layer's values")
     return _style(figure, 340, "Fraction of values replaced by the mean, per layer")
 
 
@@ -144,13 +150,13 @@ def perturbation_chart(probes: Sequence[TapProbe], relative: bool = True) -> go.
     sizes = [p.relative if relative else p.perturbation for p in probes]
     figure = go.Figure([
         go.Scatter(x=names, y=[s.base for s in sizes], name="without MeanSparse", mode="lines+markers",
-                   line_color=CLEAN),
+                   line=dict(color=CLEAN, width=UNDER), marker_size=11),
         go.Scatter(x=names, y=[s.after for s in sizes], name="with MeanSparse (after the operator)",
-                   mode="lines+markers", line_color=WITH_MEANSPARSE),
+                   mode="lines+markers", line=dict(color=WITH_MEANSPARSE, width=OVER), marker_size=6),
     ])
     figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
     figure.update_yaxes(rangemode="tozero", title_text="‖f(x+δ) − f(x)‖ / ‖f_base(x)‖" if relative
-                        else "‖f(x+δ) − f(x)‖")
+                        else "‖f(x+δ) − f(x)‖ (L2, feature units)")
     return _style(figure, 360, "Perturbation left at each layer" + (" (relative)" if relative else " (absolute)"))
 
 

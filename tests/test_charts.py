@@ -32,6 +32,31 @@ def test_layer_charts_show_every_tap_name_as_a_category_in_forward_order(demo_pr
             assert list(trace.x) == names
 
 
+def test_layer_chart_legends_sit_below_slanted_names_and_every_axis_has_a_title(demo_probes):
+    """Seen on the CIFAR-10 demo model's Layers page: with slanted layer names the legend (placed at
+    y=-0.3 of the plot) covered the x-axis title; the fraction chart's y axis had no title."""
+    probes, _ = demo_probes
+    rng = np.random.default_rng(0)
+    histogram = histogram_chart(Sample(*(rng.normal(size=500) for _ in range(4))), 0.0, 0.5, "feature value")
+    for figure in (fraction_replaced_chart(probes), perturbation_chart(probes), perturbation_chart(probes, False),
+                   perturbation_split_chart(probes), histogram):
+        legend = figure.layout.legend
+        assert (legend.yref, legend.y, legend.yanchor) == ("container", 0, "bottom")  # Plotly makes room for it
+        assert figure.layout.yaxis.title.text
+    assert histogram.layout.margin.b >= 80  # its shared x title is an annotation, which gets no room of its own
+
+
+def test_lines_that_can_coincide_stay_visible(demo_probes):
+    """Where MeanSparse changes little, "with" lay exactly on "without" and hid it (same for clean and
+    adversarial histograms): the line drawn first is wider."""
+    probes, _ = demo_probes
+    without, with_meansparse = perturbation_chart(probes).data
+    assert without.line.width > with_meansparse.line.width
+    rng = np.random.default_rng(0)
+    clean, adversarial = histogram_chart(Sample(*(rng.normal(size=50) for _ in range(4))), 0.0, 0.5, "x").data[:2]
+    assert (clean.name, adversarial.name) == ("clean", "adversarial") and clean.line.width > adversarial.line.width
+
+
 def test_cifar_tap_names_with_dots_are_kept():
     spec = next(s for s in bundled_models() if s.name == "cifar-resnet9")
     names = [t.name for t in find_statistics(spec, load_model(spec), "cifar10").stats.tap_list]

@@ -46,8 +46,8 @@ def depth_ui(probes: list[TapProbe], key: str = "") -> None:
     panels.chart_ui(perturbation_split_chart(probes), f"perturbation_split{key}")
     st.caption(
         "Top left: how much of each layer the operator replaces by the mean. Top right: the size of the "
-        "perturbation's effect on each layer's features, ‖f(x+δ) − f(x)‖, without MeanSparse (blue) and after "
-        "the operator with MeanSparse (orange); *relative* divides both by the same number, the norm of the base "
+        "perturbation's effect on each layer's features, ‖f(x+δ) − f(x)‖, without MeanSparse (blue, wider: it "
+        "shows where the two lines meet) and after the operator with MeanSparse (orange); *relative* divides both by the same number, the norm of the base "
         "model's clean features at that layer. Below: the perturbation at the operator, split by where the clean "
         "and adversarial values lie. **Removed**: both inside the band, both become the mean. **Passed**: both "
         "outside, unchanged. **Created**: one inside and one outside, so one jumps to the mean: a change of at "
