@@ -92,6 +92,18 @@ def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
         assert verdict in texts(app)
 
 
+def test_the_attack_form_names_each_attacks_budget():
+    """Issue 16: Square's budget was labelled "Steps" with 10 (queries, and too few to find anything);
+    AutoAttack offered a step count it does not use."""
+    def budget():
+        return next(n for n in app.main.number_input if n.label in ("Steps", "Queries"))
+    app = start()
+    app.selectbox(key="attack_name").set_value("square").run()
+    assert budget().label == "Queries" and budget().value >= 100
+    app.selectbox(key="attack_name").set_value("autoattack").run()
+    assert budget().label == "Steps" and budget().proto.disabled
+
+
 def test_an_attack_that_finds_nothing_says_so():
     app = start()
     app.number_input[0].set_value(0.0)  # eps 0: nothing to find
