@@ -156,7 +156,7 @@ def perturbation_chart(probes: Sequence[TapProbe], relative: bool = True) -> go.
     ])
     figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
     figure.update_yaxes(rangemode="tozero", title_text="‖f(x+δ) − f(x)‖ / ‖f_base(x)‖" if relative
-                        else "‖f(x+δ) − f(x)‖ (L2, feature units)")
+                        else "‖f(x+δ) − f(x)‖ (L2 norm)")
     return _style(figure, 360, "Perturbation left at each layer" + (" (relative)" if relative else " (absolute)"))
 
 
@@ -171,7 +171,7 @@ def perturbation_split_chart(probes: Sequence[TapProbe]) -> go.Figure:
     figure = go.Figure([go.Bar(x=names, y=[getattr(p.relative, key) for p in probes], name=name, marker_color=colour)
                         for key, (name, colour) in SPLIT.items()])
     figure.update_xaxes(**names_axis(names), title_text="layer (forward order)")
-    figure.update_yaxes(rangemode="tozero", title_text="‖part of the perturbation‖ / ‖f_base(x)‖")
+    figure.update_yaxes(rangemode="tozero", title_text="‖part‖ / ‖f_base(x)‖")
     return _style(figure, 360, "What the operator did to the perturbation")
 
 

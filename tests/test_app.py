@@ -492,3 +492,16 @@ def test_two_alphas_side_by_side_on_layers():
         assert chart(app, key)["data"] and chart(app, f"{key}_2")["data"]
     assert chart(app, "fraction_replaced")["data"][0]["y"] != chart(app, "fraction_replaced_2")["data"][0]["y"]
     assert "alpha 0.9 here" in texts(app) and "alpha 0 here" in texts(app)
+    # Each chart gets its alpha's whole column: side by side within it, titles overlapped and were cut off.
+    assert set(chart_column_depths(app.main).values()) == {1}
+
+
+def chart_column_depths(node, depth: int = 0) -> dict[str, int]:
+    """For each chart under ``node``: how many columns it sits in."""
+    depths = {}
+    for child in getattr(node, "children", {}).values():
+        inner = depth + (child.type == "column")
+        if child.type == "plotly_chart":
+            depths[child.proto.id] = inner
+        depths.update(chart_column_depths(child, inner))
+    return depths

@@ -17,12 +17,18 @@ def layer_ui(current: state.Setup) -> tuple[str, int]:
     return tap.name, int(channel)
 
 
-def histograms_ui(layer: TapProbe, key: str = "") -> None:
+def halves(narrow: bool) -> list:
+    """Two columns for charts side by side; one above the other when ``narrow`` (comparing two alphas,
+    where side by side left each chart a quarter of the page: titles overlapped and were cut off)."""
+    return [st.container(), st.container()] if narrow else st.columns(2)
+
+
+def histograms_ui(layer: TapProbe, key: str = "", narrow: bool = False) -> None:
     st.subheader(f"Layer {layer.name}")
     st.caption(f"alpha {layer.alpha:g} here · {layer.fraction_replaced_clean:.1%} of the clean and "
                f"{layer.fraction_replaced_adv:.1%} of the adversarial values replaced by the mean · the grey band "
                "is mean ± alpha·σ: every value inside it becomes the mean. Counts on a log scale.")
-    left, right = st.columns(2)
+    left, right = halves(narrow)
     with left:
         st.markdown(f"**Channel {layer.channel}** (raw values; μ = {layer.channel_mean:.3g}, σ = {layer.channel_std:.3g})")
         panels.chart_ui(histogram_chart(layer.channel_values, layer.channel_mean, layer.alpha * layer.channel_std,
@@ -36,8 +42,8 @@ def histograms_ui(layer: TapProbe, key: str = "") -> None:
                         f"layer_histogram{key}")
 
 
-def depth_ui(probes: list[TapProbe], key: str = "") -> None:
-    left, right = st.columns(2)
+def depth_ui(probes: list[TapProbe], key: str = "", narrow: bool = False) -> None:
+    left, right = halves(narrow)
     with left:
         panels.chart_ui(fraction_replaced_chart(probes), f"fraction_replaced{key}")
     with right:
@@ -67,8 +73,8 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted)
             probes = probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
                            crafted.image[None].to(current.model.device), alpha, current.layer_alphas,
                            channel={name: channel})
-            histograms_ui(next(p for p in probes if p.name == name), key)
-            depth_ui(probes, key)
+            histograms_ui(next(p for p in probes if p.name == name), key, narrow=len(alphas) > 1)
+            depth_ui(probes, key, narrow=len(alphas) > 1)
     panels.figure_format_ui()
     panels.accuracy_panel_ui(current)
     links.link_ui(current)
