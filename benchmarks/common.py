@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,10 +21,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from meansparse_core.models import bundled_statistics_path, build_random, find_model, load_model
-from meansparse_core.statistics import Statistics, calibrate
-
 ROOT = Path(__file__).resolve().parent.parent
+# This checkout's library, not the one an editable install in the environment points at (another worktree).
+sys.path.insert(0, str(ROOT))
+
+from meansparse_core.models import bundled_statistics_path, build_random, find_model, load_model  # noqa: E402
+from meansparse_core.statistics import Statistics, calibrate  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 

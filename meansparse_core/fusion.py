@@ -54,20 +54,31 @@ def compile_everything() -> bool:
     return FUSED and COMPILE == "1"
 
 
+def row_shape(x: torch.Tensor, channel_dim: int) -> tuple[int, int, int] | None:
+    """The shape (A, C, B) of ``as_rows(x, channel_dim)``'s view, without making it; None if no view exists."""
+    channel_dim %= x.dim()
+    shape = x.shape
+    if x.is_contiguous():
+        # Sizes spelt out, not -1: an empty batch has no size that -1 could stand for.
+        return math.prod(shape[:channel_dim]), shape[channel_dim], math.prod(shape[channel_dim + 1:])
+    if x.dim() == 4 and channel_dim == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = shape
+        return n * h * w, c, 1
+    return None
+
+
 def as_rows(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
     """``x`` viewed (no copy) as a contiguous (A, C, B) tensor, and the inverse view; None if no view exists.
 
     Covers (N, C, H, W), channels-last images, tokens (N, L, C) and plain (N, C) features.
     """
-    channel_dim %= x.dim()
+    rows = row_shape(x, channel_dim)
+    if rows is None:
+        return None
     if x.is_contiguous():
-        # Sizes spelt out, not -1: an empty batch has no size that -1 could stand for.
-        rows = x.view(math.prod(x.shape[:channel_dim]), x.shape[channel_dim], math.prod(x.shape[channel_dim + 1:]))
-        return rows, lambda y: y.view(x.shape)
-    if x.dim() == 4 and channel_dim == 1 and x.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = x.shape
-        return x.permute(0, 2, 3, 1).view(n * h * w, c, 1), lambda y: y.view(n, h, w, c).permute(0, 3, 1, 2)
-    return None
+        return x.view(rows), lambda y: y.view(x.shape)
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).view(rows), lambda y: y.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 _THREAD = threading.local()

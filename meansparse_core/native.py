@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .fusion import FUSED, as_rows, compile_everything
+from .fusion import FUSED, compile_everything, row_shape
 
 SOURCE = Path(__file__).with_name("meansparse_kernels.c")
 KERNEL_CACHE = Path(".cache") / "kernels"
@@ -102,8 +102,8 @@ def available() -> bool:
 
 def usable(x: torch.Tensor, channel_dim: int) -> bool:
     """True where the kernel runs ``x``: float32 or float64 on the CPU, in a layout ``as_rows`` can view."""
-    return (x.device.type == "cpu" and x.dtype in _FUNCTIONS and not torch.compiler.is_compiling()
-            and as_rows(x, channel_dim) is not None and available())
+    return (x.is_cpu and x.dtype in _FUNCTIONS and not torch.compiler.is_compiling()
+            and row_shape(x, channel_dim) is not None and available())
 
 
 def run(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
@@ -116,14 +116,13 @@ def run(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: in
     """
     if mask == "straight-through" and not relu:
         mask = None  # the operator alone passes every gradient: nothing to mask
+    # Dense layouts only (``usable``), which ``empty_like`` keeps: the output and the mask are laid out
+    # as ``x`` is, so the three share one (A, C, B) shape and need no views.
     out = torch.empty_like(x)
     keep = torch.empty_like(x, dtype=torch.bool) if mask is not None else None
-    (rows, _), (out_rows, _) = as_rows(x, channel_dim), as_rows(out, channel_dim)
-    keep_rows = as_rows(keep, channel_dim)[0] if keep is not None else None
-    a, c, b = rows.shape
     getattr(_library, _FUNCTIONS[x.dtype])(
-        rows.data_ptr(), mean.contiguous().data_ptr(), band.contiguous().data_ptr(), out_rows.data_ptr(),
-        keep_rows.data_ptr() if keep_rows is not None else None, a, c, b, int(relu), int(mask == "exact"),
+        x.data_ptr(), mean.contiguous().data_ptr(), band.contiguous().data_ptr(), out.data_ptr(),
+        keep.data_ptr() if keep is not None else None, *row_shape(x, channel_dim), int(relu), int(mask == "exact"),
         _threads(x))
     return out, keep
 

@@ -12,7 +12,7 @@ an attacker; the straight-through mode uses the identity in the backward pass in
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import nn
@@ -146,8 +146,14 @@ def sparsify_relu(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha:
     return _apply(x, mean, std, alpha, channel_dim, grad, relu=True)
 
 
+def _cast(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float | torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and the band ``alpha * std`` in ``x``'s dtype, on its device."""
+    return mean.to(dtype=x.dtype, device=x.device), std.to(dtype=x.dtype, device=x.device) * alpha
+
+
 def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float | torch.Tensor, channel_dim: int,
-           grad: GradMode, relu: bool) -> torch.Tensor:
+           grad: GradMode, relu: bool, cast: Callable = _cast) -> torch.Tensor:
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     # A tensor alpha is a compiled graph's input (compiled.py), checked by its caller: reading its
@@ -163,8 +169,7 @@ def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float 
             f"features have {x.shape[channel_dim]} channels on axis {channel_dim} "
             f"but the statistics have {mean.numel()} means and {std.numel()} stds."
         )
-    mean = mean.to(dtype=x.dtype, device=x.device)
-    band = std.to(dtype=x.dtype, device=x.device) * alpha
+    mean, band = cast(x, mean, std, alpha)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Sparsify.apply(x, mean, band, channel_dim, grad, relu)
     return _operator(x, mean, band, channel_dim, relu, None)[0]
@@ -187,11 +192,28 @@ class MeanSparse(nn.Module):
         self.channel_dim = channel_dim
 
     def forward(self, x: torch.Tensor, alpha: float = 0.0, grad: GradMode = "exact") -> torch.Tensor:
-        return sparsify(x, self.mean, self.std, alpha, self.channel_dim, grad)
+        return _apply(x, self.mean, self.std, alpha, self.channel_dim, grad, relu=False, cast=self._cast)
 
     def relu(self, x: torch.Tensor, alpha: float = 0.0, grad: GradMode = "exact") -> torch.Tensor:
         """``torch.relu(self(x, alpha, grad))`` in one pass (``sparsify_relu``)."""
-        return sparsify_relu(x, self.mean, self.std, alpha, self.channel_dim, grad)
+        return _apply(x, self.mean, self.std, alpha, self.channel_dim, grad, relu=True, cast=self._cast)
+
+    def _cast(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float | torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_cast``, kept from the last call while the buffers, alpha, dtype and device stay the same.
+
+        A forward pass calls each tap once and a slider or an attack makes many passes at one alpha;
+        computing the band anew costs a multiplication, a copy and an allocation per tap, several
+        percent of a small model's pass. The last result is one tuple, swapped whole, so threads
+        sharing the module never see half of another thread's entry.
+        """
+        if isinstance(alpha, torch.Tensor) or torch.compiler.is_compiling():
+            return _cast(x, mean, std, alpha)
+        key = (alpha, x.dtype, x.device, mean._version, std._version)
+        last = self.__dict__.get("_last_cast")
+        if last is None or last[0] is not mean or last[1] is not std or last[2] != key:
+            last = self.__dict__["_last_cast"] = (mean, std, key, *_cast(x, mean, std, alpha))
+        return last[3], last[4]
 
     def extra_repr(self) -> str:
         return f"channels={self.mean.numel()}, channel_dim={self.channel_dim}"

@@ -26,6 +26,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from types import MethodType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
@@ -136,14 +137,17 @@ class _Pass:
     additions are taps; otherwise the tap names say it.
     """
 
-    def __init__(self, handler: Handler | None, taps: Mapping[str, Tap] | None,
-                 names: Iterable[str] = (), placement: Placement = ACTIVATIONS,
-                 relu_handler: ReluHandler | None = None) -> None:
+    def __init__(self, router: "_Router", handler: Handler | None, taps: Mapping[str, Tap] | None,
+                 placement: Placement = ACTIVATIONS, relu_handler: ReluHandler | None = None) -> None:
+        self.router = router
         self.handler = handler
         self.relu_handler = relu_handler
         self.taps = taps  # None while discovering
+        # Whether the pass needs the function mode, and with it the stack of modules it is in. Without
+        # it, a pass costs a few dictionary look-ups per module, not a Python call per torch function.
+        self.functional = taps is None or any(t.kind in _FUNCTION_MODE_KINDS for t in taps.values())
         if taps is None:
-            names = list(names)
+            names = list(router.names.values())
             chosen = {w: {n for n in names for r in placement.rules if r.where == w and name_matches(r.pattern, n)}
                       for w in ("input", "output", "additions")}
             self.inputs, self.outputs, self.sum_scopes = chosen["input"], chosen["output"], chosen["additions"]
@@ -188,30 +192,77 @@ _current: ContextVar[_Pass | None] = ContextVar("meansparse_pass", default=None)
 class _FunctionCalls(TorchFunctionMode):
     """Routes the input of every functional activation call, and additions made in tapped modules."""
 
-    def __init__(self, router: "_Router") -> None:
-        super().__init__()
-        self.router = router
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         state = _current.get()
-        scope = state.scopes[-1][1] if state is not None and state.scopes else None
+        if state is None or not state.functional:  # a pass nested in this one that needs no function mode
+            return func(*args, **kwargs)
+        scope = state.scopes[-1][1] if state.scopes else None
         if func in ADDITIONS and scope is not None and scope in state.sum_scopes:
             result = func(*args, **kwargs)
             return state.route(state.call_name(f"{scope}:add"), "sum", result) if isinstance(result, torch.Tensor) else result
         op = ACTIVATION_FUNCTIONS.get(func)
         if scope is not None and scope in state.module_taps:
             op = None  # the call inside an activation module whose pre-hook has already routed its input
-        if op is not None and state is not None and args and isinstance(args[0], torch.Tensor):
-            name = state.call_name(self.router.function_tap_base(state, op))
+        if op is not None and args and isinstance(args[0], torch.Tensor):
+            name = state.call_name(state.router.function_tap_base(state, op))
             if op == "relu" and (output := state.route_relu(name, args[0])) is not None:
                 return output  # a new tensor, as routing the input gives the activation a new tensor
             args = (state.route(name, "function", args[0]), *args[1:])
         return func(*args, **kwargs)
 
 
+def _routed_relu(module: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
+    """``nn.ReLU.forward`` while a router is installed: a tapped call is routed here, and where the pass
+    can, the operator and the ReLU run as one kernel (``_Pass.route_relu``) instead of the model's ReLU.
+
+    Catching the call here rather than in the function mode keeps that mode, and its Python call for
+    every torch function of the forward pass, out of models whose taps are all activation modules.
+    Outside a pass, and at untapped modules, it is ``nn.ReLU.forward``.
+    """
+    state = _current.get()
+    if state is not None and state.taps is not None and (base := state.router.names.get(module)) in state.module_taps:
+        name = state.call_name(base)
+        if (output := state.route_relu(name, x)) is not None:
+            return output
+        x = state.route(name, "module", x)
+    return F.relu(x, inplace=module.inplace)
+
+
+def _routes_itself(module: nn.Module) -> bool:
+    """True for a module whose forward is ``_routed_relu``: its pre-hook leaves the routing to it."""
+    return getattr(vars(module).get("forward"), "__func__", None) is _routed_relu
+
+
+# nn.ReLU modules whose forward is ``_routed_relu``, with how many routers use each (guarded by
+# ``_routers_lock``): a ReLU shared by two routed models keeps it until both are done.
+_routed_relus: dict[nn.Module, int] = {}
+
+
+def _use_routed_relu(module: nn.Module) -> None:
+    if module not in _routed_relus and "forward" in vars(module):
+        return  # a forward of someone else's: left alone, and the module's pre-hook routes its input
+    _routed_relus[module] = _routed_relus.get(module, 0) + 1
+    if _routed_relus[module] == 1:
+        module.forward = MethodType(_routed_relu, module)
+
+
+def _release_routed_relu(module: nn.Module) -> None:
+    if module in _routed_relus:
+        _routed_relus[module] -= 1
+        if _routed_relus[module] == 0:
+            del _routed_relus[module]
+            del module.forward
+
+
 class _Router:
-    """Hooks on every submodule of one model; inert unless a pass is active in this context."""
+    """The routing of one model: ``_routed_relu`` as the forward of its ``nn.ReLU`` modules, and hooks
+    on the modules its users' passes need (``hold``); inert unless a pass is active in this context.
+
+    The forward is set on each ReLU instance, as hooks are: another caller of the model, with no
+    pass of its own, runs the ReLU as PyTorch does, and ``remove`` restores the class's forward.
+    Hooks sit only where a pass needs them: every hooked module's call takes PyTorch's slower path.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {m: n for n, m in model.named_modules()}
@@ -220,26 +271,56 @@ class _Router:
         # a pre-hook catches them as well as the function mode does, without its cost per operation.
         self.torch_activations = {self.names[m] for m in self.activation_modules
                                   if type(m).__module__ == nn.ReLU.__module__}
-        self.torch_relus = {self.names[m] for m in self.activation_modules if type(m) is nn.ReLU}
         self.robustbench_layers = {m for m in self.names if is_robustbench_meansparse(m)}
         self.users = 0
-        self.handles = [h for m in self.names for h in (
-            m.register_forward_pre_hook(self._enter),
-            m.register_forward_hook(self._leave),
-        )]
+        self.relus = [m for m in self.names if type(m) is nn.ReLU]
+        for module in self.relus:
+            _use_routed_relu(module)
+        self.hooks: dict[nn.Module, list] = {}  # module: [pre-hook handle, hook handle, holders]
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for pre_hook, hook, _ in self.hooks.values():
+            pre_hook.remove()
+            hook.remove()
+        for module in self.relus:
+            _release_routed_relu(module)
 
-    def cheapest(self, taps: list[Tap], fuse_relu: bool = False) -> list[Tap]:
-        """``taps`` with functional calls inside PyTorch's activation modules caught by the modules' pre-hooks.
+    def needs_hooks(self, taps: list[Tap] | None) -> list[nn.Module]:
+        """The modules whose hooks a pass over ``taps`` needs (None: discovery): every module where the
+        function mode runs, which names a call by the module it is made in; else the tapped modules
+        that do not route themselves."""
+        if taps is None or any(t.kind in _FUNCTION_MODE_KINDS for t in self.cheapest(taps)):
+            return list(self.names)
+        by_name = {name: module for module, name in self.names.items()}
+        tapped = dict.fromkeys(by_name[_module_part(t.name)] for t in taps)
+        return [module for module in tapped if not _routes_itself(module)]
 
-        With ``fuse_relu``, ``nn.ReLU`` modules' calls stay functional: the function mode can then
-        replace the whole call by the operator and ReLU in one pass (``_Pass.route_relu``).
-        """
+    def hold(self, modules: list[nn.Module]) -> Callable[[], None]:
+        """Hooks on ``modules`` until the returned function is called; shared, the last holder removes them."""
+        with _routers_lock:
+            for module in modules:
+                held = self.hooks.get(module)
+                if held is None:
+                    held = self.hooks[module] = [module.register_forward_pre_hook(self._enter),
+                                                 module.register_forward_hook(self._leave), 0]
+                held[2] += 1
+
+        def release() -> None:
+            with _routers_lock:
+                for module in modules:
+                    held = self.hooks[module]
+                    held[2] -= 1
+                    if held[2] == 0:
+                        held[0].remove()
+                        held[1].remove()
+                        del self.hooks[module]
+        return release
+
+    def cheapest(self, taps: list[Tap]) -> list[Tap]:
+        """``taps`` with functional calls inside PyTorch's activation modules caught by the modules
+        themselves (pre-hooks; ``_routed_relu`` for ``nn.ReLU``), so a pass of them needs no function mode."""
         return [replace(t, kind="module") if t.kind == "function" and t.name.split("#")[0] in self.torch_activations
-                and not (fuse_relu and t.name.split("#")[0] in self.torch_relus) else t for t in taps]
+                else t for t in taps]
 
     def function_tap_base(self, state: _Pass, op: str) -> str:
         module, name = state.scopes[-1] if state.scopes else (None, "")
@@ -252,15 +333,16 @@ class _Router:
         if state is None:
             return None
         name = self.names[module]
-        state.scopes.append((module, name))
-        if state.taps is None:
-            state.found_at_entry.append(len(state.found))
+        if state.functional:
+            state.scopes.append((module, name))
+            if state.taps is None:
+                state.found_at_entry.append(len(state.found))
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
         if name in state.inputs:
             x = state.route(state.call_name(f"{name}:input"), "input", x)
-        if state.taps is not None and name in state.module_taps:
+        if state.taps is not None and name in state.module_taps and not _routes_itself(module):
             x = state.route(state.call_name(name), "module", x)
         return None if x is args[0] else (x, *args[1:])
 
@@ -268,7 +350,8 @@ class _Router:
         state = _current.get()
         if state is None:
             return None
-        state.scopes.pop()
+        if state.functional:
+            state.scopes.pop()
         name = self.names[module]
         if state.taps is None:
             self._discover_after(state, module, args)
@@ -351,15 +434,18 @@ _routers_lock = threading.RLock()
 
 
 @contextmanager
-def _routing(model: nn.Module) -> Iterator[_Router]:
-    """Install the model's router for the duration of the block (shared by nested users)."""
+def _routing(model: nn.Module, taps: list[Tap] | None) -> Iterator[_Router]:
+    """Install the model's router for the duration of the block (shared by nested users), with the
+    hooks that passes over ``taps`` need (None: discovery)."""
     with _routers_lock:
         router = _routers.get(model) or _routers.setdefault(model, _Router(model))
         router.users += 1
+        release = router.hold(router.needs_hooks(taps))
     try:
         yield router
     finally:
         with _routers_lock:
+            release()
             router.users -= 1
             if router.users == 0:
                 router.remove()
@@ -367,10 +453,10 @@ def _routing(model: nn.Module) -> Iterator[_Router]:
                 _routers.pop(model, None)
 
 
-def _run(router: _Router, state: _Pass, model: nn.Module, args: tuple, kwargs: dict, functional: bool):
+def _run(state: _Pass, model: nn.Module, args: tuple, kwargs: dict):
     token = _current.set(state)
     try:
-        with _FunctionCalls(router) if functional else nullcontext():
+        with _FunctionCalls() if state.functional else nullcontext():
             return model(*args, **kwargs)
     finally:
         _current.reset(token)
@@ -413,9 +499,9 @@ def find_taps(model: nn.Module, example: torch.Tensor, placement: "str | Placeme
     text (e.g. ``"layer.*.block.*:output"``) or a ``Placement``; see ``placement_of``.
     """
     placement = placement_of(model, placement)
-    with eval_mode(model), _routing(model) as router:
-        state = _Pass(handler=None, taps=None, names=router.names.values(), placement=placement)
-        _run(router, state, model, (example,), {}, functional=True)
+    with eval_mode(model), _routing(model, None) as router:
+        state = _Pass(router, handler=None, taps=None, placement=placement)
+        _run(state, model, (example,), {})
     if placement == OWN_LAYERS:
         return [t for t in state.found if t.kind == "robustbench"]
     taps = [t for t in state.found if t.kind in ("input", "output", "sum")
@@ -432,16 +518,11 @@ def find_taps(model: nn.Module, example: torch.Tensor, placement: "str | Placeme
     return taps
 
 
-def _uses_function_mode(taps: Iterable[Tap]) -> bool:
-    return any(t.kind in _FUNCTION_MODE_KINDS for t in taps)
-
-
 def route_taps(model: nn.Module, taps: list[Tap], handler: Handler, *args, **kwargs):
     """Run ``model(*args, **kwargs)`` once with each tap's features replaced by ``handler(tap, x)``."""
-    with _routing(model) as router:
-        taps = router.cheapest(taps)
-        state = _Pass(handler, {t.name: t for t in taps})
-        return _run(router, state, model, args, kwargs, _uses_function_mode(taps))
+    with _routing(model, taps) as router:
+        state = _Pass(router, handler, {t.name: t for t in router.cheapest(taps)})
+        return _run(state, model, args, kwargs)
 
 
 class SparseModel(nn.Module):
@@ -465,11 +546,9 @@ class SparseModel(nn.Module):
             MeanSparse(s.mean, s.std, s.tap.channel_dim) for s in stats.taps
         )
         self._index = {t.name: i for i, t in enumerate(self.taps)}
-        self._attachment = _routing(model)
+        self._attachment = _routing(model, self.taps)
         self._router = self._attachment.__enter__()
-        routed = self._router.cheapest(self.taps, fuse_relu=native.available())
-        self._by_name = {t.name: t for t in routed}  # built once: forward runs on every slider move
-        self._functional = _uses_function_mode(routed)
+        self._by_name = {t.name: t for t in self._router.cheapest(self.taps)}  # built once: forward runs on every slider move
         self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
 
     def forward(
@@ -497,8 +576,7 @@ class SparseModel(nn.Module):
                 return None
             return self.operators[self._index[tap.name]].relu(features, tap_alpha, grad)
 
-        state = _Pass(handler, self._by_name, relu_handler=relu_handler)
-        return _run(self._router, state, self.model, (x,), {}, self._functional)
+        return _run(_Pass(self._router, handler, self._by_name, relu_handler=relu_handler), self.model, (x,), {})
 
     def at(self, alpha: float, grad: GradMode = "exact", layer_alphas: Mapping[str, float] | None = None) -> "FixedAlpha":
         """A light ``nn.Module`` view with these settings frozen, e.g. for torchattacks."""

@@ -292,7 +292,6 @@ def test_the_demo_model_gives_the_same_logits_gradients_and_attack_with_and_with
         monkeypatch.setattr(native, "enabled", fused)
         monkeypatch.setattr(Fused, "worth_it", lambda self, x, on=fused: on and x.numel() >= 1 << 16)
         sparse = attach(model, stats)
-        assert sparse._functional == fused, "fused: the ReLU modules' calls are replaced"
         with torch.no_grad():
             logits = sparse(images, alpha=0.3)
         leaf = images.clone().requires_grad_(True)
@@ -333,3 +332,17 @@ def test_without_a_c_compiler_the_operator_says_so_once_and_uses_pytorch(monkeyp
         assert not native.usable(x, 1)
     assert torch.equal(sparsify(x, mean, std, 0.5), torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
     assert not native.available(), "no second try, and so no second warning"
+
+
+def test_a_layer_reuses_its_band_only_while_alpha_and_its_statistics_stay_the_same():
+    """MeanSparse keeps its last alpha * std: changed statistics (in place or replaced) or alpha must not reuse it."""
+    x, mean, std = random_case((4, 8, 5, 5), 1)
+    layer = MeanSparse(mean, std)
+    for alpha in (0.5, 0.7, 0.5):
+        assert torch.equal(layer(x, alpha), sparsify(x, mean, std, alpha))
+    layer.std.mul_(2)  # in place, as load_state_dict writes
+    assert torch.equal(layer(x, 0.5), sparsify(x, mean, std * 2, 0.5))
+    layer.load_state_dict({"mean": mean + 0.1, "std": std})
+    assert torch.equal(layer.relu(x, 0.5), torch.relu(sparsify(x, mean + 0.1, std, 0.5)))
+    layer.double()  # new buffers, another dtype
+    assert torch.equal(layer(x.double(), 0.5), sparsify(x.double(), (mean + 0.1).double(), std.double(), 0.5))

@@ -163,17 +163,54 @@ def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device, m
         h = F.relu(s("act", model.conv(images)))
         expected = F.relu(s("relu", F.gelu(s("gelu", h)) - 0.1)) + F.relu(s("act#2", h))
         sparse = attach(model, stats)
-        assert sparse._functional, "the functional F.relu still needs the function mode"
         assert torch.allclose(sparse(images, alpha=0.4), expected, atol=1e-6)
+        assert function_mode_passes(monkeypatch, lambda: sparse(images, alpha=0.4)) == 1, \
+            "the functional F.relu still needs the function mode"
     sparse.detach()
+
+
+def function_mode_passes(monkeypatch, run) -> int:
+    """How many times ``run()`` enters the function mode that catches functional activations."""
+    from meansparse_core import placement
+
+    entered = []
+
+    class Counted(placement._FunctionCalls):
+        def __enter__(self):
+            entered.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(placement, "_FunctionCalls", Counted)
+    run()
+    monkeypatch.setattr(placement, "_FunctionCalls", Counted.__base__)
+    return len(entered)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_relu_modules_are_routed_by_their_own_forward_without_the_function_mode(kernel, monkeypatch):
+    """A tapped nn.ReLU is the operator and the ReLU in one C kernel call; other callers see PyTorch's ReLU."""
     from meansparse_core import native
 
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    plain_stats = calibrated(plain)[1]
-    # The function mode replaces a tapped nn.ReLU's call by the operator and ReLU in one C kernel.
-    assert attach(plain, plain_stats)._functional == native.available()
-    monkeypatch.setattr(native, "enabled", False)
-    assert not attach(plain, plain_stats)._functional, "without the kernel, PyTorch modules need no function mode"
+    monkeypatch.setattr(native, "enabled", kernel)
+    relu = nn.ReLU()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.Conv2d(4, 4, 1), relu)  # one module, two taps
+    images, plain_stats = calibrated(plain)
+    assert [t.name for t in plain_stats.tap_list] == ["1", "1#2"]
+    with torch.no_grad():
+        h = F.relu(sparsify(plain[0](images), plain_stats["1"].mean.float(), plain_stats["1"].std.float(), 0.4))
+        s = plain_stats["1#2"]
+        expected = F.relu(sparsify(plain[2](h), s.mean.float(), s.std.float(), 0.4))
+    fused_calls = []
+    run = native.run
+    monkeypatch.setattr(native, "run", lambda x, *args: fused_calls.append(args[3]) or run(x, *args))
+    sparse = attach(plain, plain_stats)
+    with torch.no_grad():
+        assert function_mode_passes(monkeypatch, lambda: sparse(images, alpha=0.4)) == 0
+        assert torch.equal(sparse(images, alpha=0.4), expected)
+        assert fused_calls == [True] * 4 if kernel else not fused_calls, "operator and ReLU in one call, twice a pass"
+        assert torch.equal(plain(images), F.relu(plain[2](F.relu(plain[0](images))))), "no pass: PyTorch's ReLU"
+    sparse.detach()
+    assert "forward" not in vars(relu), "detached, the module has its class's forward again"
 
 
 def test_channel_last_features_use_the_last_axis(device):
