@@ -175,6 +175,15 @@ def perturbation_split_chart(probes: Sequence[TapProbe]) -> go.Figure:
     return _style(figure, 360, "What the operator did to the perturbation")
 
 
+def same_y_range(figure: go.Figure, others: Sequence[go.Figure]) -> go.Figure:
+    """``figure`` on a y range from 0 to the highest value in it or in ``others``: charts shown side by
+    side (two alphas) compare only on one scale. Unchanged when there are no others."""
+    if not others:
+        return figure
+    top = max((y for f in (figure, *others) for trace in f.data for y in trace.y if y is not None), default=0.0)
+    return figure.update_yaxes(range=[0, 1.05 * top if top > 0 else 1])
+
+
 # --- Accuracy --------------------------------------------------------------------------------
 
 

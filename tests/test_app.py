@@ -492,6 +492,8 @@ def test_two_alphas_side_by_side_on_layers():
         assert chart(app, key)["data"] and chart(app, f"{key}_2")["data"]
     assert chart(app, "fraction_replaced")["data"][0]["y"] != chart(app, "fraction_replaced_2")["data"][0]["y"]
     assert "alpha 0.9 here" in texts(app) and "alpha 0 here" in texts(app)
+    for key in ("fraction_replaced", "perturbation", "perturbation_split"):  # one scale, or they mislead
+        assert chart(app, key)["layout"]["yaxis"]["range"] == chart(app, f"{key}_2")["layout"]["yaxis"]["range"]
     # Each chart gets its alpha's whole column: side by side within it, titles overlapped and were cut off.
     assert set(chart_column_depths(app.main).values()) == {1}
 

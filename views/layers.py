@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from meansparse_core.charts import fraction_replaced_chart, histogram_chart, perturbation_chart, perturbation_split_chart
+from meansparse_core.charts import (fraction_replaced_chart, histogram_chart, perturbation_chart,
+                                    perturbation_split_chart, same_y_range)
 from meansparse_core.probes import TapProbe, probe
 from ui import links, panels, state, threshold
 
@@ -42,14 +43,18 @@ def histograms_ui(layer: TapProbe, key: str = "", narrow: bool = False) -> None:
                         f"layer_histogram{key}")
 
 
-def depth_ui(probes: list[TapProbe], key: str = "", narrow: bool = False) -> None:
-    left, right = halves(narrow)
+def depth_ui(probes: list[TapProbe], key: str = "", alongside: list[list[TapProbe]] = ()) -> None:
+    """The charts across depth; ``alongside``: the probes at the other alpha shown next to these (one
+    above the other then, on the same y range)."""
+    def draw(build, name: str) -> None:
+        panels.chart_ui(same_y_range(build(probes), [build(other) for other in alongside]), f"{name}{key}")
+    left, right = halves(narrow=bool(alongside))
     with left:
-        panels.chart_ui(fraction_replaced_chart(probes), f"fraction_replaced{key}")
+        draw(fraction_replaced_chart, "fraction_replaced")
     with right:
         relative = st.toggle("Relative to the base model's clean features", True, key=f"perturbation_relative{key}")
-        panels.chart_ui(perturbation_chart(probes, relative), f"perturbation{key}")
-    panels.chart_ui(perturbation_split_chart(probes), f"perturbation_split{key}")
+        draw(lambda some: perturbation_chart(some, relative), "perturbation")
+    draw(perturbation_split_chart, "perturbation_split")
     st.caption(
         "Top left: how much of each layer the operator replaces by the mean. Top right: the size of the "
         "perturbation's effect on each layer's features, ‖f(x+δ) − f(x)‖, without MeanSparse (blue, wider: it "
@@ -68,13 +73,13 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted)
     name, channel = layer_ui(current)
     sparse = current.sparse
     alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
-    for column, alpha, key in zip(st.columns(len(alphas)), alphas, ("", "_2")):  # two alphas side by side
+    at = [probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
+                crafted.image[None].to(current.model.device), alpha, current.layer_alphas, channel={name: channel})
+          for alpha in alphas]
+    for column, probes, key in zip(st.columns(len(alphas)), at, ("", "_2")):  # two alphas side by side
         with column:
-            probes = probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
-                           crafted.image[None].to(current.model.device), alpha, current.layer_alphas,
-                           channel={name: channel})
             histograms_ui(next(p for p in probes if p.name == name), key, narrow=len(alphas) > 1)
-            depth_ui(probes, key, narrow=len(alphas) > 1)
+            depth_ui(probes, key, alongside=[other for other in at if other is not probes])
     panels.figure_format_ui()
     panels.accuracy_panel_ui(current)
     links.link_ui(current)
