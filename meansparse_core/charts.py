@@ -187,16 +187,26 @@ def same_y_range(figure: go.Figure, others: Sequence[go.Figure]) -> go.Figure:
 # --- Accuracy --------------------------------------------------------------------------------
 
 
+#: One colour per sweep column whatever columns a sweep has; the worst case light, under the attack it equals.
+SWEEP_COLOURS = {"clean": CLEAN, "robust": ADVERSARIAL, "robust_bpda": "#9467bd", "robust_square": "#8c564b",
+                 "worst": "#b0b0b0"}
+
+
 def sweep_chart(rows: Sequence[dict], columns: dict[str, str], n: int, chosen: float,
                 best: float | None) -> go.Figure:
     """Accuracy against alpha, one line per column (``{key: label}``), each point with its 95% Wilson
-    interval over ``n`` images; the sidebar's alpha and the best alpha marked."""
+    interval over ``n`` images; the sidebar's alpha and the best alpha marked.
+
+    The worst case is one of the attacks' figures at every alpha, so its line lies on one of theirs:
+    it is drawn first and wider.
+    """
     figure = go.Figure()
-    for key, label in columns.items():
+    for key in sorted(columns, key=lambda key: key != "worst"):
         points = [(r["alpha"], r[key]) for r in rows if r.get(key) is not None]
         low_high = [wilson_interval(round(value * n), n) for _, value in points]
         figure.add_trace(go.Scatter(
-            x=[a for a, _ in points], y=[v for _, v in points], name=label, mode="lines+markers",
+            x=[a for a, _ in points], y=[v for _, v in points], name=columns[key], mode="lines+markers",
+            line=dict(width=UNDER if key == "worst" else OVER, color=SWEEP_COLOURS.get(key)),
             error_y=dict(type="data", symmetric=False, array=[hi - v for (_, v), (_, hi) in zip(points, low_high)],
                          arrayminus=[v - lo for (_, v), (lo, _) in zip(points, low_high)], thickness=1)))
     figure.add_vline(x=chosen, line_dash="dash", annotation_text=f"sidebar alpha {chosen:g}")

@@ -103,7 +103,8 @@ def test_sweep_chart_draws_wilson_intervals_and_both_alphas():
     rows = [{"alpha": 0.0, "clean": 0.7, "robust": 0.4, "worst": 0.4},
             {"alpha": 0.2, "clean": 0.69, "robust": 0.45, "worst": 0.38}]
     figure = sweep_chart(rows, {"clean": "clean", "worst": "worst case"}, n=200, chosen=0.2, best=0.0)
-    clean = figure.data[0]
+    worst, clean = figure.data  # the worst case lies on an attack's line: drawn first, and wider
+    assert worst.name == "worst case" and worst.line.width > clean.line.width
     assert list(clean.x) == [0.0, 0.2] and 0.05 < clean.error_y.array[0] + clean.error_y.arrayminus[0] < 0.15
     assert len(figure.layout.shapes) == 2
 
