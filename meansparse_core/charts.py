@@ -23,6 +23,8 @@ from .workbench import TopK, wilson_interval
 
 CLEAN, ADVERSARIAL, WITH_MEANSPARSE, GOOD, BAD = "#1f77b4", "#d62728", "#ff7f0e", "#2e7d32", "#c62828"
 FONT_SIZE = 15  # readable from the back of a lecture room
+#: The presentation layout's type (px): every text of a chart, tick labels and legends included.
+PRESENTATION_FONT_SIZE = 19
 #: Legends sit at the figure's bottom edge: Plotly then makes room for them below the tick labels and
 #: the axis title. Placed at a fraction of the plot's height (y=-0.3), a legend overlapped the axis
 #: title once long layer names were drawn slanted (CIFAR-10 demo model, Layers page).
@@ -46,6 +48,21 @@ def _style(figure: go.Figure, height: int, title: str | None = None) -> go.Figur
     return figure
 
 
+def in_large_type(figure: go.Figure, size: int = PRESENTATION_FONT_SIZE) -> go.Figure:
+    """Every text of ``figure`` at ``size`` px, for a projector; margins made for ``FONT_SIZE`` grow with it.
+
+    Each text is sized on its own: Streamlit's chart theme sets tick labels, axis titles and legends
+    (12-14 px) in the figure's template, which outranks the layout-wide ``font_size``.
+    """
+    grow = size / FONT_SIZE
+    margin = figure.layout.margin
+    figure.update_layout(font_size=size, legend_font_size=size, title_font_size=size, hoverlabel_font_size=size,
+                         margin_t=round((margin.t or 0) * grow), margin_b=round((margin.b or 0) * grow))
+    figure.update_xaxes(tickfont_size=size, title_font_size=size)
+    figure.update_yaxes(tickfont_size=size, title_font_size=size)
+    return figure.update_annotations(font_size=size)  # subplot titles, shared axis titles, marker labels
+
+
 def download_config(name: str, fmt: str = "png") -> dict:
     """Plotly config whose camera button saves the chart as ``fmt`` (png or svg) at slide resolution."""
     if fmt not in EXPORT_FORMATS:
@@ -64,18 +81,39 @@ def panel_title(title: str) -> str:
     return title.replace(" · ", "<br>")
 
 
+#: The narrowest a top-k panel gets (px): four side by side in the presentation layout at 1280x720,
+#: sidebar open (an 820-px main pane); two alphas compared give two panels to each half.
+PANEL_WIDTH = 205
+
+
+def _label_width(names: Sequence[str], size: int = PRESENTATION_FONT_SIZE) -> float:
+    """About how many pixels the longest of ``names`` takes as a tick label in ``size``-px type."""
+    return 0.6 * size * max((len(str(n)) for n in names), default=1) + 10
+
+
 def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figure:
-    """Side-by-side top-k bars (most probable on top), the true class in green, the others in red."""
+    """Side-by-side top-k bars (most probable on top), the true class in green, the others in red.
+
+    Each panel's class names sit in the gap left of it: the gap fits the longest name in the
+    presentation type, else "automobile" ran into the bars of the panel before it.
+    """
+    names = [c for _, top in panels for c in top.classes]
+    # At least three characters' room: the "100%" and "0%" ticks of neighbours ran into each other (digits).
+    # A fraction of the plot area, which is the figure less the first panel's names (left margin).
+    room = max(_label_width(names), 3 * PRESENTATION_FONT_SIZE)
+    gap = min(0.45, room / (PANEL_WIDTH * len(panels) - room))
     figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel_title(t) for t, _ in panels],
-                           horizontal_spacing=0.1)
+                           horizontal_spacing=gap)
     for column, (_, top) in enumerate(panels, start=1):
         classes = list(top.classes)[::-1]
         figure.add_trace(go.Bar(x=list(top.probabilities)[::-1], y=classes, orientation="h", showlegend=False,
                                 marker_color=[GOOD if c == true_class else BAD for c in classes],
                                 hovertemplate="%{y}: %{x:.1%}<extra></extra>"), row=1, col=column)
-        figure.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=column)
-        figure.update_yaxes(**names_axis(classes), row=1, col=column)
-    return _style(figure, 300).update_layout(margin_t=60)  # room for two-line titles in presentation type
+        # Three ticks, whatever the type size: Plotly picked five for a narrow panel, then slanted them.
+        figure.update_xaxes(range=[0, 1], tickvals=[0, 0.5, 1], tickformat=".0%", row=1, col=column)
+        # dtick 1: every class named; left to itself Plotly names every other one in large type.
+        figure.update_yaxes(**names_axis(classes), dtick=1, row=1, col=column)
+    return _style(figure, 300).update_layout(margin_t=50)  # room for two-line titles
 
 
 # --- Layers ----------------------------------------------------------------------------------

@@ -441,12 +441,34 @@ def test_presentation_layout_puts_the_stage_first_and_is_in_the_link():
     app = open_link({"layout": "presentation"})
     check_clean(app)
     assert app.sidebar.toggle(key="presentation").value and not app.title
-    from ui.layout import PRESENTATION_FONT_SIZE
+    from meansparse_core.charts import PRESENTATION_FONT_SIZE
 
-    assert chart(app, "predictions")["layout"]["font"]["size"] == PRESENTATION_FONT_SIZE
+    figure = chart(app, "predictions")["layout"]
+    assert figure["font"]["size"] == figure["xaxis"]["tickfont"]["size"] == PRESENTATION_FONT_SIZE
     assert app.query_params["layout"] == "presentation"
     keys = [getattr(node, "key", None) for node in app.main]
     assert keys.index("alpha") < min(keys.index(k) for k in pick_buttons(app))  # the stage comes first
+
+
+def test_presentation_two_alphas_put_the_verdicts_beside_the_images():
+    """Side by side above each alpha's predictions, the verdicts (two lines each) and a wrapped
+    "second alpha" label pushed the predictions below a 720-px screen (browser test for the pixels)."""
+    app = finish_jobs(open_link({"layout": "presentation", "alpha2": "0", "attack": "pgd"}))
+    check_clean(app)
+    assert app.slider(key="alpha2").label == "second alpha"
+
+    def verdicts(where) -> list[str]:
+        return [m.value for m in where.markdown if m.value.startswith("**") and "alpha" in m.value]
+    assert len(verdicts(app.main)) == 2 and any(len(verdicts(c)) == 2 for c in app.main.columns), verdicts(app.main)
+    assert chart(app, "predictions_2")
+
+
+def test_presentation_layers_charts_take_the_whole_width():
+    """In large type, half-width charts overlapped their tick labels and legends."""
+    app = open_link({"layout": "presentation", "page": "layers", "alpha2": "0"})
+    check_clean(app)
+    assert len(app.get("plotly_chart")) == 10
+    assert not any(column.get("plotly_chart") for column in app.main.columns)
 
 
 def test_two_alphas_side_by_side_on_explore():

@@ -334,5 +334,11 @@ def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
     chart = page.locator(".js-plotly-plot").first.bounding_box()  # h16b: no title runs past the chart's edge
     ends = [t.bounding_box()["x"] + t.bounding_box()["width"] for t in page.locator(".js-plotly-plot").first.locator(".annotation-text").all()]
     assert max(ends) <= chart["x"] + chart["width"], f"a panel title is cut off: {ends} vs {chart}"
+    page.get_by_text("Compare two alphas").click()  # h16c: two alphas, compact: all of it still in view
+    expect(page.locator(".js-plotly-plot")).to_have_count(2)
+    page.screenshot(path=SHOTS / "cifar-5-presentation-two-alphas-1280x720.png")
+    for element in (alpha_slider(page), page.get_by_text("clean: test image").first, *page.locator(".js-plotly-plot").all()):
+        box = element.bounding_box()
+        assert box and 0 <= box["y"] and box["y"] + box["height"] <= 720, f"out of view with two alphas: {box}"
     no_error_on(page)
     page.context.close()

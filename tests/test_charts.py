@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from meansparse_core import attach
-from meansparse_core.charts import (download_config, fraction_replaced_chart, histogram_chart, names_axis,
+from meansparse_core.charts import (PANEL_WIDTH, PRESENTATION_FONT_SIZE, download_config, fraction_replaced_chart,
+                                    histogram_chart, in_large_type, names_axis,
                                     perturbation_chart, perturbation_split_chart, sweep_chart, top_k_chart)
 from meansparse_core.models import bundled_models, load_model
 from meansparse_core.probes import Sample, probe
@@ -83,7 +84,7 @@ def test_top_k_titles_fit_four_panels_at_1280x720_in_presentation_type():
     shown = [a.text for a in figure.layout.annotations]
     assert [t.replace("<br>", " · ") for t in shown] == titles
     assert max(len(line) for t in shown for line in t.split("<br>")) <= 20
-    assert figure.layout.margin.t >= 2 * 20 * 1.2  # two lines of 20-px type above the bars
+    assert figure.layout.margin.t >= 2 * 15 * 1.2  # two lines of type above the bars
 
 
 @pytest.mark.parametrize("values", [2000, 9])
@@ -115,3 +116,33 @@ def test_downloads_are_slide_sized_png_or_svg():
         assert options["format"] == fmt and options["width"] * options["scale"] >= 1920
     with pytest.raises(ValueError):
         download_config("sweep", "gif")
+
+
+def test_large_type_sizes_every_text_streamlit_theme_would_size_itself():
+    """Streamlit's chart theme puts 12-14 px tick labels, axis titles and legends in the template: the
+    layout-wide font size alone left them there in the presentation layout."""
+    probes_figure = histogram_chart(Sample(*(np.arange(100.0) for _ in range(4))), 0.0, 0.5, "feature value")
+    top = TopK(("automobile", "cat"), (0.6, 0.4))
+    for figure in (probes_figure, top_k_chart([("base · clean", top), ("MeanSparse · clean", top)], "cat")):
+        in_large_type(figure)
+        layout = figure.layout
+        axes = [layout[name] for name in layout if name.startswith(("xaxis", "yaxis"))]
+        assert all(a.tickfont.size == PRESENTATION_FONT_SIZE and a.title.font.size == PRESENTATION_FONT_SIZE
+                   for a in axes)
+        assert layout.legend.font.size == layout.font.size == PRESENTATION_FONT_SIZE
+        assert all(a.font.size == PRESENTATION_FONT_SIZE for a in layout.annotations)
+
+
+def test_top_k_gaps_fit_long_class_names_and_every_class_is_named():
+    """In large type "automobile" ran into the bars of the panel before it, and Plotly named only
+    every other class."""
+    top = TopK(("automobile", "cat", "dog", "ship", "truck"), (0.5, 0.2, 0.1, 0.1, 0.1))
+    for count in (4, 2):  # one alpha; two alphas compared (half the width each)
+        figure = top_k_chart([(f"panel {i}", top) for i in range(count)], "cat")
+        plot_area = PANEL_WIDTH * count - 0.55 * PRESENTATION_FONT_SIZE * len("automobile")  # less the left labels
+        gap_px = (figure.layout.xaxis2.domain[0] - figure.layout.xaxis.domain[1]) * plot_area
+        assert gap_px >= 0.55 * PRESENTATION_FONT_SIZE * len("automobile")
+        assert figure.layout.yaxis.dtick == 1 and figure.layout.xaxis.tickvals == (0, 0.5, 1)
+    digits = TopK(tuple("5938"), (0.7, 0.1, 0.1, 0.1))
+    figure = top_k_chart([(f"panel {i}", digits) for i in range(2)], "5")  # "100%" and the next "0%" apart
+    assert (figure.layout.xaxis2.domain[0] - figure.layout.xaxis.domain[1]) * PANEL_WIDTH * 2 >= 3 * PRESENTATION_FONT_SIZE

@@ -1,14 +1,13 @@
 """The presentation layout: for a projector, what alpha changes fits one 1280x720 screen, in large type.
 
 Pages ask ``presenting()`` to put the stage (controls, images, predictions) first and drop their
-introductions; ``panels.chart_ui``, which draws every chart, sets the larger type.
+introductions; ``panels.chart_ui``, which draws every chart, sets the larger type (``charts.in_large_type``).
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-PRESENTATION_FONT_SIZE = 19  # px on charts (charts.FONT_SIZE otherwise)
 #: Presenting: less padding above the page, no toolbar strip, tighter gaps, larger widget labels.
 PRESENTATION_CSS = """<style>
 [data-testid="stMainBlockContainer"] { padding-top: 0.75rem; padding-bottom: 1rem; }
@@ -30,3 +29,9 @@ def presentation_ui() -> None:
                            "large type. The sidebar can be closed with the arrow at its top.")
     if presenting():
         st.html(PRESENTATION_CSS)
+
+
+def side_by_side(count: int, stacked: bool = False) -> list:
+    """``count`` columns; one above the other when ``stacked`` or presenting: a chart in the large type
+    needs the whole width (at half of 1280 px its tick labels and legends overlapped)."""
+    return [st.container() for _ in range(count)] if stacked or presenting() else st.columns(count)

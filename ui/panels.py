@@ -11,9 +11,9 @@ import numpy as np
 import streamlit as st
 import torch
 
-from meansparse_core.charts import EXPORT_FORMATS, download_config
+from meansparse_core.charts import EXPORT_FORMATS, download_config, in_large_type
 from meansparse_core.workbench import nearest, with_interval
-from ui.layout import PRESENTATION_FONT_SIZE, presenting
+from ui.layout import presenting
 from ui.loaders import cached_live_figures, cached_live_set
 from ui.state import Setup, gallery_order, pick, test_image
 
@@ -68,8 +68,7 @@ def chart_ui(figure, key: str) -> None:
     """A Plotly chart whose camera button (top right) saves it at slide resolution, as PNG or SVG; in the
     presentation layout in larger type."""
     if presenting():
-        figure.update_layout(font_size=PRESENTATION_FONT_SIZE)
-        figure.update_annotations(font_size=PRESENTATION_FONT_SIZE + 1)  # subplot titles
+        in_large_type(figure)
     st.plotly_chart(figure, key=key, config=download_config(key, st.session_state.get("figure_format", "png")))
 
 

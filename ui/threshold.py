@@ -63,7 +63,9 @@ def threshold_ui(current: Setup) -> Setup:
     toggles.toggle("Compare two alphas", state["compare"], key="compare")
     slider.slider(ALPHA_LABEL, 0.0, 2.0, state["alpha"], step=0.01, key="alpha")
     if state["compare"]:
-        second.slider("second alpha (0 is the base model)", 0.0, 2.0, state["alpha2"], step=0.01, key="alpha2")
+        # A short label: a wrapped one pushed the presentation layout's predictions below 720 px.
+        second.slider("second alpha", 0.0, 2.0, state["alpha2"], step=0.01, key="alpha2",
+                      help="0 is the base model (MeanSparse off).")
     kept().update({key: state[key] for key in DEFAULTS if key in state})
     on = state["sparsify"] and current.sparse is not None
     alpha, compare_alpha = chosen() if on else (0.0, None)

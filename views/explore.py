@@ -8,9 +8,11 @@ from meansparse_core.charts import top_k_chart
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
 
 #: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
-PRESENTATION_CHART_HEIGHT = 220
-#: Pixels across the clean, perturbation and adversarial images (a whole multiple of the image's size).
-IMAGE_SIZE = 192
+PRESENTATION_CHART_HEIGHT = 230
+#: Pixels across the clean, perturbation and adversarial images (a whole multiple of the image's size);
+#: smaller when two alphas are compared in the presentation layout, beside the verdicts, so that the
+#: predictions of both stay on a 720-pixel-high screen.
+IMAGE_SIZE, COMPACT_IMAGE_SIZE = 192, 160
 
 
 def image_ui(current: state.Setup) -> state.Picked:
@@ -71,8 +73,11 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
     return choice if pressed else None
 
 
-def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int) -> None:
-    columns = st.columns(3)
+def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int, verdicts: list[str] = ()) -> None:
+    """Clean, perturbation and adversarial images; ``verdicts`` in a fourth column beside them (compact)."""
+    columns = st.columns([1, 1, 1, 1.7] if verdicts else 3)
+    for verdict in verdicts:
+        columns[-1].markdown(f"**{verdict}**")
     panels.pixel_image_ui(columns[0], picked.image, size, f"clean: {picked.caption}")
     if crafted is None:
         if not heavy.pending("attack"):
@@ -99,30 +104,33 @@ def predictions_ui(comparison: Comparison, key: str, with_base: bool = True) -> 
     panels.chart_ui(figure, key)
 
 
-def comparisons_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
-    """The verdict and top-5 panels at alpha, or, comparing, at each of the two alphas side by side."""
-    def at(alpha: float) -> Comparison:
-        return compare(current.sparse, picked.image, crafted.image if crafted else None, picked.label, alpha,
-                       current.spec.class_names, current.layer_alphas)
-    if current.compare_alpha is None:
-        comparison = at(current.alpha)
-        st.markdown(f"**{comparison.verdict}**")
-        predictions_ui(comparison, "predictions")
-    else:
-        for column, alpha, key in zip(st.columns(2), (current.alpha, current.compare_alpha), ("", "_2")):
-            with column:
-                comparison = at(alpha)
-                st.markdown(f"**{comparison.verdict}**")
-                predictions_ui(comparison, f"predictions{key}", with_base=False)
-    st.caption(f"Top-5 probabilities; green is {comparison.reference}.")
+def comparisons_ui(comparisons: list[Comparison], verdicts: bool = True) -> None:
+    """The top-5 panels at alpha, or, comparing, at each of the two alphas side by side; with the
+    verdict above each unless ``verdicts`` is False (drawn beside the images)."""
+    keys = ("predictions", "predictions_2")
+    for column, comparison, key in zip(st.columns(len(comparisons)), comparisons, keys):
+        if verdicts:
+            column.markdown(f"**{comparison.verdict}**")
+        with column:
+            predictions_ui(comparison, key, with_base=len(comparisons) == 1)
+    st.caption(f"Top-5 probabilities; green is {comparisons[0].reference}.")
 
 
 @st.fragment
 def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
-    """Everything alpha changes, with the controls on top: a slider move reruns only this."""
+    """Everything alpha changes, with the controls on top: a slider move reruns only this.
+
+    Two alphas in the presentation layout: the verdicts beside smaller images (compact), else the
+    predictions of both no longer fit a 1280x720 screen under the images.
+    """
     current = threshold.threshold_ui(current)
-    images_ui(picked, crafted, IMAGE_SIZE)
-    comparisons_ui(current, picked, crafted)
+    alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
+    comparisons = [compare(current.sparse, picked.image, crafted.image if crafted else None, picked.label, alpha,
+                           current.spec.class_names, current.layer_alphas) for alpha in alphas]
+    compact = layout.presenting() and len(alphas) > 1
+    images_ui(picked, crafted, COMPACT_IMAGE_SIZE if compact else IMAGE_SIZE,
+              [c.verdict for c in comparisons] if compact else [])
+    comparisons_ui(comparisons, verdicts=not compact)
     panels.accuracy_panel_ui(current)
     panels.figure_format_ui()
     links.link_ui(current)

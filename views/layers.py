@@ -5,7 +5,7 @@ import streamlit as st
 from meansparse_core.charts import (fraction_replaced_chart, histogram_chart, perturbation_chart,
                                     perturbation_split_chart, same_y_range)
 from meansparse_core.probes import TapProbe, probe
-from ui import links, panels, state, threshold
+from ui import layout, links, panels, state, threshold
 
 
 def layer_ui(current: state.Setup) -> tuple[str, int]:
@@ -18,18 +18,12 @@ def layer_ui(current: state.Setup) -> tuple[str, int]:
     return tap.name, int(channel)
 
 
-def halves(narrow: bool) -> list:
-    """Two columns for charts side by side; one above the other when ``narrow`` (comparing two alphas,
-    where side by side left each chart a quarter of the page: titles overlapped and were cut off)."""
-    return [st.container(), st.container()] if narrow else st.columns(2)
-
-
 def histograms_ui(layer: TapProbe, key: str = "", narrow: bool = False) -> None:
     st.subheader(f"Layer {layer.name}")
     st.caption(f"alpha {layer.alpha:g} here · {layer.fraction_replaced_clean:.1%} of the clean and "
                f"{layer.fraction_replaced_adv:.1%} of the adversarial values replaced by the mean · the grey band "
                "is mean ± alpha·σ: every value inside it becomes the mean. Counts on a log scale.")
-    left, right = halves(narrow)
+    left, right = layout.side_by_side(2, stacked=narrow)  # stacked: two alphas compared
     with left:
         st.markdown(f"**Channel {layer.channel}** (raw values; μ = {layer.channel_mean:.3g}, σ = {layer.channel_std:.3g})")
         panels.chart_ui(histogram_chart(layer.channel_values, layer.channel_mean, layer.alpha * layer.channel_std,
@@ -48,7 +42,7 @@ def depth_ui(probes: list[TapProbe], key: str = "", alongside: list[list[TapProb
     above the other then, on the same y range)."""
     def draw(build, name: str) -> None:
         panels.chart_ui(same_y_range(build(probes), [build(other) for other in alongside]), f"{name}{key}")
-    left, right = halves(narrow=bool(alongside))
+    left, right = layout.side_by_side(2, stacked=bool(alongside))
     with left:
         draw(fraction_replaced_chart, "fraction_replaced")
     with right:
@@ -76,7 +70,7 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted)
     at = [probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
                 crafted.image[None].to(current.model.device), alpha, current.layer_alphas, channel={name: channel})
           for alpha in alphas]
-    for column, probes, key in zip(st.columns(len(alphas)), at, ("", "_2")):  # two alphas side by side
+    for column, probes, key in zip(layout.side_by_side(len(alphas)), at, ("", "_2")):  # two alphas
         with column:
             histograms_ui(next(p for p in probes if p.name == name), key, narrow=len(alphas) > 1)
             depth_ui(probes, key, alongside=[other for other in at if other is not probes])
