@@ -480,8 +480,11 @@ def test_two_alphas_side_by_side_on_explore():
     assert app.slider(key="alpha2").value == 0.0
     verdicts = [m.value for m in app.markdown if m.value.startswith("**") and "alpha" in m.value]
     assert len(verdicts) == 2 and "alpha 0.8" in verdicts[0] and "alpha 0:" in verdicts[1]
-    left, right = chart(app, "predictions")["data"], chart(app, "predictions_2")["data"]
-    assert len(left) == len(right) == 2 and left != right
+    left, right = chart(app, "predictions"), chart(app, "predictions_2")
+    assert len(left["data"]) == len(right["data"]) == 2 and left["data"] != right["data"]
+    titles = [[a["text"] for a in c["layout"]["annotations"]] for c in (left, right)]
+    assert titles == [["alpha 0.8<br>clean", "alpha 0.8<br>adversarial"],
+                      ["alpha 0 (base)<br>clean", "alpha 0 (base)<br>adversarial"]]  # not "MeanSparse" twice
     assert app.query_params["alpha2"] == "0"
 
 

@@ -95,9 +95,13 @@ def images_ui(picked: state.Picked, crafted: state.Crafted | None, size: int, ve
 
 
 def predictions_ui(comparison: Comparison, key: str, with_base: bool = True) -> None:
-    tops = [("base · clean", comparison.base_clean), ("MeanSparse · clean", comparison.sparse_clean),
-            ("base · adversarial", comparison.base_adv), ("MeanSparse · adversarial", comparison.sparse_adv)]
-    shown = [(title, top) for title, top in tops if top is not None and (with_base or title.startswith("Mean"))]
+    """The top-5 panels of one alpha: base and MeanSparse, or, two alphas compared, this alpha's only,
+    named by it (both columns said "MeanSparse", and alpha 0 is the base model)."""
+    sparse = "MeanSparse" if with_base else f"alpha {comparison.alpha:g}" + (" (base)" if comparison.alpha == 0 else "")
+    tops = [("base", "clean", comparison.base_clean), (sparse, "clean", comparison.sparse_clean),
+            ("base", "adversarial", comparison.base_adv), (sparse, "adversarial", comparison.sparse_adv)]
+    shown = [(f"{model} · {image}", top) for model, image, top in tops
+             if top is not None and (with_base or model == sparse)]
     figure = top_k_chart(shown, comparison.label)
     if layout.presenting():
         figure.update_layout(height=PRESENTATION_CHART_HEIGHT)
