@@ -33,8 +33,9 @@ from .fusion import FUSED, compile_everything, row_shape
 SOURCE = Path(__file__).with_name("meansparse_kernels.c")
 KERNEL_CACHE = Path(".cache") / "kernels"
 # -O3 vectorises the loops (-fno-trapping-math lets it vectorise the comparisons too); no
-# -ffast-math, which would change how values round and compare.
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -ffast-math, which would change how values round and compare. 256-bit vectors: with 512-bit ones
+# the kernel took about 15% longer inside a forward pass on the development CPU (BENCHMARKS.md, B1).
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _FUNCTIONS = {torch.float32: "meansparse_f32", torch.float64: "meansparse_f64"}
 _MASKED = {torch.float32: "meansparse_masked_f32", torch.float64: "meansparse_masked_f64"}
 _ARGUMENTS = {**{name: [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3 for name in _FUNCTIONS.values()},
