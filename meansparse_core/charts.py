@@ -86,6 +86,14 @@ def panel_title(title: str) -> str:
 PANEL_WIDTH = 205
 
 
+#: The longest class name a top-k axis shows whole (ImageNet's run to 30 characters); hovering shows it all.
+NAME_CHARS = 16
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
+
+
 def _label_width(names: Sequence[str], size: int = PRESENTATION_FONT_SIZE) -> float:
     """About how many pixels the longest of ``names`` takes as a tick label in ``size``-px type."""
     return 0.6 * size * max((len(str(n)) for n in names), default=1) + 10
@@ -97,11 +105,12 @@ def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figur
     Each panel's class names sit in the gap left of it: the gap fits the longest name in the
     presentation type, else "automobile" ran into the bars of the panel before it.
     """
-    names = [c for _, top in panels for c in top.classes]
+    names = [_short(c) for _, top in panels for c in top.classes]
     # At least three characters' room: the "100%" and "0%" ticks of neighbours ran into each other (digits).
-    # A fraction of the plot area, which is the figure less the first panel's names (left margin).
+    # A fraction of the plot area, which is the figure less the first panel's names (left margin); Plotly
+    # refuses gaps that leave the panels no width (over 1 / (panels - 1)).
     room = max(_label_width(names), 3 * PRESENTATION_FONT_SIZE)
-    gap = min(0.45, room / (PANEL_WIDTH * len(panels) - room))
+    gap = min(0.45, 0.9 / max(len(panels) - 1, 1), room / (PANEL_WIDTH * len(panels) - room))
     figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel_title(t) for t, _ in panels],
                            horizontal_spacing=gap)
     for column, (_, top) in enumerate(panels, start=1):
@@ -111,8 +120,9 @@ def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figur
                                 hovertemplate="%{y}: %{x:.1%}<extra></extra>"), row=1, col=column)
         # Three ticks, whatever the type size: Plotly picked five for a narrow panel, then slanted them.
         figure.update_xaxes(range=[0, 1], tickvals=[0, 0.5, 1], tickformat=".0%", row=1, col=column)
-        # dtick 1: every class named; left to itself Plotly names every other one in large type.
-        figure.update_yaxes(**names_axis(classes), dtick=1, row=1, col=column)
+        # Every class named (left to itself Plotly names every other one in large type), long names cut.
+        figure.update_yaxes(**names_axis(classes), tickmode="array", tickvals=classes,
+                            ticktext=[_short(c) for c in classes], row=1, col=column)
     return _style(figure, 300).update_layout(margin_t=50)  # room for two-line titles
 
 
