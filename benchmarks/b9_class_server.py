@@ -260,7 +260,7 @@ async def look_for_leaks(page, where: str, session: Session, everyone: list[Sess
         session.leaks.append(f"{where}: its image (test image {image}) is not shown")
 
 
-async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dict:
+async def class_run(url: str, server_pid: int, sessions: int, moves: int, heavy_jobs: int) -> dict:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
@@ -272,10 +272,11 @@ async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dic
         load_before = os.getloadavg()
         students = [Session(i) for i in range(sessions)]
         start = time.perf_counter()
-        loads = asyncio.create_task(sample_load())
+        baseline, used = processor_seconds(server_pid), {}
+        sampler = asyncio.create_task(sample_machine(server_pid, used))
         await asyncio.gather(*(student(browser, url, s, sessions, moves, students) for s in students))
         seconds = time.perf_counter() - start
-        loads.cancel()
+        sampler.cancel()
         done.set()
         heavy_report = await asyncio.gather(*heavy)
         late = await late_session(browser, url) if heavy_jobs else None
@@ -290,6 +291,9 @@ async def class_run(url: str, sessions: int, moves: int, heavy_jobs: int) -> dic
         "heavy_jobs": heavy_report, "after_their_tabs_closed": late,
         "load_average_before": load_before, "load_average_max": max(LOADS, default=load_before[0]),
         "load_average_after": os.getloadavg(),
+        "processor_seconds": {kind: round(sum(t - baseline.get(pid, (kind, 0.0))[1]
+                                              for pid, (k, t) in used.items() if k == kind), 1)
+                              for kind in ("server", "chromium")},
     }
 
 
@@ -301,13 +305,32 @@ def percentiles(seconds: list[float]) -> dict:
             "max_s": seconds[-1]}
 
 
-LOADS: list[float] = []  # the 1-minute load average every 5 s while the students work
+LOADS: list[float] = []  # the 1-minute load average every second while the students work
 
 
-async def sample_load() -> None:
+def processor_seconds(server_pid: int) -> dict[int, tuple[str, float]]:
+    """Processor seconds so far of the server and of each Chromium process, by pid (Linux's /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            command = (stat.parent / "cmdline").read_bytes()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        kind = "server" if pid == server_pid else "chromium" if b"chrom" in command else None
+        if kind:
+            found[pid] = (kind, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return found
+
+
+async def sample_machine(server_pid: int, used: dict) -> None:
+    """Every second: the load average, and each process's processor seconds into ``used`` (the browsers
+    share the server's cores here, where in a class each student's browser runs on their own machine)."""
     while True:
         LOADS.append(os.getloadavg()[0])
-        await asyncio.sleep(5)
+        used.update(processor_seconds(server_pid))
+        await asyncio.sleep(1)
 
 
 def main() -> None:
@@ -321,7 +344,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         server, url = start_server(Path(folder), args.model, args.cifar_archive)
         try:
-            results = asyncio.run(class_run(url, args.sessions, args.moves, args.heavy))
+            results = asyncio.run(class_run(url, server.pid, args.sessions, args.moves, args.heavy))
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -348,6 +371,8 @@ def report(results: dict) -> str:
         f"cross-session leaks: {len(r['leaks'])}",
         f"load average (1 min) before {r['load_average_before'][0]:.1f}, highest during "
         f"{r['load_average_max']:.1f}, after {r['load_average_after'][0]:.1f} (2 or more on 2 cores: busy)",
+        f"processor seconds while the students worked: server {r['processor_seconds']['server']}, Chromium "
+        f"{r['processor_seconds']['chromium']} (of {os.cpu_count() * r['seconds']:.0f} the machine had)",
     ]
     if r["heavy_jobs_started"]:
         lines.append(f"heavy jobs: {r['heavy_jobs']}; after their tabs closed: {r['after_their_tabs_closed']}")
