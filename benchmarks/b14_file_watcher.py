@@ -21,16 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from b9_class_server import BROWSER_FLAGS, CHROMIUM, CIFAR_ARCHIVE, start_server
+from b9_class_server import BROWSER_FLAGS, CHROMIUM, CIFAR_ARCHIVE, processor_seconds, start_server
 from common import ROOT, save
 
 IMPORTS = "import torch, torchvision, plotly"
 
 
-def processor_seconds(pid: int) -> float:
-    """User plus system time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def server_seconds(pid: int) -> float:
+    return processor_seconds(pid)[pid][1]
 
 
 def measure(watcher: str, imports: int) -> dict:
@@ -46,12 +44,12 @@ def measure(watcher: str, imports: int) -> dict:
                 page.goto(url)
                 page.get_by_text("Run an attack to compare").first.wait_for(timeout=300_000)
                 time.sleep(5)  # the page's own start-up work is over
-                before, start = processor_seconds(server.pid), time.perf_counter()
+                before, start = server_seconds(server.pid), time.perf_counter()
                 for _ in range(imports):
                     subprocess.run([sys.executable, "-c", IMPORTS], check=True)
                 time.sleep(5)
                 window = time.perf_counter() - start
-                spent = processor_seconds(server.pid) - before
+                spent = server_seconds(server.pid) - before
                 browser.close()
             overflows = (Path(scratch) / "server.log").read_text().count("queue overflowed")
         finally:
