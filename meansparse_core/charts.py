@@ -99,18 +99,21 @@ def _label_width(names: Sequence[str], size: int = PRESENTATION_FONT_SIZE) -> fl
     return 0.6 * size * max((len(str(n)) for n in names), default=1) + 10
 
 
-def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str) -> go.Figure:
+def top_k_chart(panels: Sequence[tuple[str, TopK]], true_class: str, width: int | None = None) -> go.Figure:
     """Side-by-side top-k bars (most probable on top), the true class in green, the others in red.
 
     Each panel's class names sit in the gap left of it: the gap fits the longest name in the
-    presentation type, else "automobile" ran into the bars of the panel before it.
+    presentation type, else "automobile" ran into the bars of the panel before it. ``width``: the
+    narrowest the figure is drawn (px; default ``PANEL_WIDTH`` a panel): two panels across a whole
+    page took a gap sized for two across half of it.
     """
+    width = width or PANEL_WIDTH * len(panels)
     names = [_short(c) for _, top in panels for c in top.classes]
     # At least three characters' room: the "100%" and "0%" ticks of neighbours ran into each other (digits).
     # A fraction of the plot area, which is the figure less the first panel's names (left margin); Plotly
     # refuses gaps that leave the panels no width (over 1 / (panels - 1)).
     room = max(_label_width(names), 3 * PRESENTATION_FONT_SIZE)
-    gap = min(0.45, 0.9 / max(len(panels) - 1, 1), room / (PANEL_WIDTH * len(panels) - room))
+    gap = min(0.45, 0.9 / max(len(panels) - 1, 1), room / (width - room))
     figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel_title(t) for t, _ in panels],
                            horizontal_spacing=gap)
     for column, (_, top) in enumerate(panels, start=1):

@@ -155,3 +155,12 @@ def test_top_k_panels_take_imagenet_class_names():
     figure = top_k_chart([(f"panel {i}", top) for i in range(4)], "tabby")
     shown = figure.layout.yaxis.ticktext
     assert shown[-1] == "American Staffo…" and "tabby" in shown and figure.layout.yaxis.tickvals[-1] == top.classes[0]
+
+
+def test_two_top_k_panels_across_the_page_get_a_gap_for_their_width():
+    """Before an attack Explore shows two panels across the width four use later: their gap was sized as
+    if they had half of it (45% of the plot)."""
+    top = TopK(("automobile", "cat"), (0.6, 0.4))
+    half, whole = (top_k_chart([("a", top), ("b", top)], "cat", width=w) for w in (2 * PANEL_WIDTH, 4 * PANEL_WIDTH))
+    gap = [f.layout.xaxis2.domain[0] - f.layout.xaxis.domain[1] for f in (half, whole)]
+    assert gap[1] < gap[0] / 2

@@ -4,7 +4,7 @@ import streamlit as st
 
 from ui import costs, heavy, layout, links, loaders, panels, state, threshold, uploads
 from meansparse_core.attacks import ATTACKS
-from meansparse_core.charts import top_k_chart
+from meansparse_core.charts import PANEL_WIDTH, top_k_chart
 from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
 
 #: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
@@ -102,7 +102,7 @@ def predictions_ui(comparison: Comparison, key: str, with_base: bool = True) -> 
             ("base", "adversarial", comparison.base_adv), (sparse, "adversarial", comparison.sparse_adv)]
     shown = [(f"{model} · {image}", top) for model, image, top in tops
              if top is not None and (with_base or model == sparse)]
-    figure = top_k_chart(shown, comparison.label)
+    figure = top_k_chart(shown, comparison.label, width=PANEL_WIDTH * (4 if with_base else 2))  # the column's width
     if layout.presenting():
         figure.update_layout(height=PRESENTATION_CHART_HEIGHT)
     panels.chart_ui(figure, key)
