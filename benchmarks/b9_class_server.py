@@ -88,7 +88,8 @@ def start_server(folder: Path, model: str, archive: Path) -> tuple[subprocess.Po
 
         extract(archive, data)
     port = free_port()
-    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models")}
+    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models"),
+           "MEANSPARSE_CACHE": str(folder / ".cache")}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],

@@ -31,9 +31,9 @@ from .operator import GRAD_MODES
 from .outcomes import write_items
 from .protocol import Protocol, evaluate_test, report, run_names, select_alpha, table, test_settings
 from .statistics import ESTIMATORS, Statistics
+from .paths import cache_folder
 from .workbench import find_statistics, statistics_path
 
-CACHE = Path(".cache")
 GROUP = distributed.SOLO  # the torchrun ranks sharing this command's work; set by main()
 PUBLISHED = "published"
 
@@ -227,7 +227,7 @@ def _evaluation_run(args, alphas: list[float | str]) -> list[dict]:
                  "stats": stats.fingerprint(), "data_dir": args.data_dir, "n": len(labels)}
     with progress_bar("alphas", "alpha") as update:
         results = sweep(sparse, images, labels, _settings(args), alphas, progress=update,
-                        cache=None if args.no_cache else ResultCache(CACHE / "results"), cache_key=cache_key,
+                        cache=None if args.no_cache else ResultCache(cache_folder("results")), cache_key=cache_key,
                         group=GROUP)
     _report_resumed(results)
     if args.items and GROUP.is_main:
@@ -292,7 +292,7 @@ def _calibrated(args, spec: ModelSpec, model: torch.nn.Module, dataset, indices:
            "the whole set)")
     key = (f"{spec.key}__{_weights_digest(args) or 'weights'}__{data}__n{len(indices)}__seed{args.seed}__{placement}"
            + (f"__authors-b{batch_size}" if authors else ""))
-    path = CACHE / "stats" / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
+    path = cache_folder("stats") / "reproduce" / f"{''.join(c if c.isalnum() or c in '._-' else '_' for c in key)}.pt"
     if path.exists():
         return Statistics.load(path), f"{how}; read back from {path}"
     with progress_bar("calibration") as update:
@@ -314,7 +314,7 @@ def cmd_reproduce(args) -> None:
     held_out, pool, held_out_where = _training_split(args, train)
     stats, calibration = _calibrated(args, spec, model, train, pool)
     sparse = attach(model, stats)
-    cache = None if args.no_cache else ResultCache(CACHE / "results")
+    cache = None if args.no_cache else ResultCache(cache_folder("results"))
     cache_key = {"model": spec.key, "data": data, "weights": _weights_digest(args) or spec.key,
                  "stats": stats.fingerprint(), "data_dir": args.data_dir, "seed": args.seed}
     images, labels = _load(args, train, held_out)
@@ -328,8 +328,9 @@ def cmd_reproduce(args) -> None:
                                 lambda name: lambda done, total: update(names.index(name) + done / max(total, 1), len(names)))
     _report_resumed([*selection.sweep, *results.values()])
     markdown = report(spec.key, results, selection, protocol, held_out_where, calibration, GROUP.world_size)
-    out = Path(args.out) if args.out else Path(f"reproduce-{spec.name}.md")
+    out = Path(args.out) if args.out else cache_folder("results") / f"reproduce-{spec.name}.md"
     if GROUP.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(markdown)
         if args.items:
             write_items(args.items, run_names(results), indices, _class_names(args, spec))
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--model-dir", default=None, help="RobustBench model folder (<dir>/<dataset>/<threat>/<name>.pt)")
+    common.add_argument("--model-dir", default=None, help="RobustBench model folder, <dir>/<dataset>/<threat>/<name>.pt (default: $MEANSPARSE_MODELS, else models/ in the user's cache folder)")
 
     models = commands.add_parser("models", parents=[common], help="list bundled and RobustBench models")
     models.add_argument("--dataset", choices=sorted(DATASETS))
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_model.add_argument("--model", required=True, help="a key from `models`, e.g. robustbench/cifar10/Linf/Standard")
     with_model.add_argument("--checkpoint", help="your own weights for the model's architecture (state dict)")
     with_model.add_argument("--data", choices=sorted(DATASETS), help="dataset (default: the model's)")
-    with_model.add_argument("--data-dir", help="folder with the dataset (python batches or ImageFolder tree)")
+    with_model.add_argument("--data-dir", help="folder with the dataset, python batches or ImageFolder tree (default: $MEANSPARSE_DATA, else data/ in the user's cache folder)")
     with_model.add_argument("--n", "--n-items", dest="n", type=int, default=None,
                             help="number of items sampled by --seed (default: all)")
     with_model.add_argument("--seed", type=int, default=0)
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     cal = commands.add_parser("calibrate", parents=[with_model], help="exact statistics over the training split")
-    cal.add_argument("--out", help="statistics file (default: .cache/stats/<model>__<data>.pt)")
+    cal.add_argument("--out", help="statistics file (default: stats/<model>__<data>.pt in the user's cache folder)")
     cal.add_argument("--estimator", choices=ESTIMATORS, default="exact", help=(
         "exact: mean and std over the whole set; authors: per-batch mean and unbiased variance averaged "
         "over batches, the training set in its stored order, batches of 512 unless --batch-size says otherwise"))
@@ -464,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--steps", type=int, default=Protocol.apgd_steps, help="APGD-CE steps (selection and BPDA)")
     rep.add_argument("--square-queries", type=int, default=Protocol.square_queries)
     rep.add_argument("--no-cache", action="store_true", help="recompute even if cached results exist")
-    rep.add_argument("--out", help="Markdown report (default: reproduce-<model>.md)")
+    rep.add_argument("--out", help="Markdown report (default: results/reproduce-<model>.md in the user's cache folder)")
     rep.add_argument("--items", help="also write per-item outcomes of the test runs to this CSV file")
     rep.set_defaults(run=cmd_reproduce)
 

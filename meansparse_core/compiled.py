@@ -17,12 +17,11 @@ calling it), e.g. in a long-lived server scoring a fixed set at many alphas. Exa
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping
 
 import torch
 
-from .fusion import INDUCTOR_CACHE
+from .paths import inductor_cache
 from .placement import SparseModel
 
 
@@ -32,7 +31,7 @@ class CompiledModel:
     def __init__(self, sparse: SparseModel, backend: str | Callable = "inductor") -> None:
         self.sparse = sparse
         self.names = [t.name for t in sparse.taps]
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE.resolve()))
+        inductor_cache()
         self._compiled = torch.compile(self._logits, dynamic=True, backend=backend)
 
     def _logits(self, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .files import atomic_write
+from .paths import data_root
 
 DOWNLOAD_TIMEOUT_S = 15
-DEFAULT_ROOT = Path(os.environ.get("MEANSPARSE_DATA", "data"))
 Progress = Callable[[int, int], None]
 
 
@@ -194,7 +194,7 @@ class _Cifar:
     names_key: bytes
 
     def __call__(self, split: str, root: Path | None, progress: Progress | None, fetch: bool) -> Dataset:
-        root = Path(root or DEFAULT_ROOT).expanduser()
+        root = Path(root or data_root()).expanduser()
         for candidate in (root / split, root / "cifar10-jpeg" / split, root / "cifar100-jpeg" / split):
             if candidate.is_dir():
                 return FolderDataset(candidate, (3, 32, 32))
@@ -221,7 +221,7 @@ class _Cifar:
 
 
 def _imagenet(split: str, root: Path | None, progress: Progress | None, fetch: bool) -> Dataset:
-    root = Path(root or DEFAULT_ROOT / "imagenet").expanduser()
+    root = Path(root or data_root() / "imagenet").expanduser()
     folder = root / "val" if (root / "val").is_dir() else root
     if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
         raise DataUnavailable(

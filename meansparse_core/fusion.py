@@ -7,10 +7,10 @@ A fused kernel reads the features once, with the same IEEE operations (float32 a
 so fused and eager results agree). Two kinds:
 
 - On CPUs the operator is a small C kernel (``native.py``), built once per machine into
-  ``.cache/kernels`` and loaded in milliseconds, and can include the ReLU that follows it.
+  the user's cache folder and loaded in milliseconds, and can include the ReLU that follows it.
 - ``torch.compile`` (this module's ``Fused``) does the statistics pass, and the operator where the C
   kernel does not run (GPUs). Compiling costs seconds in every new process even with Inductor's
-  on-disk caches warm (``.cache/inductor``; B13 measures it), so it is used where the work is long
+  on-disk caches warm (``inductor/`` in the user's cache folder; B13 measures it), so it is used where the work is long
   enough to pay, and tensors under ``MIN_ELEMENTS`` stay eager. Where it fails (no C++ compiler),
   the library says so once and stays eager.
 
@@ -29,16 +29,15 @@ import os
 import threading
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from .paths import inductor_cache
+
 MIN_ELEMENTS = 1 << 16
 FUSED = os.environ.get("MEANSPARSE_FUSED", "1") != "0"
 COMPILE = os.environ.get("MEANSPARSE_COMPILE")  # "0", "1", or None: the library chooses
-#: Inductor's on-disk caches in the project's cache folder, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
-INDUCTOR_CACHE = Path(".cache") / "inductor"
 # Fused half-precision arithmetic skips the rounding between operations, which can move a value
 # across the band's edge: those dtypes stay eager, so every path gives the same answer.
 EXACT_DTYPES = (torch.float32, torch.float64)
@@ -121,7 +120,7 @@ class Fused:
         with torch.no_grad():
             try:
                 if self.kernel is None:
-                    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE.resolve()))
+                    inductor_cache()
                     self.kernel = torch.compile(self.fn, dynamic=True, fullgraph=True)
                 return self.kernel(*tensors)
             except Exception as exc:  # no compiler, unsupported platform or device: eager is exact too

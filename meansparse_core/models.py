@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .files import load_weights
+from .paths import models_root
 from .data import DATASETS, DataUnavailable, Preparation, Progress, download
 from .robustbench_compat import import_robustbench
 
@@ -38,7 +39,6 @@ ASSETS = Path(os.environ.get("MEANSPARSE_ASSETS") or Path(__file__).resolve().pa
 #: Which bundled model stands for its dataset, best first: the GPU-trained CIFAR-10 model once its
 #: files are in assets/, else the CPU-trained one (which stays as the small option).
 PREFERRED_BUNDLED = ("cifar-resnet9-w64", "cifar-resnet9", "digits-cnn")
-DEFAULT_MODEL_DIR = Path(os.environ.get("MEANSPARSE_MODELS", "models"))
 GDRIVE_URL = "https://drive.google.com/uc?export=download&confirm=t&id={}"
 _ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
 #: RobustBench's names for the ImageNet preprocessings a photo is given here.
@@ -162,7 +162,7 @@ def robustbench_models(dataset: str | None = None, threat_model: str | None = No
 
 def weight_files(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> list[Path]:
     """Where RobustBench keeps this model's weights (one file, or one per ensemble member)."""
-    base = Path(model_dir or DEFAULT_MODEL_DIR) / spec.dataset / spec.threat_model / f"{spec.name}.pt"
+    base = Path(model_dir or models_root()) / spec.dataset / spec.threat_model / f"{spec.name}.pt"
     ids = _zoo()[(spec.dataset, spec.threat_model)][spec.name]["gdrive_id"]
     return [Path(f"{base}_m{i}.pt") for i in range(len(ids))] if isinstance(ids, list) else [base]
 
@@ -226,7 +226,7 @@ def load_model(spec: ModelSpec, model_dir: str | os.PathLike | None = None,
     """The model in eval mode on the CPU, from assets, the local model folder, or a download."""
     loaders: dict[str, Callable[[], nn.Module]] = {
         "bundled": lambda: _load_bundled(spec),
-        "robustbench": lambda: _load_robustbench(spec, Path(model_dir or DEFAULT_MODEL_DIR), progress),
+        "robustbench": lambda: _load_robustbench(spec, Path(model_dir or models_root()), progress),
     }
     return loaders[spec.source]().eval()
 

@@ -1,10 +1,10 @@
-"""The operator as a small C kernel, built once per machine into the project's cache folder.
+"""The operator as a small C kernel, built once per machine into the user's cache folder.
 
 Why not ``torch.compile`` here: a new process pays for importing TorchDynamo and Inductor and for
 tracing the kernel again even when Inductor's on-disk caches hold the compiled code (seconds on
 the 2-core development machine: BENCHMARKS.md, B13), which is more than a short ``evaluate``
 spends in the operator. This kernel is compiled once by the system C compiler
-(about a second), kept in ``.cache/kernels/`` and loaded by later processes in milliseconds.
+(about a second), kept in the user's cache folder (``paths.py``) and loaded by later processes in milliseconds.
 
 It reads the features once and writes the result, and can apply the ReLU that follows the
 operator in the same pass and write the one-byte mask of the gradients that pass (exact or
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from .fusion import FUSED, compile_everything, row_shape
+from .paths import cache_folder
 
 SOURCE = Path(__file__).with_name("meansparse_kernels.c")
-KERNEL_CACHE = Path(".cache") / "kernels"
 # -O3 vectorises the loops (-fno-trapping-math lets it vectorise the comparisons too); no
 # -ffast-math, which would change how values round and compare. 256-bit vectors: with 512-bit ones
 # the kernel took about 15% longer inside a forward pass on the development CPU (BENCHMARKS.md, B1).
@@ -59,11 +59,11 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def library_path(cache: Path = KERNEL_CACHE) -> Path:
-    """Where the built kernel lives: keyed by the source, the flags, the compiler and the CPU."""
+def library_path(cache: Path | None = None) -> Path:
+    """Where the built kernel lives (the user's cache folder): keyed by the source, the flags, the compiler and the CPU."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or "cc"
     key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, platform.machine(), _cpu_flags()])
-    return cache / f"meansparse_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return (cache or cache_folder("kernels")) / f"meansparse_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _build(path: Path) -> None:

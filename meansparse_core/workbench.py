@@ -28,10 +28,10 @@ from .files import discard_damaged
 from .models import ModelSpec, bundled_statistics_path
 from .operator import GradMode
 from .placement import SparseModel, find_taps, own_layers, placement_of
+from .paths import cache_folder
 from .placement_rules import ACTIVATIONS, Placement
 from .statistics import Statistics, embedded_statistics
 
-STATS_CACHE = Path(".cache") / "stats"
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,11 @@ def _placement_tag(placement: str | Placement) -> str:
 
 
 def statistics_path(spec: ModelSpec, data: str, weights_digest: str | None = None,
-                    cache: Path = STATS_CACHE, placement: str | Placement = "activations") -> Path:
+                    cache: Path | None = None, placement: str | Placement = "activations") -> Path:
     """Where calibrated statistics are cached: per model (and user checkpoint), dataset and placement."""
     weights = f"__{weights_digest}" if weights_digest else ""
     name = f"{spec.key}{weights}__{data}{_placement_tag(placement)}"
-    return cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt"
+    return (cache or cache_folder("stats")) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.pt"
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class FoundStatistics:
 
 
 def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest: str | None = None,
-                    cache: Path = STATS_CACHE, placement: str | Placement = "activations") -> FoundStatistics | None:
+                    cache: Path | None = None, placement: str | Placement = "activations") -> FoundStatistics | None:
     """Statistics for ``model`` with this ``placement``, without calibrating; None if there are none.
 
     Looked up in order: a calibration cached for this model, data and placement, the statistics

@@ -40,6 +40,15 @@ def device(request) -> torch.device:
     return torch.device(name)
 
 
+@pytest.fixture(autouse=True)
+def own_cache_folder(tmp_path, monkeypatch) -> Path:
+    """Each test writes its caches (statistics, results, uploads, kernels) under its own ``tmp_path/.cache``,
+    never in the user's cache folder, and sees no other test's results."""
+    folder = tmp_path / ".cache"
+    monkeypatch.setenv("MEANSPARSE_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_cifar10(tmp_path_factory) -> Path:
     """The shared CIFAR-10 JPEG archive, extracted once per test run (skips when it is not here)."""

@@ -40,7 +40,8 @@ def serve(folder: Path, data: Path):
     """``streamlit run app.py`` on a free local port in ``folder``, reading data from ``data``; yields its URL."""
     port = free_port()
     log = folder / "server.log"
-    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models")}
+    env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models"),
+           "MEANSPARSE_CACHE": str(folder / ".cache")}
     # A log file, not a pipe: nobody reads a pipe while tests run, and once its 64 KiB buffer was full
     # the server's next log line blocked the thread writing it. Seen after AutoAttack: the file
     # watcher's thread, stuck in a warning, held the lock the event loop needed to close a session,

@@ -112,7 +112,9 @@ def test_a_journal_reads_each_ranks_file_once_and_keeps_its_own_batches(tmp_path
 
 
 def test_a_failed_write_keeps_the_old_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch, model):
-    path = tmp_path / "stats.pt"
+    folder = tmp_path / "written"
+    folder.mkdir()
+    path = folder / "stats.pt"
     old = digits_statistics(model, 10)
     old.save(path)
 
@@ -125,7 +127,7 @@ def test_a_failed_write_keeps_the_old_cache_and_leaves_no_temporary_file(tmp_pat
         digits_statistics(model, 20, seed=1).save(path)
     monkeypatch.undo()
     assert Statistics.load(path).fingerprint() == old.fingerprint()
-    assert [p.name for p in tmp_path.iterdir()] == ["stats.pt"]
+    assert [p.name for p in folder.iterdir()] == ["stats.pt"]
 
 
 def _write_many(path: str, seed: int, rounds: int) -> None:

@@ -24,7 +24,7 @@ EVALUATE = ["evaluate", "--model", "bundled/digits-cnn", "--attack", "pgd", "--e
 
 
 def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MEANSPARSE_CACHE": str(cwd / ".cache")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)

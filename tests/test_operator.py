@@ -323,7 +323,6 @@ def test_the_operator_stays_eager_and_says_so_once_where_compiling_fails(monkeyp
 def test_without_a_c_compiler_the_operator_says_so_once_and_uses_pytorch(monkeypatch, tmp_path):
     from meansparse_core import native
 
-    monkeypatch.setattr(native, "KERNEL_CACHE", tmp_path)
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_failed", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -182,7 +182,7 @@ def photo_app(tmp_path, monkeypatch):
 
     random_imagenet_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MEANSPARSE_MODELS", raising=False)
+    monkeypatch.setenv("MEANSPARSE_MODELS", str(tmp_path / "models"))
     uploaded: dict[str, Upload] = {}
     real_uploader = streamlit.file_uploader
 

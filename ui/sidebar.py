@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 from meansparse_core import calibrate
-from meansparse_core.data import DATASETS, DEFAULT_ROOT, DataUnavailable, load_dataset, load_items, sample_indices
+from meansparse_core.paths import cache_folder, data_root, models_root
+from meansparse_core.data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
 from meansparse_core.files import file_digest
-from meansparse_core.models import (DEFAULT_MODEL_DIR, LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
+from meansparse_core.models import (LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
                                     is_local, load_model, preferred_bundled, weight_files)
 from meansparse_core.placement import SparseModel, own_layers
 from meansparse_core.placement_rules import PLACEMENTS
@@ -26,7 +27,6 @@ from ui.panels import progress_bar
 from ui.state import Setup, layer_overrides
 from ui.threshold import chosen, set_controls
 
-UPLOADS = Path(".cache") / "uploads"
 ALPHA_STARTED_FOR = "alpha_started_for"  # session key: the model whose published alpha the slider started at
 
 
@@ -34,7 +34,7 @@ def default_model() -> str:
     """The preferred CIFAR-10 demo model when CIFAR-10 is on this machine, else the offline digits model."""
     digits = preferred_bundled("digits").key
     try:
-        cached_dataset("cifar10", str(DEFAULT_ROOT), "test")
+        cached_dataset("cifar10", str(data_root()), "test")
     except (DataUnavailable, OSError):
         return digits
     cifar = preferred_bundled("cifar10")
@@ -46,10 +46,11 @@ def _saved_upload(upload) -> str:
     saved = st.session_state.get("saved_checkpoint")
     if saved is not None and saved[0] == upload.file_id:
         return saved[1]
-    UPLOADS.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=UPLOADS, suffix=".pt", delete=False) as f:
+    uploads = cache_folder("uploads")
+    uploads.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=uploads, suffix=".pt", delete=False) as f:
         f.write(upload.getvalue())
-    path = UPLOADS / f"{file_digest(f.name)}.pt"
+    path = uploads / f"{file_digest(f.name)}.pt"
     os.replace(f.name, path)
     st.session_state["saved_checkpoint"] = (upload.file_id, str(path))
     return str(path)
@@ -60,7 +61,7 @@ def model_ui() -> tuple[str, str | None, str]:
     st.header("Model")
     source = st.radio("Source", ["Demo models", "RobustBench zoo", "Your checkpoint"], horizontal=True,
                       key="model_source", help="Demo models ship with the app and need no network.")
-    model_dir = st.text_input("RobustBench model folder", str(DEFAULT_MODEL_DIR), key="model_dir",
+    model_dir = st.text_input("RobustBench model folder", str(models_root()), key="model_dir",
                               help="Weights are read from <folder>/<dataset>/<threat>/<name>.pt, or downloaded there.")
     if source == "Demo models":
         specs = bundled_models()
@@ -121,7 +122,7 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
     fitting = [k for k, d in DATASETS.items() if d.image_size == spec.input_size]
     data = st.selectbox("Dataset", fitting, index=fitting.index(spec.dataset) if spec.dataset in fitting else 0,
                         format_func=lambda k: DATASETS[k].label, key=f"data_for_{spec.dataset}")
-    root = st.text_input("Data folder", str(DEFAULT_ROOT), key="data_root",
+    root = st.text_input("Data folder", str(data_root()), key="data_root",
                          help="CIFAR: the official python batches, or train/ and test/ ImageFolder trees.")
     try:
         return data, root, cached_dataset(data, root, "test")
@@ -247,7 +248,7 @@ def sidebar_ui() -> Setup:
                 f"- **CIFAR-10/100**: put the python batches or an ImageFolder tree in `{root}` "
                 f"(`MEANSPARSE_DATA` moves it), or press Download.\n"
                 "- **ImageNet**: a local `val/<wnid>/*.JPEG` tree under `<data folder>/imagenet`.\n"
-                "- **Statistics** are cached under `.cache/stats` and reused."
+                "- **Statistics** are cached in `stats/` of the user's cache folder and reused."
             )
     if sparse is None or not st.session_state.get("sparsify", True):
         alpha, compare_alpha, layer_alphas = 0.0, None, {}

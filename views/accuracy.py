@@ -11,11 +11,12 @@ from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified
 from meansparse_core.charts import sweep_chart
 from meansparse_core.jobs import Job
+from meansparse_core.paths import cache_folder
 from meansparse_core.workbench import (COLUMN_LABELS, LIMITS, AttackChoice, accuracy_table, best_alpha, parse_alphas,
                                        sweep_csv, with_interval)
 
 ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
-RESULTS = ResultCache(".cache/results")
+RESULTS = ResultCache(cache_folder("results"))
 
 
 @dataclass(frozen=True)
