@@ -215,7 +215,7 @@ class Session:
     def _launch(self, job: Job) -> None:
         argv = job.argv(self.results) if callable(job.argv) else job.argv
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", MEANSPARSE_CACHE=str(self.state / "work" / ".cache"))
         if job.assets:
             env["MEANSPARSE_ASSETS"] = str(self.state / "assets")
         logs = self.state / "logs"
