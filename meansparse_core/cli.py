@@ -388,8 +388,28 @@ def _non_negative(text: str) -> float:
     return value
 
 
+class _Version(argparse.Action):
+    """``--version``: the library's and PyTorch's versions and which implementation runs the operator."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print versions and the operator's implementation, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import native
+
+        try:
+            ours = version("meansparse-explorer")
+        except PackageNotFoundError:
+            ours = "not installed"
+        print(f"meansparse-explorer {ours}, torch {torch.__version__}\noperator on CPUs: {native.describe()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m meansparse_core", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -86,3 +86,12 @@ DEFINE_KERNEL(float, meansparse_f32)
 DEFINE_KERNEL(double, meansparse_f64)
 DEFINE_MASKED(float, meansparse_masked_f32)
 DEFINE_MASKED(double, meansparse_masked_f64)
+
+/* 1 when built with OpenMP (the loops run on several threads), 0 for a serial build. */
+int meansparse_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -73,6 +73,16 @@ def test_progress_bar_appears_only_when_a_step_has_work(capsys):
     assert "alphas" in capsys.readouterr().err
 
 
+def test_version_says_which_implementation_runs_the_operator(capsys):
+    from meansparse_core import native
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and f"operator on CPUs: {native.describe()}" in out
+
+
 def test_models_lists_the_zoo_and_marks_local_weights(workspace, capsys):
     rows = run_json(capsys, ["models", "--search", "Proxy_R18", "--model-dir", workspace[3]])
     assert {(r["key"], r["local"]) for r in rows} == {(R18, True), (R18.replace("Linf", "L2"), False)}

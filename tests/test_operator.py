@@ -1,5 +1,8 @@
 """The MeanSparse operator against a NumPy reference, its properties, gradients and RobustBench's layer."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -320,17 +323,110 @@ def test_the_operator_stays_eager_and_says_so_once_where_compiling_fails(monkeyp
     assert not fused.enabled and not fused.worth_it(x), "no second try, and so no second warning"
 
 
-def test_without_a_c_compiler_the_operator_says_so_once_and_uses_pytorch(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The C kernel module with an empty cache folder and nothing loaded: the next call builds it."""
     from meansparse_core import native
 
+    monkeypatch.setenv("MEANSPARSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "enabled", True)
+    return native
+
+
+def test_without_a_c_compiler_the_operator_says_so_once_and_uses_pytorch(fresh_kernel, monkeypatch, tmp_path):
+    native = fresh_kernel
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native.library_path().parent == tmp_path / "cache" / "kernels", "the cache folder is read at call time"
     x, mean, std = random_case((4, 16, 32, 32), 1)
     with pytest.warns(RuntimeWarning, match="uses PyTorch's operations: its C kernel could not be built"):
         assert not native.usable(x, 1)
+    assert not list((tmp_path / "cache").rglob("*.so")), "nothing was built"
     assert torch.equal(sparsify(x, mean, std, 0.5), torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
     assert not native.available(), "no second try, and so no second warning"
+    assert native.describe().startswith("PyTorch's operations (the C kernel could not be built")
+
+
+def test_a_corrupt_cached_kernel_is_rebuilt(fresh_kernel):
+    native = fresh_kernel
+    path = native.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF but cut short")
+    x, mean, std = random_case((4, 16, 8, 8), 1)
+    assert native.available()
+    assert path.read_bytes()[:4] == b"\x7fELF" and path.stat().st_size > 1000
+    assert torch.equal(sparsify(x, mean, std, 0.5), torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
+
+
+def test_a_compiler_without_openmp_builds_a_serial_kernel(fresh_kernel, monkeypatch, tmp_path):
+    """Apple clang refuses -fopenmp: the next recipe (serial) is built, gives the same results and says so."""
+    import shutil
+
+    native = fresh_kernel
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && echo "unsupported option -fopenmp" >&2 '
+                        f'&& exit 1; done\nexec {shutil.which("cc")} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    x, mean, std = random_case((4, 16, 32, 32), 1)
+    assert native.available()
+    assert native.describe().startswith("C kernel, serial")
+    assert torch.equal(sparsify(x, mean, std, 0.5), torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
+
+
+def test_build_recipes_suit_each_platform(tmp_path):
+    from meansparse_core.native import recipes
+
+    runtime = tmp_path / "libomp.dylib"
+    mac = recipes("Darwin", "arm64", runtime)
+    assert [r.name for r in mac] == ["OpenMP (PyTorch's runtime)", "serial"]
+    assert mac[0].flags == ("-Xpreprocessor", "-fopenmp"), "Apple clang takes OpenMP only through the preprocessor"
+    assert str(runtime) in mac[0].link, "linked to PyTorch's own libomp: a second copy aborts the process"
+    assert [r.name for r in recipes("Darwin", "arm64", None)] == ["serial"]
+    arm = recipes("Linux", "aarch64", None)
+    assert all("-mprefer-vector-width=256" not in r.flags for r in arm) and "-mcpu=native" in arm[0].flags
+    x86 = recipes("Linux", "x86_64", tmp_path / "libgomp.so.1")
+    assert "-mprefer-vector-width=256" in x86[0].flags and x86[-1].flags == (), "a portable build comes last"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's loaded libraries (Linux)")
+def test_the_kernel_runs_on_pytorchs_openmp_runtime_not_a_second_one():
+    from meansparse_core import native
+
+    if not native.available():
+        pytest.skip("no C kernel here")
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if re.search(r"/lib(g|i)?omp[^/]*\.so", line)}
+    assert len(loaded) <= 1, f"two OpenMP runtimes in one process: {sorted(loaded)}"
+
+
+def test_the_kernel_reads_statistics_that_are_not_contiguous():
+    """Strided statistics are copied for the call and kept alive until C has read them."""
+    from meansparse_core import native
+
+    if not native.available():
+        pytest.skip("no C kernel here")
+    x, mean, std = random_case((4, 16, 8, 8), 1)
+    band = std * 0.5
+    spaced_mean, spaced_band = torch.stack([mean, -mean]).T.flatten()[::2], torch.stack([band, -band]).T.flatten()[::2]
+    assert not spaced_mean.is_contiguous() and not spaced_band.is_contiguous()
+    for _ in range(3):
+        out, _ = native.run(x, spaced_mean, spaced_band, 1, False, None)
+        assert torch.equal(out, torch.from_numpy(numpy_sparsify(x.numpy(), mean.numpy(), std.numpy(), 0.5, 1)))
+
+
+def test_the_kernel_refuses_statistics_it_would_read_wrongly():
+    from meansparse_core import native
+
+    if not native.available():
+        pytest.skip("no C kernel here")
+    x, mean, std = random_case((4, 16, 8, 8), 1)
+    for bad_mean in (mean.double(), mean[:8], mean.to("meta")):
+        with pytest.raises(ValueError, match="mean must be a CPU vector of 16 torch.float32 values"):
+            native.run(x, bad_mean, std, 1, False, None)
+    with pytest.raises(ValueError, match="float32 or float64 CPU features"):
+        native.run(x.half(), mean.half(), std.half(), 1, False, None)
 
 
 def test_a_layer_reuses_its_band_only_while_alpha_and_its_statistics_stay_the_same():
