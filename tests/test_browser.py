@@ -345,3 +345,47 @@ def test_cifar_presentation_layout_at_1280x720(cifar_server, browser):
         assert box and 0 <= box["y"] and box["y"] + box["height"] <= 720, f"out of view with two alphas: {box}"
     no_error_on(page)
     page.context.close()
+
+
+def protocol_client():
+    """benchmarks/protocol_client.py: B15's browserless Streamlit client."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("protocol_client", ROOT / "benchmarks" / "protocol_client.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocol_client_sees_the_verdict_the_browser_shows(server, page):
+    """B15 measures with protocol clients: the same steps give the same verdict text as in the browser."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    def verdict(texts: list[str]) -> str:
+        return next(t for t in texts if re.match(r"True class .*, alpha 0.25: ", t))
+
+    async def client_steps(image: str) -> str:
+        client = await protocol_client().ProtocolClient.connect(server)
+        try:
+            await client.rerun()
+            await client.click(f"pick_{image}")
+            await client.click("FormSubmitter:attack-Attack")
+            return verdict((await client.set_value("alpha", 0.25)).texts)
+        finally:
+            await client.close()
+
+    expect = sync_api.expect
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    pick = page.locator("[class*='st-key-pick_']").filter(has=page.locator("button:enabled")).first
+    image = re.search(r"st-key-pick_(\d+)", pick.get_attribute("class")).group(1)
+    with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+        shown = thread.submit(lambda: asyncio.run(client_steps(image))).result()
+    pick.locator("button").click()
+    expect(page.get_by_text(re.compile(rf"^clean: test image {image}\b"))).to_be_visible()
+    page.get_by_role("button", name="Attack", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^True class .*, alpha 0.2: "))).to_be_visible()
+    move_alpha(page, 5)
+    in_browser = page.get_by_text(re.compile(r"^True class .*, alpha 0.25: "))
+    expect(in_browser).to_be_visible()
+    assert in_browser.inner_text() == shown
