@@ -1,6 +1,6 @@
 """What one PGD-10 attack on one image against MeanSparse costs on this CPU, per demo architecture (random weights).
 
-The app's live attack (``workbench.attack_image``, as B5 times it) at alpha 0.2, for every CIFAR-10
+The app's live attack (``one_image.attack_image``, as B5 times it) at alpha 0.2, for every CIFAR-10
 architecture in ``meansparse_core.architectures``; statistics from 64 random images. Interleaved
 rounds; the median wall time, and the median CPU time of the process (on a shared machine the
 CPU time moves less than the wall time: it leaves out the waits for other processes' turns).
@@ -18,7 +18,8 @@ import torch
 from common import arguments, save
 from meansparse_core import attach, calibrate
 from meansparse_core.architectures import ARCHITECTURES, build_architecture
-from meansparse_core.workbench import AttackChoice, attack_image
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.one_image import attack_image
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ from meansparse_core.budget import measure
 from meansparse_core.models import build_random, find_model, parameter_count
 from meansparse_core.probes import probe
 from meansparse_core.statistics import calibrate
-from meansparse_core.workbench import AttackChoice, attack_image
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.one_image import attack_image
 
 ARCHITECTURES = {"ResNet-18": "robustbench/imagenet/Linf/Salman2020Do_R18",
                  "ResNet-50": "robustbench/imagenet/Linf/Salman2020Do_R50"}

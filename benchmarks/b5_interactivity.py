@@ -37,7 +37,10 @@ from meansparse_core import attach
 from meansparse_core.models import bundled_models, bundled_statistics_path, load_model
 from meansparse_core.probes import probe
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, attack_image, compare
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.limits import LIMITS
+from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.one_image import attack_image, compare
 
 def median_seconds(fn, rounds: int) -> float:
     fn()  # warm-up

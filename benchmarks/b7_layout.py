@@ -15,7 +15,7 @@ import torch
 
 from common import arguments, demo_cifar, images, interleaved, medians, ratio, save
 from meansparse_core import attach
-from meansparse_core.placement import frozen
+from meansparse_core.model_modes import frozen
 
 
 def main() -> None:

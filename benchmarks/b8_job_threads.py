@@ -26,7 +26,8 @@ from meansparse_core import attach
 from meansparse_core.jobs import JobQueue
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import AttackChoice, attack_image, compare
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.one_image import attack_image, compare
 from meansparse_core.attacks import make_attack
 
 

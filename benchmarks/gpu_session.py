@@ -304,8 +304,8 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
 
 
 def chosen_alpha(results: dict) -> float:
-    """The sweep's alpha by the project's rule (``workbench.best_alpha``)."""
-    from meansparse_core.workbench import best_alpha
+    """The sweep's alpha by the project's rule (``accuracy_table.best_alpha``)."""
+    from meansparse_core.accuracy_table import best_alpha
 
     rows = [{"alpha": r["alpha"], "clean": r["clean_acc"], "robust": r["robust_acc"]}
             for r in results["sweep"]["output"]]

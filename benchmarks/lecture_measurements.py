@@ -32,7 +32,7 @@ from meansparse_core.data import DATASETS, extract, load_dataset, load_items, sa
 from meansparse_core.evaluation import predict  # noqa: E402
 from meansparse_core.models import bundled_models, load_model  # noqa: E402
 from meansparse_core.probes import probe  # noqa: E402
-from meansparse_core.workbench import find_statistics  # noqa: E402
+from meansparse_core.statistics_lookup import find_statistics  # noqa: E402
 
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 ALPHAS = (0.25, 0.5, 1.0)

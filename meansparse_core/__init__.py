@@ -1,8 +1,11 @@
 """MeanSparse Explorer's library: the operator, exact statistics and placement on any model."""
 
 from .operator import GRAD_MODES, MeanSparse, sparsify
-from .placement import FixedAlpha, SparseModel, Tap, attach, find_taps, route_taps
+from .discovery import find_taps
+from .routing import route_taps
+from .sparse_model import FixedAlpha, SparseModel, attach
 from .statistics import Statistics, TapStatistics, calibrate
+from .taps import Tap
 
 __all__ = [
     "GRAD_MODES",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .placement import eval_mode, frozen
+from .model_modes import eval_mode, frozen
 
 
 class Attack:

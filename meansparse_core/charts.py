@@ -1,12 +1,11 @@
-"""Every chart the app draws, as Plotly figures (no Streamlit here), and how they are exported.
+"""Every chart the app draws, as plain Plotly figures a notebook can show too.
 
 One function, ``names_axis``, decides how layer and class names are plotted: as categories in the
 order given (forward order for layers). Left to itself Plotly reads names such as ``3``, ``11`` or
 digit classes ``0``-``9`` as numbers, then drops names like ``8.body.2`` and invents ticks for
 layers that do not exist. Example::
 
-    figure = perturbation_chart(probes)
-    st.plotly_chart(figure, config=download_config("perturbation"))
+    perturbation_chart(probes).show()
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .accuracy_table import wilson_interval
+from .one_image import TopK
 from .probes import Sample, TapProbe
-from .workbench import TopK, wilson_interval
 
 CLEAN, ADVERSARIAL, WITH_MEANSPARSE, GOOD, BAD = "#1f77b4", "#d62728", "#ff7f0e", "#2e7d32", "#c62828"
 FONT_SIZE = 15  # readable from the back of a lecture room
@@ -32,10 +32,6 @@ LEGEND_BELOW = dict(orientation="h", yref="container", y=0, yanchor="bottom", x=
 #: Of two lines that can coincide, the one drawn first is wider: it stays visible around the other.
 UNDER, OVER = 5, 2
 
-#: Size of a downloaded chart: 1600 x 900 at scale 2 is 3200 x 1800 pixels, sharp on a 4K projector.
-SLIDE_WIDTH, SLIDE_HEIGHT, SLIDE_SCALE = 1600, 900, 2
-EXPORT_FORMATS = ("png", "svg")
-
 
 def names_axis(names: Sequence[str]) -> dict:
     """Axis settings that plot ``names`` as categories, in the order given (never as numbers)."""
@@ -46,29 +42,6 @@ def _style(figure: go.Figure, height: int, title: str | None = None) -> go.Figur
     figure.update_layout(height=height, font_size=FONT_SIZE, title=title, legend=LEGEND_BELOW,
                          margin=dict(t=50 if title else 30, b=10, l=10, r=10))
     return figure
-
-
-def in_large_type(figure: go.Figure, size: int = PRESENTATION_FONT_SIZE) -> go.Figure:
-    """Every text of ``figure`` at ``size`` px, for a projector; margins made for ``FONT_SIZE`` grow with it.
-
-    Each text is sized on its own: Streamlit's chart theme sets tick labels, axis titles and legends
-    (12-14 px) in the figure's template, which outranks the layout-wide ``font_size``.
-    """
-    grow = size / FONT_SIZE
-    margin = figure.layout.margin
-    figure.update_layout(font_size=size, legend_font_size=size, title_font_size=size, hoverlabel_font_size=size,
-                         margin_t=round((margin.t or 0) * grow), margin_b=round((margin.b or 0) * grow))
-    figure.update_xaxes(tickfont_size=size, title_font_size=size)
-    figure.update_yaxes(tickfont_size=size, title_font_size=size)
-    return figure.update_annotations(font_size=size)  # subplot titles, shared axis titles, marker labels
-
-
-def download_config(name: str, fmt: str = "png") -> dict:
-    """Plotly config whose camera button saves the chart as ``fmt`` (png or svg) at slide resolution."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"Charts download as {' or '.join(EXPORT_FORMATS)}, not {fmt!r}.")
-    return {"displaylogo": False, "toImageButtonOptions": {
-        "format": fmt, "filename": name, "width": SLIDE_WIDTH, "height": SLIDE_HEIGHT, "scale": SLIDE_SCALE}}
 
 
 # --- Explore ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from .paths import inductor_cache
-from .placement import SparseModel
+from .sparse_model import SparseModel
 
 
 class CompiledModel:

@@ -27,7 +27,7 @@ from .distributed import SOLO, Group
 from .files import atomic_write, discard_damaged
 from .operator import GradMode
 from .outcomes import CLEAN, Outcomes
-from .placement import SparseModel
+from .sparse_model import SparseModel
 
 Progress = Callable[[float, int], None]  # (done, total); sweeps report fractions of an alpha
 Images = torch.Tensor | LazyImages  # a batch of images, or the items of a dataset read as they are reached

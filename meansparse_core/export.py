@@ -34,7 +34,8 @@ from torch import nn
 
 from .files import atomic_write, load_weights
 from .operator import GRAD_MODES, GradMode
-from .placement import FixedAlpha, SparseModel, Tap, attach
+from .sparse_model import FixedAlpha, SparseModel, attach
+from .taps import Tap
 from .statistics import Statistics
 
 FORMAT = "meansparse-sparsified-model"

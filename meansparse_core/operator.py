@@ -75,7 +75,7 @@ def _operator(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_d
         mask = None  # the operator alone passes every gradient: nothing to mask
     if native.usable(x, channel_dim):
         return native.run(x, mean, band, channel_dim, relu, mask)
-    fused = _COMPILED[mask] if not relu else None  # ReLU is fused by the C kernel only (placement.py)
+    fused = _COMPILED[mask] if not relu else None  # ReLU is fused by the C kernel only (routing.py)
     view = as_rows(x, channel_dim) if fused is not None and fused.worth_it(x) else None
     if view is None:
         out = _operator_eager(x, channel_view(mean, x, channel_dim), channel_view(band, x, channel_dim), relu, mask)

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from .operator import channel_view, sparsify
-from .placement import Tap, eval_mode, route_taps
+from .model_modes import eval_mode
+from .routing import route_taps
+from .taps import Tap
 from .statistics import Statistics
 
 

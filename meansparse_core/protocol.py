@@ -27,7 +27,7 @@ import torch
 from .distributed import SOLO, Group
 from .evaluation import EvalResult, EvalSettings, ResultCache, evaluate, sweep
 from .outcomes import Outcomes
-from .placement import SparseModel
+from .sparse_model import SparseModel
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -28,11 +28,14 @@ from typing import Callable, Iterable, Literal, get_args
 import torch
 from torch import nn
 
+from .discovery import find_taps, placement_of
 from .distributed import SOLO, Group
 from .files import atomic_write
 from .fusion import Fused, as_rows
-from .placement import Tap, eval_mode, find_taps, own_layers, placement_of, route_taps
+from .model_modes import eval_mode
 from .placement_rules import ACTIVATIONS, Placement
+from .routing import route_taps
+from .taps import Tap, own_layers
 
 FORMAT = "meansparse-statistics"
 VERSION = 1

@@ -183,10 +183,10 @@ def test_two_sessions_keep_their_own_alpha_and_results():
 
 def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, monkeypatch):
     from ui import loaders
-    import meansparse_core.workbench as workbench
+    import meansparse_core.statistics_lookup as statistics_lookup
 
     monkeypatch.chdir(tmp_path)  # statistics are cached under ./.cache
-    monkeypatch.setattr(workbench, "bundled_statistics_path", lambda spec: None)
+    monkeypatch.setattr(statistics_lookup, "bundled_statistics_path", lambda spec: None)
     loaders.cached_statistics.clear()
     loaders.cached_sparse.clear()
     try:
@@ -247,7 +247,8 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
 
     from meansparse_core import attach
     from meansparse_core.statistics import embedded_statistics
-    from meansparse_core.workbench import AttackChoice, attack_image, top_k
+    from meansparse_core.attack_choice import AttackChoice
+    from meansparse_core.one_image import attack_image, top_k
     from ui import loaders
 
     released = released_digits_model()
@@ -489,7 +490,7 @@ def test_two_alphas_side_by_side_on_explore():
 
 
 def test_the_guided_tour_drives_the_pages():
-    from meansparse_core.tour import TOUR
+    from ui.tour import TOUR
 
     app = start()
     app.sidebar.button(key="tour_start").click().run()

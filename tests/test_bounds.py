@@ -10,10 +10,12 @@ import torch
 from meansparse_core.data import load_dataset, load_items
 from meansparse_core.evaluation import EvalSettings
 from meansparse_core.models import bundled_statistics_path, build_random, find_model, load_model
-from meansparse_core.placement import attach
+from meansparse_core.sparse_model import attach
 from meansparse_core.probes import probe
 from meansparse_core.statistics import Statistics, calibrate
-from meansparse_core.workbench import LIMITS, accuracy_table, parse_alphas, top_k
+from meansparse_core.accuracy_table import accuracy_table
+from meansparse_core.limits import LIMITS, parse_alphas
+from meansparse_core.one_image import top_k
 
 DIGITS = find_model("bundled/digits-cnn")
 

@@ -15,7 +15,7 @@ from meansparse_core.outcomes import Outcomes
 from meansparse_core.files import CacheWarning
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
 from meansparse_core.statistics import Statistics, calibrate
-from meansparse_core.workbench import find_statistics, statistics_path
+from meansparse_core.statistics_lookup import find_statistics, statistics_path
 
 DIGITS = find_model("bundled/digits-cnn")
 CIFAR = find_model("bundled/cifar-resnet9")

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from meansparse_core import attach
-from meansparse_core.charts import (PANEL_WIDTH, PRESENTATION_FONT_SIZE, download_config, fraction_replaced_chart,
-                                    histogram_chart, in_large_type, names_axis,
-                                    perturbation_chart, perturbation_split_chart, sweep_chart, top_k_chart)
+from meansparse_core.charts import (PANEL_WIDTH, PRESENTATION_FONT_SIZE, fraction_replaced_chart, histogram_chart,
+                                    names_axis, perturbation_chart, perturbation_split_chart, sweep_chart, top_k_chart)
 from meansparse_core.models import bundled_models, load_model
+from meansparse_core.one_image import TopK
 from meansparse_core.probes import Sample, probe
-from meansparse_core.workbench import TopK, find_statistics
+from meansparse_core.statistics_lookup import find_statistics
+from ui.chart_style import download_config, in_large_type
 
 
 @pytest.fixture(scope="module", params=["cifar-resnet9", "digits-cnn"])

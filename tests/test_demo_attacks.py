@@ -6,7 +6,9 @@ import torch
 
 from meansparse_core.attacks import ATTACKS, make_attack
 from meansparse_core.models import bundled_models, load_model
-from meansparse_core.workbench import AttackChoice, attack_image, find_statistics
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.one_image import attack_image
+from meansparse_core.statistics_lookup import find_statistics
 from meansparse_core import attach
 
 

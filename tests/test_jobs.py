@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meansparse_core.jobs import JOB_NICENESS, JobCancelled, JobQueue
-from meansparse_core.workbench import AttackChoice
+from meansparse_core.attack_choice import AttackChoice
 
 WAIT = 60  # seconds: only a hang ever waits this long
 

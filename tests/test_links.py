@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from meansparse_core.links import ViewLink, ignored_notice, link_params, parse_link
-from meansparse_core.workbench import LIMITS, AttackChoice
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.limits import LIMITS
+from ui.view_link import ViewLink, ignored_notice, link_params, parse_link
 
 FULL = ViewLink(page="layers", model="bundled/cifar10-resnet", data="cifar10", image=17, alpha=0.45,
                 compare_alpha=0.0, layer_alphas=(("3", 0.5), ("8.body.2", 1.25)), layer="8.body.2",

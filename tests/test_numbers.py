@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
-from meansparse_core.placement import attach
+from meansparse_core.sparse_model import attach
 from meansparse_core.probes import histogram, probe, shared_edges
 from meansparse_core.statistics import Statistics, TapStatistics, calibrate
-from meansparse_core.workbench import top_k
+from meansparse_core.one_image import top_k
 
 DIGITS = find_model("bundled/digits-cnn")
 

@@ -22,7 +22,8 @@ from meansparse_core.models import (bundled_statistics_path, find_model, fits_a_
                                     parameter_count, robustbench_models)
 from meansparse_core.robustbench_compat import import_robustbench
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import AttackChoice, attack_image, compare
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.one_image import attack_image, compare
 
 IMAGENET = (3, 224, 224)
 R18 = "robustbench/imagenet/Linf/Salman2020Do_R18"
@@ -152,7 +153,7 @@ def random_imagenet_folder(folder: Path, key: str = R18) -> None:
     ``models/`` and its statistics (calibrated on random images) in the app's cache, ``.cache/stats``."""
     from meansparse_core.models import build_random, weight_files
     from meansparse_core.statistics import calibrate
-    from meansparse_core.workbench import statistics_path
+    from meansparse_core.statistics_lookup import statistics_path
 
     spec = find_model(key)
     torch.manual_seed(0)

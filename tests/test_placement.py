@@ -147,7 +147,7 @@ class MixedNet(nn.Module):
 
 
 def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device, monkeypatch):
-    from meansparse_core.placement import route_taps
+    from meansparse_core.routing import route_taps
 
     model = MixedNet()
     images, stats = calibrated(model, device=device)
@@ -171,18 +171,18 @@ def test_pytorch_activation_modules_are_routed_once_by_their_pre_hooks(device, m
 
 def function_mode_passes(monkeypatch, run) -> int:
     """How many times ``run()`` enters the function mode that catches functional activations."""
-    from meansparse_core import placement
+    from meansparse_core import routing
 
     entered = []
 
-    class Counted(placement._FunctionCalls):
+    class Counted(routing._FunctionCalls):
         def __enter__(self):
             entered.append(self)
             return super().__enter__()
 
-    monkeypatch.setattr(placement, "_FunctionCalls", Counted)
+    monkeypatch.setattr(routing, "_FunctionCalls", Counted)
     run()
-    monkeypatch.setattr(placement, "_FunctionCalls", Counted.__base__)
+    monkeypatch.setattr(routing, "_FunctionCalls", Counted.__base__)
     return len(entered)
 
 
@@ -357,14 +357,14 @@ def test_a_sparse_model_collected_while_a_router_is_being_built_does_not_hang_th
     the routers' lock; that hung a long pytest run. In a subprocess, so that a hang fails the test."""
     code = """if True:
         import gc
-        from meansparse_core import attach, placement
+        from meansparse_core import attach, routing
         from meansparse_core.models import bundled_statistics_path, find_model, load_model
         from meansparse_core.statistics import Statistics
         spec = find_model("bundled/digits-cnn")
         sparse = attach(load_model(spec), Statistics.load(bundled_statistics_path(spec)))
         sparse.cycle = [sparse]  # freed by the cyclic collector only
         del sparse
-        with placement._routers_lock:  # as while another router is being built
+        with routing._routers_lock:  # as while another router is being built
             gc.collect()
         print("collected")
     """

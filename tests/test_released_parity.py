@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from meansparse_core import attach
-from meansparse_core.placement import own_layers
+from meansparse_core.taps import own_layers
 from meansparse_core.robustbench_compat import import_robustbench
 from meansparse_core.statistics import embedded_statistics, published_alpha
 
@@ -138,7 +138,7 @@ def test_small_instances_of_every_released_architecture(family):
 
 @torch.no_grad()
 def test_a_released_model_at_alpha_0_is_its_base_and_its_threshold_is_published():
-    from meansparse_core.workbench import classifier, compare
+    from meansparse_core.one_image import classifier, compare
 
     base, released, images = released_pair(*small_pairs()["WRN"])
     for layer in own_layers(released).values():

@@ -14,7 +14,8 @@ import torch
 from meansparse_core.attacks import ATTACKS, make_attack
 from meansparse_core.data import load_dataset, load_items
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
-from meansparse_core.placement import attach, eval_mode, frozen
+from meansparse_core.model_modes import eval_mode, frozen
+from meansparse_core.sparse_model import attach
 from meansparse_core.statistics import Statistics
 
 DIGITS, CIFAR = find_model("bundled/digits-cnn"), find_model("bundled/cifar-resnet9")

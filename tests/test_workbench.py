@@ -10,10 +10,11 @@ from meansparse_core.data import load_dataset, load_items
 from meansparse_core.evaluation import EvalSettings, ResultCache, predict
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
 from meansparse_core.statistics import Statistics
-from meansparse_core.workbench import (COLUMN_LABELS, AttackChoice, Comparison, LiveAccuracy, TopK, accuracy_table,
-                                       amplified, attack_image, best_alpha, compare, default_steps, find_statistics,
-                                       found_adversarial, nearest, statistics_path, top_k, wilson_interval,
-                                       with_interval)
+from meansparse_core.accuracy_table import COLUMN_LABELS, accuracy_table, best_alpha, nearest, wilson_interval, with_interval
+from meansparse_core.attack_choice import AttackChoice, default_steps
+from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.one_image import Comparison, TopK, amplified, attack_image, compare, found_adversarial, top_k
+from meansparse_core.statistics_lookup import find_statistics, statistics_path
 
 SPEC = find_model("bundled/digits-cnn")
 

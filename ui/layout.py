@@ -1,7 +1,7 @@
 """The presentation layout: for a projector, what alpha changes fits one 1280x720 screen, in large type.
 
 Pages ask ``presenting()`` to put the stage (controls, images, predictions) first and drop their
-introductions; ``panels.chart_ui``, which draws every chart, sets the larger type (``charts.in_large_type``).
+introductions; ``panels.chart_ui``, which draws every chart, sets the larger type (``chart_style.in_large_type``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shareable links: the URL's query parameters follow the view, and opening a link restores it.
 
-Parsing and checking are ``meansparse_core.links``; here the parsed view is put into the session:
+Parsing and checking are ``ui.view_link``; here the parsed view is put into the session:
 widget values before the sidebar is drawn (``open_link``), then what needs the loaded model and data
 (image, attack, layer: ``restore_view``). What cannot be used is named in one notice.
 """
@@ -12,10 +12,10 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from meansparse_core.data import DATASETS
-from meansparse_core.links import ViewLink, ignored_notice, link_params, parse_link
 from meansparse_core.models import find_model
 from ui import state, threshold
 from ui.state import Setup
+from ui.view_link import ViewLink, ignored_notice, link_params, parse_link
 
 PENDING, NOTICE = "link_pending", "link_notice"
 

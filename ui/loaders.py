@@ -16,8 +16,11 @@ from torch.utils.data import Dataset
 from meansparse_core import attach
 from meansparse_core.data import load_dataset, load_items, sample_indices
 from meansparse_core.models import ModelSpec, find_model, load_checkpoint, load_model, robustbench_models
-from meansparse_core.placement import SparseModel
-from meansparse_core.workbench import LIMITS, AttackChoice, LiveAccuracy, find_statistics
+from meansparse_core.sparse_model import SparseModel
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.limits import LIMITS
+from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.statistics_lookup import find_statistics
 
 
 class ModelChoice(NamedTuple):

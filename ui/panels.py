@@ -11,8 +11,8 @@ import numpy as np
 import streamlit as st
 import torch
 
-from meansparse_core.charts import EXPORT_FORMATS, download_config, in_large_type
-from meansparse_core.workbench import nearest, with_interval
+from meansparse_core.accuracy_table import nearest, with_interval
+from ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
 from ui.layout import presenting
 from ui.loaders import cached_live_figures, cached_live_set
 from ui.state import Setup, gallery_order, pick, test_image

@@ -17,9 +17,10 @@ from meansparse_core.data import DATASETS, DataUnavailable, load_dataset, load_i
 from meansparse_core.files import file_digest
 from meansparse_core.models import (LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
                                     is_local, load_model, preferred_bundled, weight_files)
-from meansparse_core.placement import SparseModel, own_layers
+from meansparse_core.sparse_model import SparseModel
+from meansparse_core.taps import own_layers
 from meansparse_core.placement_rules import PLACEMENTS
-from meansparse_core.workbench import statistics_path
+from meansparse_core.statistics_lookup import statistics_path
 from ui import heavy
 from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
                         cached_statistics, cached_zoo)

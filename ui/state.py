@@ -10,8 +10,10 @@ from torch.utils.data import Dataset
 
 from meansparse_core.data import DATASETS, sample_indices
 from meansparse_core.models import ModelSpec
-from meansparse_core.placement import SparseModel
-from meansparse_core.workbench import AttackChoice, LiveAccuracy, attack_image, found_adversarial
+from meansparse_core.sparse_model import SparseModel
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.one_image import attack_image, found_adversarial
 from ui import heavy
 from ui.loaders import ModelChoice
 

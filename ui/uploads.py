@@ -8,7 +8,7 @@ from typing import Sequence
 import streamlit as st
 
 from meansparse_core.data import load_image
-from meansparse_core.workbench import LIMITS
+from meansparse_core.limits import LIMITS
 from ui.panels import to_display
 from ui.state import Picked, Setup, pick
 

@@ -12,8 +12,9 @@ from meansparse_core.export import save_sparsified
 from meansparse_core.charts import sweep_chart
 from meansparse_core.jobs import Job
 from meansparse_core.paths import cache_folder
-from meansparse_core.workbench import (COLUMN_LABELS, LIMITS, AttackChoice, accuracy_table, best_alpha, parse_alphas,
-                                       sweep_csv, with_interval)
+from meansparse_core.accuracy_table import COLUMN_LABELS, accuracy_table, best_alpha, sweep_csv, with_interval
+from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.limits import LIMITS, parse_alphas
 
 ATTACKS = ["pgd", "fgsm", "apgd-ce", "apgd-dlr", "pgd-l2"]
 RESULTS = ResultCache(cache_folder("results"))

@@ -5,7 +5,9 @@ import streamlit as st
 from ui import costs, heavy, layout, links, loaders, panels, state, threshold, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import PANEL_WIDTH, top_k_chart
-from meansparse_core.workbench import LIMITS, AttackChoice, Comparison, amplified, compare, default_steps
+from meansparse_core.attack_choice import AttackChoice, default_steps
+from meansparse_core.limits import LIMITS
+from meansparse_core.one_image import Comparison, amplified, compare
 
 #: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
 PRESENTATION_CHART_HEIGHT = 230

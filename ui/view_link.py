@@ -12,11 +12,13 @@ import re
 from dataclasses import dataclass, fields
 from typing import Mapping, Sequence
 
+from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.data import DATASETS
+from meansparse_core.limits import LIMITS
 from meansparse_core.placement_rules import ACTIVATIONS, PLACEMENTS
-from meansparse_core.workbench import LIMITS, AttackChoice
 
+#: The app's pages, by the name a link gives them.
 PAGES = ("explore", "layers", "accuracy", "learn")
 MAX_ALPHA = 2.0  # the slider's range
 MAX_LAYER_ALPHA = 10.0  # the per-layer input's range
