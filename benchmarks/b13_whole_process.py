@@ -8,7 +8,7 @@ ratio is the median of the per-round ratios to `--alpha 0`:
 - `alpha 0.25`: the library as it runs by default;
 - `alpha 0.25, MEANSPARSE_FUSED=0`: PyTorch's own operations, no kernel;
 - `alpha 0.25, MEANSPARSE_COMPILE=1`: the operator compiled with torch.compile in every process
-  (Inductor's on-disk caches warm), as the library ran before issue 18.
+  (Inductor's on-disk caches warm), as the library ran before the C kernel.
 
 Then the first process on a machine (an empty kernel cache: a fresh working folder) against a
 second one, and `sweep --alphas` over 5 alphas in one process against the 5 single `evaluate`

@@ -93,7 +93,7 @@ def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
 
 
 def test_the_attack_form_names_each_attacks_budget():
-    """Issue 16: Square's budget was labelled "Steps" with 10 (queries, and too few to find anything);
+    """Square's budget was once labelled "Steps" with 10 (queries, and too few to find anything);
     AutoAttack offered a step count it does not use."""
     def budget():
         return next(n for n in app.main.number_input if n.label in ("Steps", "Queries"))
@@ -278,7 +278,7 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
             cached.clear()
 
 
-# --- issue 16, the app half: findings and lecture features -------------------------------------
+# --- gallery, model loading, alpha controls, links, presentation layout, two alphas, tour -------
 
 
 def pick_buttons(app: AppTest) -> dict[str, object]:

@@ -202,7 +202,7 @@ def test_own_checkpoint_is_calibrated_and_used(page, tmp_path):
 
 
 def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder, tmp_path):
-    """Issue 21: a 4000x3000 phone photo (EXIF-rotated) on a random-weight ImageNet ResNet-18."""
+    """A 4000x3000 phone photo (EXIF-rotated) on a random-weight ImageNet ResNet-18."""
     from meansparse_core.data import imagenet_classes
     from test_photos import photo_jpeg, random_imagenet_folder
 

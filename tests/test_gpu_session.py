@@ -15,7 +15,7 @@ from PIL import Image
 from meansparse_core.data import FolderDataset, load_dataset, load_items
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "benchmarks" / "gpu_session.py")
+spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "benchmarks" / "gpu" / "session.py")
 gpu_session = sys.modules["gpu_session"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_session)
 

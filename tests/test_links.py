@@ -19,7 +19,7 @@ def test_a_view_survives_the_round_trip():
     assert parse_link(link_params(ViewLink())) == (ViewLink(), [])
 
 
-def test_the_example_from_the_issue():
+def test_a_plain_link_restores_page_image_and_alpha():
     view, ignored = parse_link({"alpha": "0.45", "image": "17", "page": "layers"})
     assert (view.alpha, view.image, view.page, ignored) == (0.45, 17, "layers", [])
 

@@ -102,7 +102,7 @@ def digits_sparse():
 
 
 def test_an_unnamed_photo_is_judged_against_the_base_prediction(digits_sparse):
-    """Issue 16: an upload used to default to class 0, and the verdict then claimed both models were fooled."""
+    """An upload once defaulted to class 0, and the verdict then claimed both models were fooled."""
     sparse, names = digits_sparse
     image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
     predicted = int(sparse.model(image[None]).argmax())
@@ -222,7 +222,7 @@ def test_a_photo_goes_through_explore_and_layers_on_an_imagenet_model(photo_app)
     assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
     text = page_text(app)
     assert "short side resized to 256 px (bilinear), centre 224x224 crop" in text
-    assert "true class unknown" in text and "true class tench" not in text  # issue 16: no class 0 assumed
+    assert "true class unknown" in text and "true class tench" not in text  # no class 0 assumed
     assert set(top5_names(app)) <= set(imagenet_classes()) and len(top5_names(app)) == 10
     assert "PGD-10 on this image: " in text and " on this CPU" in text
 

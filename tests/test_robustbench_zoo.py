@@ -22,7 +22,7 @@ from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel  # noqa: E
 ZOO = model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf]
 SIZE_LIMIT = 150e6
 FULL_ZOO = os.environ.get("MEANSPARSE_FULL_ZOO") == "1"
-# Named in the foundation issue; each also stands for the entries that share its architecture.
+# Always tested, whatever the size limit; each also stands for the entries that share its architecture.
 ALWAYS = ["Standard", "Sehwag2021Proxy_R18", "Gowal2021Improving_R18_ddpm_100m",
           "Rebuffi2021Fixing_28_10_cutmix_ddpm", "Amini2024MeanSparse_S-WRN-94-16"]
 

@@ -1,7 +1,7 @@
-"""Issue 20's whole GPU session: train the GPU demo model, calibrate it, measure its card, test CUDA, run B1/B3.
+"""The GPU demo model's whole run: train it, calibrate it, measure its card, test CUDA, run B1/B3.
 
-Run it through ``benchmarks/gpu_session.sh`` (which installs the carried wheels first); that file's
-header gives the exact device-tool calls. Every step is a job with a time limit; jobs run in
+Run it through ``benchmarks/gpu/session.sh`` (which installs the carried wheels first);
+``benchmarks/gpu/README.md`` gives the calls. Every step is a job with a time limit; jobs run in
 priority order, two at a time where they share the GPU well (the CUDA tests run beside training;
 the timing benchmarks B1 and B3 run alone). A job stopped by its limit or by the call's deadline
 keeps what it finished (the training checkpoint after each epoch; the evaluation journal after
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "cifar-resnet9-w64"
@@ -445,13 +445,13 @@ def _normal(name: str) -> str:
 def write_device_blocker(site: Path, wheels: Path) -> list[str]:
     """A ``sitecustomize`` in ``site`` that refuses every module the GPU machine would lack.
 
-    Allowed: the packages in ``gpu_device_packages.txt``, the carried wheels and this project;
+    Allowed: the packages in ``device_packages.txt``, the carried wheels and this project;
     every other distribution installed here has its top-level modules refused, so the CPU
     rehearsal fails where the device run would.
     """
     from importlib.metadata import distributions
 
-    listed = (ROOT / "benchmarks" / "gpu_device_packages.txt").read_text().splitlines()
+    listed = (ROOT / "benchmarks" / "gpu" / "device_packages.txt").read_text().splitlines()
     allowed = {_normal(n) for n in listed if n and not n.startswith("#")} | {"meansparse-explorer"}
     allowed |= {_normal(w.name.split("-")[0]) for w in wheels.glob("*.whl")}
     provided: dict[str, set[str]] = {}
@@ -463,7 +463,7 @@ def write_device_blocker(site: Path, wheels: Path) -> list[str]:
     usable = set().union(*(tops for name, tops in provided.items() if name in allowed))
     blocked = sorted(set().union(*(tops for name, tops in provided.items() if name not in allowed)) - usable)
     site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(f'''"""Written by benchmarks/gpu_session.py: what the GPU machine lacks is refused here too."""
+    (site / "sitecustomize.py").write_text(f'''"""Written by benchmarks/gpu/session.py: what the GPU machine lacks is refused here too."""
 import sys
 
 BLOCKED = {set(blocked)!r}
