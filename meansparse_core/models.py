@@ -45,7 +45,7 @@ _ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet
 _ROBUSTBENCH_PREPARATIONS = {"Res256Crop224": Preparation(256, "bilinear"),
                              "BicubicRes256Crop224": Preparation(256, "bicubic")}
 #: A model up to this many parameters is attacked live on a laptop CPU: ResNet-50's 25.6M is about the
-#: most for which PGD-10 on one 224x224 image takes seconds, not minutes (BENCHMARKS.md, ImageNet costs).
+#: most for which PGD-10 on one 224x224 image takes seconds, not minutes (BENCHMARKS.md, B10).
 LAPTOP_PARAMETERS = 30_000_000
 
 
