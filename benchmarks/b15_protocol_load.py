@@ -68,11 +68,12 @@ class Student:
     """What one simulated student did and saw."""
 
     number: int
-    image: str | None = None
+    images: set[str] = field(default_factory=set)  # the one shown when it opened the app, and its pick
     alphas: list[float] = field(default_factory=lambda: [0.2])  # every alpha it chose (0.2: the default)
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    interrupted: int = 0  # its runs that a newer request (or ``st.rerun``) cut short
 
     def check(self, run: Run, where: str) -> None:
         """Errors on the page, and what only another session could have put there."""
@@ -80,9 +81,9 @@ class Student:
         foreign = {float(a) for t in run.texts for a in SHOWN_ALPHA.findall(t)} - set(self.alphas)
         if foreign:
             self.leaks.append(f"{where}: shows alpha {sorted(foreign)}; it chose {self.alphas}")
-        images = {i for t in run.texts for i in SHOWN_IMAGE.findall(t)}
-        if self.image is not None and images - {self.image}:
-            self.leaks.append(f"{where}: shows test image {sorted(images - {self.image})}, not its own {self.image}")
+        foreign = {i for t in run.texts for i in SHOWN_IMAGE.findall(t)} - self.images
+        if foreign:
+            self.leaks.append(f"{where}: shows test image {sorted(foreign)}; it had {sorted(self.images)}")
 
 
 def alpha_for(student: int, move: int, students: int) -> float:
@@ -96,7 +97,7 @@ async def pick_own_image(client: ProtocolClient, run: Run, student: Student) -> 
     for _ in range(page):
         run = await client.click("gallery_more")
     picks = [w.key for w in run.widgets if w.key and w.key.startswith("pick_")]
-    student.image = picks[position].removeprefix("pick_")
+    student.images.add(picks[position].removeprefix("pick_"))
     run = await client.click(picks[position])
     student.check(run, "pick")
     return run
@@ -106,6 +107,7 @@ async def student_session(url: str, student: Student, students: int, moves: int,
     client = await ProtocolClient.connect(url)
     try:
         run = await client.rerun()
+        student.images |= {i for t in run.texts if t.startswith("clean: ") for i in SHOWN_IMAGE.findall(t)}
         student.check(run, "open")
         await pick_own_image(client, run, student)
         run = await client.click(ATTACK_BUTTON)
@@ -128,6 +130,7 @@ async def student_session(url: str, student: Student, students: int, moves: int,
     except Exception as exc:  # reported, not raised: the others' figures still count
         student.errors.append(f"{exc.__class__.__name__}: {str(exc)[:300]}")
     finally:
+        student.interrupted = client.interrupted
         await client.close()
 
 
@@ -212,6 +215,7 @@ async def class_run(url: str, server_pid: int, students: int, moves: int, heavy:
         **percentiles(latencies),
         "errors": len([e for s in everyone for e in s.errors]) + sum("error" in h for h in heavy_report),
         "leaks": len([e for s in everyone for e in s.leaks]),
+        "interrupted_runs": sum(s.interrupted for s in everyone),
         "error_list": [f"student {s.number}: {e}" for s in everyone for e in s.errors],
         "leak_list": [f"student {s.number}: {e}" for s in everyone for e in s.leaks],
         "sweeps": heavy_report, **server,

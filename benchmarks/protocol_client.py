@@ -31,6 +31,8 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 #: Element fields whose text a user reads on the page.
 TEXT_FIELDS = {"markdown": "body", "heading": "body", "alert": "body", "text": "body", "code": "code_text",
                "exception": "message", "metric": "label", "progress": "text"}
+#: How runs end when they drew the whole page (or the whole fragment).
+COMPLETED = ("FINISHED_SUCCESSFULLY", "FINISHED_FRAGMENT_RUN_SUCCESSFULLY")
 #: Widget element fields, and how their value travels back (``WidgetState``'s field).
 WIDGETS = {"slider": "double_array_value", "button": "trigger_value", "number_input": None, "checkbox": "bool_value",
            "radio": "int_value", "selectbox": "int_value", "text_input": "string_value"}
@@ -58,7 +60,7 @@ class Widget:
 
 @dataclass
 class Run:
-    """One script run (or fragment run) as the client saw it."""
+    """One completed script run (or fragment run) as the client saw it."""
 
     status: str  # ForwardMsg.ScriptFinishedStatus's name
     texts: list[str] = field(default_factory=list)
@@ -82,6 +84,7 @@ class ProtocolClient:
         self.runs: asyncio.Queue[Run] = asyncio.Queue()
         self.auto_reruns: dict[str, asyncio.Task] = {}  # fragment id -> its timer
         self._current = Run("")
+        self.interrupted = 0  # runs that ended early (a new rerun request, ``st.rerun``)
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -181,7 +184,7 @@ class ProtocolClient:
             self.runs.get_nowait()
 
     async def next_run(self, timeout: float = 600) -> Run:
-        """The next run that ends (of the whole script or a fragment), interrupted ones included."""
+        """The next run that completes (of the whole script or a fragment); interrupted ones are skipped."""
         return await asyncio.wait_for(self.runs.get(), timeout)
 
     async def run_until(self, done: Callable[[Run], bool], timeout: float = 600) -> Run:
@@ -221,7 +224,10 @@ class ProtocolClient:
                 for fragment_id in set(self.auto_reruns) - set(self._current.auto_reruns):
                     self.stop_auto_reruns(fragment_id)
             self._current.ended_at = time.perf_counter()
-            self.runs.put_nowait(self._current)
+            if self._current.status in COMPLETED:  # an interrupted run's page is not what the user is left with
+                self.runs.put_nowait(self._current)
+            else:
+                self.interrupted += 1
             self._current = Run("")
 
     def _element(self, delta) -> None:
