@@ -21,8 +21,9 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .cli_arguments import PUBLISHED, build_parser
-from .data import (DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, item_labels, load_dataset,
-                   sample_indices)
+from .batchnorm_statistics import ESTIMATOR as BATCHNORM, batchnorm_statistics, describe_sources
+from .data import (DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, folder_photos, item_labels,
+                   load_dataset, sample_indices)
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
 from .files import file_digest
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
@@ -181,6 +182,10 @@ def cmd_models(args) -> None:
 
 def cmd_calibrate(args) -> None:
     spec, model = _model(args)
+    if args.estimator == BATCHNORM:
+        return _calibrate_without_data(args, spec, model)
+    if args.builtin_photos:
+        raise ValueError("--builtin-photos goes with --estimator batchnorm (for the taps no BatchNorm feeds).")
     authors = args.estimator == "authors"
     dataset = _dataset(args, spec, "train")
     # The authors' estimator averages per-batch figures, so batch size and order are part of it.
@@ -200,6 +205,37 @@ def cmd_calibrate(args) -> None:
     summary = {"model": spec.key, "data": args.data or spec.dataset, "n": len(indices), "taps": len(stats.taps),
                "statistics": str(out)}
     print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps over {len(indices)} images -> {out}")
+
+
+def _photos(args, spec: ModelSpec) -> tuple[torch.Tensor | None, str]:
+    """The photos for taps no BatchNorm feeds: --data-dir's, or the built-in ones, or none; and their name."""
+    if args.data_dir and args.builtin_photos:
+        raise ValueError("Give either --data-dir (a folder of photos) or --builtin-photos, not both.")
+    if args.data_dir:
+        photos = folder_photos(args.data_dir, spec.input_size, spec.preparation)
+        return photos, f"{len(photos)} photos from {args.data_dir}"
+    if args.builtin_photos:
+        from .photos import builtin_photos
+
+        photos = builtin_photos(spec.input_size, spec.preparation)
+        return photos, f"{len(photos)} built-in photos"
+    return None, ""
+
+
+def _calibrate_without_data(args, spec: ModelSpec, model: torch.nn.Module) -> None:
+    """``calibrate --estimator batchnorm``: no training set; photos only for taps no BatchNorm feeds."""
+    if GROUP.world_size > 1:
+        raise ValueError("--estimator batchnorm reads no data set: run it in one process, not under torchrun.")
+    photos, source = _photos(args, spec)
+    placement = args.placement or "activations"
+    data = args.data or spec.dataset
+    stats = batchnorm_statistics(model, spec.input_size, placement, photos.to(_device(args.device))
+                                 if photos is not None else None, source, meta={"model": spec.key, "data": data})
+    out = Path(args.out) if args.out else statistics_path(spec, data, _weights_digest(args), placement=placement)
+    stats.save(out)
+    summary = {"model": spec.key, "estimator": BATCHNORM, "taps": len(stats.taps), "statistics": str(out),
+               "sources": {t.tap.name: t.source for t in stats.taps}}
+    print(json.dumps(summary, indent=2) if args.json else f"{len(stats.taps)} taps ({describe_sources(stats)}) -> {out}")
 
 
 def _run_name(result: EvalResult) -> str:

@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 import torch
 
 from .attacks import ATTACKS
+from .batchnorm_statistics import ESTIMATOR as BATCHNORM
 from .data import DATASETS
 from .operator import GRAD_MODES
 from .protocol import Protocol
@@ -95,11 +96,16 @@ def build_parser(run: Mapping[str, Callable[[argparse.Namespace], None]]) -> arg
         "evaluate, sweep and export check it against the statistics' own"))
     with_model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
-    cal = commands.add_parser("calibrate", parents=[with_model], help="exact statistics over the training split")
+    cal = commands.add_parser("calibrate", parents=[with_model],
+                              help="statistics over the training split, or without it (--estimator batchnorm)")
     cal.add_argument("--out", help="statistics file (default: stats/<model>__<data>.pt in the user's cache folder)")
-    cal.add_argument("--estimator", choices=ESTIMATORS, default="exact", help=(
+    cal.add_argument("--estimator", choices=(*ESTIMATORS, BATCHNORM), default="exact", help=(
         "exact: mean and std over the whole set; authors: per-batch mean and unbiased variance averaged "
-        "over batches, the training set in its stored order, batches of 512 unless --batch-size says otherwise"))
+        "over batches, the training set in its stored order, batches of 512 unless --batch-size says otherwise; "
+        "batchnorm: no data set, read from the BatchNorm feeding each tap; taps no BatchNorm feeds need "
+        "--data-dir (a folder of any photos, no labels) or --builtin-photos"))
+    cal.add_argument("--builtin-photos", action="store_true",
+                     help="with --estimator batchnorm: scikit-image's sample photos for the taps no BatchNorm feeds")
     cal.set_defaults(run=run["calibrate"])
 
     with_stats = argparse.ArgumentParser(add_help=False, parents=[with_model])

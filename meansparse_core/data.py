@@ -168,6 +168,24 @@ def load_image(data: bytes, size: tuple[int, int, int], max_pixels: int = 40_000
                          "upload another copy.") from exc
 
 
+def folder_photos(root: str | os.PathLike, size: tuple[int, int, int], preparation: Preparation | None = None,
+                  max_pixels: int = 40_000_000) -> torch.Tensor:
+    """Every image under ``root``, at any depth and with no labels, as one (N, C, H, W) batch fitted to
+    ``size``; DataUnavailable when there is none. Unreadable files are refused by name (ValueError)."""
+    root = Path(root).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in FolderDataset.EXTENSIONS and p.is_file()) \
+        if root.is_dir() else []
+    if not files:
+        raise DataUnavailable(f"No photos (PNG, JPEG, WebP, BMP) in {root}: put some there, at any depth.")
+    images = []
+    for path in files:
+        try:
+            images.append(load_image(path.read_bytes(), size, max_pixels, preparation))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    return torch.stack(images)
+
+
 # --- sources -------------------------------------------------------------------------------
 
 

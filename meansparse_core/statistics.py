@@ -15,7 +15,8 @@ File format (``torch.save`` of plain containers, loadable with ``torch.load(weig
      "input_size": [int, ...],                    # one input's shape, e.g. [3, 32, 32]; may be absent
      "taps": [{"name": str, "kind": "function" | "module" | "robustbench" | "input" | "output" | "sum",
                "channel_dim": int, "count": int,  # positions seen per channel
-               "mean": float64 tensor (C,), "std": float64 tensor (C,)}, ...]}
+               "mean": float64 tensor (C,), "std": float64 tensor (C,),
+               "source": str}, ...]}                # where they come from; may be absent (older files)
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class TapStatistics:
     mean: torch.Tensor
     std: torch.Tensor
     count: int  # positions seen per channel; 0 when unknown (statistics read from a model)
+    source: str = ""  # where they come from, e.g. "BatchNorm layer1.bn" or "6 built-in photos"; "" unknown
 
     def __post_init__(self) -> None:
         # Refused here, once, so that no NaN can reach the operator, a chart or an exported file.
@@ -167,6 +169,7 @@ class Statistics:
                     "count": t.count,
                     "mean": t.mean.double().cpu(),
                     "std": t.std.double().cpu(),
+                    **({"source": t.source} if t.source else {}),
                 }
                 for t in self.taps
             ],
@@ -184,7 +187,8 @@ class Statistics:
             )
         try:
             taps = [
-                TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"])
+                TapStatistics(Tap(t["name"], t["kind"], t["channel_dim"], t["channels"]), t["mean"], t["std"], t["count"],
+                              str(t.get("source", "")))
                 for t in payload["taps"]
             ]
             placement = Placement.from_payload(payload["placement"]) if "placement" in payload else ACTIVATIONS
