@@ -15,7 +15,7 @@ from meansparse_core.batchnorm_statistics import (MissingStatistics, batchnorm_f
                                                   describe_sources)
 from meansparse_core.cli import main
 from meansparse_core.models import bundled_statistics_path, find_model, load_model
-from meansparse_core.placement import find_taps
+from meansparse_core.discovery import find_taps
 from meansparse_core.statistics import Statistics, calibrate
 
 
