@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write, load_weights
-from .operator import GRAD_MODES, GradMode
+from .operator import DECOMPOSITIONS, GRAD_MODES, GradMode
 from .sparse_model import FixedAlpha, SparseModel, attach
 from .taps import Tap
 from .statistics import Statistics
@@ -204,6 +204,8 @@ def export_program(
     dynamic_shapes = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
     try:
         program = torch.export.export(model_fixed_alpha, (example,), strict=False, dynamic_shapes=dynamic_shapes)
+        # The operator as PyTorch's own operations: loading the program needs no meansparse::sparsify.
+        program = program.run_decompositions(DECOMPOSITIONS)
     except Exception as exc:
         raise _not_exportable(exc) from exc
 

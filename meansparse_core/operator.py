@@ -64,17 +64,24 @@ def _sparsify_with_mask_eager(x: torch.Tensor, mean: torch.Tensor, band: torch.T
 _COMPILED = {None: Fused(_sparsify_eager), "exact": Fused(_sparsify_with_mask_eager)}
 
 
-def _operator(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
-              mask: GradMode | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The operator (then ReLU if ``relu``) and where gradients pass (None: everywhere); no autograd.
+def _masks(grad: str, relu: bool) -> bool:
+    """Whether the backward pass needs a mask: everywhere but the operator alone under straight-through."""
+    return not (grad == "straight-through" and not relu)
 
-    ``mean`` and ``band`` (alpha * std) are per-channel vectors. The C kernel runs it on CPUs, a
-    compiled kernel where that pays (``fusion.py``), PyTorch's operations elsewhere: all alike, bit for bit.
-    """
-    if mask == "straight-through" and not relu:
-        mask = None  # the operator alone passes every gradient: nothing to mask
-    if native.usable(x, channel_dim):
-        return native.run(x, mean, band, channel_dim, relu, mask)
+
+def _in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` laid out as ``torch.empty_like(x)`` is (what the fake implementation promises compilers)."""
+    if y.stride() == x.stride():
+        return y
+    out = torch.empty_like(x, dtype=y.dtype)
+    if out.stride() == y.stride():
+        return y
+    return out.copy_(y)
+
+
+def _generic_kernel(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
+                    mask: GradMode | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch's operations, compiled where that pays (``fusion.py``): GPUs and any device but the CPU."""
     fused = _COMPILED[mask] if not relu else None  # ReLU is fused by the C kernel only (routing.py)
     view = as_rows(x, channel_dim) if fused is not None and fused.worth_it(x) else None
     if view is None:
@@ -82,34 +89,127 @@ def _operator(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_d
     else:
         rows, back = view
         out = tuple(back(t) for t in fused(rows, mean.view(1, -1, 1), band.view(1, -1, 1)))
+    # The compiled path returns views of its kernel's output: an operator's outputs are tensors of their own.
+    out = tuple(_in_layout_of(x, t if t._base is None else t.clone()) for t in out)
     return out[0], (out[1] if len(out) > 1 else None)
 
 
-class _Sparsify(torch.autograd.Function):
-    """The operator, and optionally the ReLU after it, with the gradient written out: the forward
-    pass saves one mask of the gradients that pass, and the backward pass is one ``torch.where``.
+def _cpu_kernel(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
+                mask: GradMode | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The C kernel where it runs (``native.py``), else the generic kernel."""
+    if native.usable(x, channel_dim):
+        return native.run(x, mean, band, channel_dim, relu, mask)
+    return _generic_kernel(x, mean, band, channel_dim, relu, mask)
 
-    Exact: the gradient is zero inside the band and passes elsewhere (what autograd derives for
-    ``torch.where``). Straight-through (BPDA): the operator passes the gradient everywhere.
+
+def _operator(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool,
+              mask: GradMode | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The operator (then ReLU if ``relu``) and where gradients pass (None: everywhere); no autograd.
+
+    ``mean`` and ``band`` (alpha * std) are per-channel vectors. The C kernel runs it on CPUs, a
+    compiled kernel where that pays (``fusion.py``), PyTorch's operations elsewhere: all alike, bit for bit.
     """
+    if mask is not None and not _masks(mask, relu):
+        mask = None  # the operator alone passes every gradient: nothing to mask
+    kernel = _cpu_kernel if x.device.type == "cpu" else _generic_kernel
+    return kernel(x, mean, band, channel_dim, relu, mask)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int,
-                grad: GradMode, relu: bool) -> torch.Tensor:
-        y, keep = _operator(x, mean, band, channel_dim, relu, grad)
-        ctx.passes_all = keep is None
-        if keep is not None:
-            ctx.save_for_backward(keep)
-        # The compiled path can return a view of its kernel's output; autograd forbids changing a
-        # custom Function's view in place, which torchvision's ResNets do next (ReLU(inplace=True)).
-        return y.clone() if y._base is not None else y
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        if ctx.passes_all:
-            return grad_output, None, None, None, None, None
-        (keep,) = ctx.saved_tensors
-        return native.masked(grad_output, keep), None, None, None, None, None
+# --- the operator registered with PyTorch -----------------------------------------------------------
+# ``meansparse::sparsify`` is what torch.compile and torch.export see: one node per tap, with a fake
+# (meta) implementation for tracing and an autograd formula. Its second output is the one-byte mask
+# of the gradients that pass, written only when ``save_mask`` (an empty tensor otherwise).
+
+
+def _registered(kernel: Callable) -> Callable:
+    """``kernel`` with the registered operator's arguments and outputs."""
+    def run(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool, grad: str,
+            save_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        y, keep = kernel(x, mean, band, channel_dim, relu, grad if save_mask and _masks(grad, relu) else None)
+        return y, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
+    return run
+
+
+@torch.library.custom_op("meansparse::sparsify", mutates_args=())
+def sparsify_op(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool, grad: str,
+                save_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MeanSparse with band ``alpha * std`` (then ReLU if ``relu``): (output, mask of passing gradients or empty).
+
+    Every device but the CPU: PyTorch's operations (``_generic_kernel``). Under ``torch.compile`` on
+    a GPU, ``register_inductor_decompositions`` lets Inductor fuse them with their neighbours.
+    """
+    return _registered(_generic_kernel)(x, mean, band, channel_dim, relu, grad, save_mask)
+
+
+sparsify_op.register_kernel("cpu")(_registered(_cpu_kernel))
+
+
+@sparsify_op.register_fake
+def _sparsify_fake(x, mean, band, channel_dim, relu, grad, save_mask):
+    keep_like = x if save_mask and _masks(grad, relu) else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(keep_like, dtype=torch.bool)
+
+
+@torch.library.custom_op("meansparse::masked", mutates_args=())
+def masked_op(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``torch.where(keep, grad, 0)``: the backward pass of ``meansparse::sparsify`` (C kernel on the CPU)."""
+    return _in_layout_of(grad, torch.where(keep, grad, 0.0))
+
+
+masked_op.register_kernel("cpu")(lambda grad, keep: _in_layout_of(grad, native.masked(grad, keep)))
+masked_op.register_fake(lambda grad, keep: torch.empty_like(grad))
+
+
+def _save_mask(ctx, inputs, output) -> None:
+    *_, relu, grad, _ = inputs
+    ctx.passes_all = not _masks(grad, relu)
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_output: torch.Tensor, _grad_keep: torch.Tensor):
+    """Exact: zero inside the band (and where the ReLU is off); straight-through: ReLU's gradient only."""
+    (keep,) = ctx.saved_tensors
+    if ctx.passes_all:
+        return grad_output, None, None, None, None, None, None
+    if keep.shape != grad_output.shape:
+        raise RuntimeError("meansparse::sparsify ran with save_mask=False, so it kept no mask for its gradient; "
+                           "call it with save_mask=True where gradients are needed.")
+    return torch.ops.meansparse.masked(grad_output, keep), None, None, None, None, None, None
+
+
+sparsify_op.register_autograd(_backward, setup_context=_save_mask)
+
+
+def _decomposed(x: torch.Tensor, mean: torch.Tensor, band: torch.Tensor, channel_dim: int, relu: bool, grad: str,
+                save_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``meansparse::sparsify`` as PyTorch's operations, for compilers and standalone exported programs."""
+    y, *keep = _operator_eager(x, channel_view(mean, x, channel_dim), channel_view(band, x, channel_dim), relu,
+                               grad if save_mask and _masks(grad, relu) else None)
+    return y, keep[0] if keep else x.new_empty(0, dtype=torch.bool)
+
+
+def _masked_decomposed(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, grad, 0.0)
+
+
+#: Both operators as PyTorch's own operations: ``ExportedProgram.run_decompositions(DECOMPOSITIONS)``.
+DECOMPOSITIONS = {torch.ops.meansparse.sparsify.default: _decomposed,
+                  torch.ops.meansparse.masked.default: _masked_decomposed}
+
+
+def register_inductor_decompositions() -> None:
+    """Let Inductor see the operator as PyTorch's operations, to fuse it with its neighbours.
+
+    Inductor on every device (its fused CPU loops round as the eager operations do: tests check it);
+    eagerly and under other backends the operator's own kernels run (the C kernel on CPUs). Called by
+    ``compiled.py``; imports Inductor, so it is not done at import. On GPUs this is what B6's device
+    script measures; the suite runs on CPUs only.
+    """
+    from torch._inductor import decomposition
+
+    for op, decompose in DECOMPOSITIONS.items():
+        for table in (decomposition.decompositions, decomposition.fast_random_decomps()):  # the second is a cached copy
+            table.setdefault(op, decompose)
 
 
 def sparsify(
@@ -170,9 +270,12 @@ def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: float 
             f"but the statistics have {mean.numel()} means and {std.numel()} stds."
         )
     mean, band = cast(x, mean, std, alpha)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Sparsify.apply(x, mean, band, channel_dim, grad, relu)
-    return _operator(x, mean, band, channel_dim, relu, None)[0]
+    save_mask = torch.is_grad_enabled() and x.requires_grad
+    if not save_mask and not torch.compiler.is_compiling():
+        # Forward only, eagerly: the registered operator's own kernels, without the dispatcher's
+        # Python overhead (tens of microseconds per call, a percent of a small model's pass).
+        return _operator(x, mean, band, channel_dim, relu, None)[0]
+    return torch.ops.meansparse.sparsify(x, mean, band, channel_dim, relu, grad, save_mask)[0]
 
 
 class MeanSparse(nn.Module):

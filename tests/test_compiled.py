@@ -41,3 +41,33 @@ def test_bad_alphas_are_refused_before_the_compiled_graph_runs(demo):
         compiled(torch.rand(1, 3, 32, 32), float("nan"))
     with pytest.raises(KeyError, match="No tap named 'nowhere'"):
         compiled(torch.rand(1, 3, 32, 32), 0.2, {"nowhere": 0.1})
+
+
+def test_the_exported_model_holds_one_registered_operator_per_tap(demo):
+    """torch.export traces the placement into one graph: a meansparse::sparsify node per tap, alphas an input."""
+    from meansparse_core.compiled import export_with_thresholds
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    program = export_with_thresholds(demo, images)
+    nodes = [n for n in program.graph.nodes if n.target == torch.ops.meansparse.sparsify.default]
+    assert len(nodes) == len(demo.taps)
+    with torch.no_grad():
+        for alpha in (0.0, 0.4):
+            alphas = torch.full((len(demo.taps),), alpha)
+            assert torch.equal(program.module()(images, alphas), demo(images, alpha))
+
+
+def test_the_whole_model_compiles_in_one_graph_with_the_eager_predictions_and_no_recompile_per_alpha(demo):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledModel(demo)  # Inductor, fullgraph=True: a graph break would raise
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for alpha in (0.25, 0.6):
+        logits = compiled(images, alpha)
+        with torch.no_grad():
+            eager = demo(images, alpha)
+        assert torch.equal(logits.argmax(1), eager.argmax(1))
+        torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)  # Inductor's convolutions round on their own
+        assert counters["stats"]["unique_graphs"] == 1, f"alpha {alpha} compiled a second graph"

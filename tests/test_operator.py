@@ -441,3 +441,67 @@ def test_a_layer_reuses_its_band_only_while_alpha_and_its_statistics_stay_the_sa
     assert torch.equal(layer.relu(x, 0.5), torch.relu(sparsify(x, mean + 0.1, std, 0.5)))
     layer.double()  # new buffers, another dtype
     assert torch.equal(layer(x.double(), 0.5), sparsify(x.double(), (mean + 0.1).double(), std.double(), 0.5))
+
+
+# --- the operator registered with PyTorch (meansparse::sparsify) ------------------------------------
+
+OP_CASES = {"nchw": ((4, 6, 5, 5), 1, False), "channels_last": ((4, 6, 5, 5), 1, True), "tokens": ((3, 7, 6), -1, False)}
+
+
+def op_case(case, alpha):
+    """Random features with a zero-variance channel; mean and band as the operator takes them."""
+    shape, axis, channels_last = OP_CASES[case]
+    x, mean, std = random_case(shape, axis, seed=7)
+    std[2] = 0.0
+    x.select(axis, 2).fill_(mean[2])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, mean, std * alpha, axis % x.dim()
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("kernel", ["native", "pytorch"])
+def test_the_registered_operator_equals_numpy(case, alpha, relu, kernel, monkeypatch):
+    from meansparse_core import native
+    from meansparse_core.operator import _operator
+
+    monkeypatch.setattr(native, "enabled", kernel == "native")
+    x, mean, band, axis = op_case(case, alpha)
+    expected = numpy_sparsify(x.numpy(), mean.numpy(), band.numpy(), np.float32(1), axis)
+    expected = np.where(expected < 0, np.float32(0), expected) if relu else expected
+    for save_mask in (False, True):
+        y, keep = torch.ops.meansparse.sparsify(x, mean, band, axis, relu, "exact", save_mask)
+        np.testing.assert_array_equal(y.numpy(), expected)
+        assert y.stride() == x.stride() and keep.shape == (x.shape if save_mask else (0,))
+        direct, direct_keep = _operator(x, mean, band, axis, relu, "exact" if save_mask else None)
+        assert torch.equal(y, direct) and (not save_mask or torch.equal(keep, direct_keep))
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_the_registered_operator_passes_pytorchs_checks(case):
+    """Schema, fake (meta) implementation, autograd registration and tracing, as torch.library.opcheck tests them."""
+    x, mean, band, axis = op_case(case, 0.5)
+    for relu, grad in [(False, "exact"), (True, "exact"), (False, "straight-through"), (True, "straight-through")]:
+        torch.library.opcheck(torch.ops.meansparse.sparsify.default,
+                              (x.clone().requires_grad_(True), mean, band, axis, relu, grad, True))
+        torch.library.opcheck(torch.ops.meansparse.sparsify.default, (x, mean, band, axis, relu, grad, False))
+    keep = torch.rand(x.shape) < 0.5
+    torch.library.opcheck(torch.ops.meansparse.masked.default, (x, keep))
+    torch.library.opcheck(torch.ops.meansparse.masked.default, (x, keep.contiguous()))  # another layout than grad's
+
+
+def test_the_fake_operator_gives_the_real_outputs_shapes_and_layouts():
+    x, mean, band, axis = op_case("channels_last", 0.5)
+    real = torch.ops.meansparse.sparsify(x, mean, band, axis, True, "exact", True)
+    fake = torch.ops.meansparse.sparsify(x.to("meta"), mean.to("meta"), band.to("meta"), axis, True, "exact", True)
+    for r, f in zip(real, fake):
+        assert (f.device.type, f.shape, f.stride(), f.dtype) == ("meta", r.shape, r.stride(), r.dtype)
+
+
+def test_a_gradient_without_its_mask_says_what_to_do():
+    x, mean, band, axis = op_case("nchw", 0.5)
+    y, _ = torch.ops.meansparse.sparsify(x.clone().requires_grad_(True), mean, band, axis, False, "exact", False)
+    with pytest.raises(RuntimeError, match="call it with save_mask=True"):
+        y.sum().backward()
