@@ -465,7 +465,7 @@ def op_case(case, alpha):
 @pytest.mark.parametrize("kernel", ["native", "pytorch"])
 def test_the_registered_operator_equals_numpy(case, alpha, relu, kernel, monkeypatch):
     from meansparse_core import native
-    from meansparse_core.operator import _operator
+    from meansparse_core.operator import _apply, _operator
 
     monkeypatch.setattr(native, "enabled", kernel == "native")
     x, mean, band, axis = op_case(case, alpha)
@@ -477,6 +477,15 @@ def test_the_registered_operator_equals_numpy(case, alpha, relu, kernel, monkeyp
         assert y.stride() == x.stride() and keep.shape == (x.shape if save_mask else (0,))
         direct, direct_keep = _operator(x, mean, band, axis, relu, "exact" if save_mask else None)
         assert torch.equal(y, direct) and (not save_mask or torch.equal(keep, direct_keep))
+    grad_output = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    for grad in ("exact", "straight-through"):  # the registered autograd formula and the eager one
+        gradients = []
+        for run in (lambda leaf: torch.ops.meansparse.sparsify(leaf, mean, band, axis, relu, grad, True)[0],
+                    lambda leaf: _apply(leaf, mean, band, 1.0, axis, grad, relu)):
+            leaf = x.clone().requires_grad_(True)
+            run(leaf).backward(grad_output)
+            gradients.append(leaf.grad)
+        assert torch.equal(*gradients)
 
 
 @pytest.mark.parametrize("case", OP_CASES)
