@@ -21,8 +21,10 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .data import Preparation
 from .discovery import find_taps, placement_of
 from .model_modes import eval_mode
+from .photos import builtin_photos
 from .placement_rules import Placement
 from .routing import route_taps
 from .statistics import Statistics, TapStatistics, calibrate
@@ -107,6 +109,23 @@ def batchnorm_statistics(model: nn.Module, input_size: tuple[int, ...], placemen
             stats.append(TapStatistics(tap, found.mean, found.std, found.count, source=photos_source))
     recorded = {"estimator": ESTIMATOR, "n_images": len(photos) if unfed else 0, **(meta or {})}
     return Statistics(stats, recorded, resolved, tuple(input_size))
+
+
+def without_training_images(model: nn.Module, input_size: tuple[int, ...], preparation: Preparation | None = None,
+                            placement: str | Placement = "activations",
+                            meta: dict[str, str | int | float] | None = None) -> Statistics:
+    """Statistics with no data set at all: from the BatchNorm feeding each tap, and for the taps no
+    BatchNorm feeds, from the built-in photos (``photos.py``; PhotosUnavailable without them)."""
+    try:
+        return batchnorm_statistics(model, input_size, placement, meta=meta)
+    except MissingStatistics:
+        photos = builtin_photos(input_size, preparation)
+        return batchnorm_statistics(model, input_size, placement, photos, builtin_source(len(photos)), meta)
+
+
+def builtin_source(count: int) -> str:
+    """How statistics measured on the built-in photos name their source."""
+    return f"{count} built-in photos"
 
 
 def _missing(model: nn.Module, taps: list[Tap], unfed: list[Tap]) -> str:

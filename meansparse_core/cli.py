@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import attach, calibrate
 from . import distributed
 from .cli_arguments import PUBLISHED, build_parser
-from .batchnorm_statistics import ESTIMATOR as BATCHNORM, batchnorm_statistics, describe_sources
+from .batchnorm_statistics import ESTIMATOR as BATCHNORM, batchnorm_statistics, builtin_source, describe_sources
 from .data import (DATASETS, DataUnavailable, FolderDataset, ItemBatches, LazyImages, folder_photos, item_labels,
                    load_dataset, sample_indices)
 from .evaluation import EvalResult, EvalSettings, ResultCache, sweep
@@ -29,6 +29,7 @@ from .files import file_digest
 from .models import ModelSpec, ModelUnavailable, all_models, find_model, is_local, load_checkpoint, load_model
 from .outcomes import write_items
 from .paths import cache_folder
+from .photos import PhotosUnavailable, builtin_photos
 from .protocol import Protocol, evaluate_test, report, run_names, select_alpha, table, test_settings
 from .statistics import Statistics
 from .statistics_lookup import find_statistics, statistics_path
@@ -215,10 +216,8 @@ def _photos(args, spec: ModelSpec) -> tuple[torch.Tensor | None, str]:
         photos = folder_photos(args.data_dir, spec.input_size, spec.preparation)
         return photos, f"{len(photos)} photos from {args.data_dir}"
     if args.builtin_photos:
-        from .photos import builtin_photos
-
         photos = builtin_photos(spec.input_size, spec.preparation)
-        return photos, f"{len(photos)} built-in photos"
+        return photos, builtin_source(len(photos))
     return None, ""
 
 
@@ -418,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             if not GROUP.is_main:
                 sys.stdout = silent  # only rank 0 prints results
             args.run(args)
-    except (KeyError, ValueError, FileNotFoundError, DataUnavailable, ModelUnavailable) as exc:
+    except (KeyError, ValueError, FileNotFoundError, DataUnavailable, ModelUnavailable, PhotosUnavailable) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         _error(f"{where}{message}")
         return 2

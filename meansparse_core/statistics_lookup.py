@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batchnorm_statistics import ESTIMATOR as BATCHNORM, describe_sources
 from .discovery import find_taps, placement_of
 from .files import discard_damaged
 from .models import ModelSpec, bundled_statistics_path
@@ -64,7 +65,9 @@ def find_statistics(spec: ModelSpec, model: nn.Module, data: str, weights_digest
         stats = Statistics.load(cached)
         if stats.tap_list != find_taps(model, example, resolved):
             raise ValueError("its layers are not this model's")
-        return FoundStatistics(stats, f"calibrated on {stats.meta.get('n_images', '?')} {data} training images (cached)")
+        how = (f"no training images: {describe_sources(stats)}" if stats.meta.get("estimator") == BATCHNORM else
+               f"calibrated on {stats.meta.get('n_images', '?')} {data} training images")
+        return FoundStatistics(stats, f"{how} (cached)")
     except FileNotFoundError:
         pass
     except ValueError as exc:

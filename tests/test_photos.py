@@ -148,12 +148,9 @@ def test_imagenet_resnets_in_place_relus_take_exact_gradients_through_meansparse
 # --- the app: a photo on a random-weight ImageNet ResNet-18 (Streamlit's AppTest) ---------------------------
 
 
-def random_imagenet_folder(folder: Path, key: str = R18) -> None:
-    """``folder`` as a server's working folder: the model's random weights in RobustBench's layout under
-    ``models/`` and its statistics (calibrated on random images) in the app's cache, ``.cache/stats``."""
+def random_imagenet_weights(folder: Path, key: str = R18) -> torch.nn.Module:
+    """The model with random weights, saved in RobustBench's layout under ``folder / "models"``."""
     from meansparse_core.models import build_random, weight_files
-    from meansparse_core.statistics import calibrate
-    from meansparse_core.statistics_lookup import statistics_path
 
     spec = find_model(key)
     torch.manual_seed(0)
@@ -161,7 +158,18 @@ def random_imagenet_folder(folder: Path, key: str = R18) -> None:
     path = weight_files(spec, folder / "models")[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
-    calibrate(model, torch.rand(4, *IMAGENET).split(2)).save(statistics_path(spec, "imagenet", cache=folder / ".cache" / "stats"))
+    return model
+
+
+def random_imagenet_folder(folder: Path, key: str = R18) -> None:
+    """``folder`` as a server's working folder: the model's random weights in RobustBench's layout under
+    ``models/`` and its statistics (calibrated on random images) in the app's cache, ``.cache/stats``."""
+    from meansparse_core.statistics import calibrate
+    from meansparse_core.statistics_lookup import statistics_path
+
+    model = random_imagenet_weights(folder, key)
+    calibrate(model, torch.rand(4, *IMAGENET).split(2)).save(
+        statistics_path(find_model(key), "imagenet", cache=folder / ".cache" / "stats"))
 
 
 class Upload:
@@ -215,7 +223,7 @@ def test_a_photo_goes_through_explore_and_layers_on_an_imagenet_model(photo_app)
     assert any(o.endswith("Salman2020Do_50_2") for o in models.options)  # 69M parameters: no mark
     models.set_value(find_model(R18)).run()
     assert not app.exception, app.exception
-    assert "upload an image" in page_text(app)  # no ImageNet data here: the page waits for a photo
+    assert "Clean image, true class tabby" in page_text(app)  # no ImageNet data here: the first built-in photo
 
     uploaded["photo"] = Upload("cat.jpg", photo_jpeg())
     app.run()
@@ -246,3 +254,36 @@ def test_a_photo_goes_through_explore_and_layers_on_an_imagenet_model(photo_app)
     assert "cat.jpg (true class unknown)" in page_text(app)
     drawn = " ".join(e.proto.id for e in app.get("plotly_chart"))
     assert all(key in drawn for key in ("layer_histogram", "fraction_replaced", "perturbation_split"))
+
+
+def test_an_imagenet_model_with_no_data_at_all_gets_statistics_and_real_photos(tmp_path, monkeypatch):
+    """No ImageNet folder anywhere: statistics from the BatchNorm layers and the built-in photos, then a
+    built-in photo picked, attacked and looked at layer by layer, with ImageNet's class names."""
+    pytest.importorskip("skimage")
+    from streamlit.testing.v1 import AppTest
+
+    random_imagenet_weights(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEANSPARSE_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("MEANSPARSE_DATA", str(tmp_path / "data"))
+    app = AppTest.from_file("../app.py", default_timeout=300).run()
+    app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    app.sidebar.selectbox(key="zoo_dataset").set_value("imagenet").run()
+    app.sidebar.selectbox(key="zoo_model").set_value(find_model(R18)).run()
+    assert "has no MeanSparse statistics" in page_text(app)
+    app.sidebar.button(key="estimate_without_data").click().run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    assert ("Statistics: no training images: BatchNorm layers at 9 of 17 taps, 5 built-in photos at 8 of 17 taps "
+            "(cached).") in page_text(app)
+    assert "Clean image, true class tabby" in page_text(app)  # the first built-in photo, picked for the page
+
+    app.button(key="pick_photo/coffee.png").click().run()
+    assert "Clean image, true class espresso" in page_text(app)
+    next(n for n in app.number_input if n.label == "Steps").set_value(2)
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    assert "True class espresso" in page_text(app) and set(top5_names(app)) <= set(imagenet_classes())
+
+    app.switch_page("views/layers.py").run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    assert "a cup of espresso (espresso)" in page_text(app)

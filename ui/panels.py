@@ -12,10 +12,12 @@ import streamlit as st
 import torch
 
 from meansparse_core.accuracy_table import nearest, with_interval
+from meansparse_core.data import Preparation
+from meansparse_core.photos import PHOTOS, available as photos_available
 from ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
 from ui.layout import presenting
 from ui.loaders import cached_live_figures, cached_live_set
-from ui.state import Setup, gallery_order, pick, test_image
+from ui.state import Picked, Setup, gallery_order, pick, test_image
 
 
 def gallery_ui(current: Setup, count: int = 8) -> None:
@@ -36,6 +38,33 @@ def gallery_ui(current: Setup, count: int = 8) -> None:
     if st.button("More images", key="gallery_more"):
         st.session_state["gallery_page"] = page + 1
         st.rerun()
+
+
+@st.cache_resource(show_spinner=False)
+def _photo_choices(size: tuple[int, int, int], preparation: Preparation) -> list[Picked]:
+    """The built-in photos as pickable images for a model's input, each with its class where one fits."""
+    return [Picked(f"photo/{p.file}", p.image(size, preparation), p.label,
+                   f"{p.title} ({p.imagenet_class or 'true class unknown'})") for p in PHOTOS]
+
+
+def photo_gallery_ui(current: Setup) -> None:
+    """Real photos that ship with scikit-image, for ImageNet models: no download, no data folder. With no
+    labelled data on this machine, the first one is the page's image until another is picked."""
+    spec = current.spec
+    if spec.dataset != "imagenet" or not photos_available():
+        return
+    choices = _photo_choices(spec.input_size, spec.preparation)
+    picked = st.session_state.get("picked")
+    if current.test_set is None and (picked is None or picked.image.shape != spec.input_size):
+        pick(choices[0])
+        picked = choices[0]
+    chosen = getattr(picked, "key", None)
+    st.caption("Built-in photos (CC0 or public domain, from scikit-image):")
+    for column, choice in zip(st.columns(len(choices)), choices):
+        here = choice.key == chosen
+        column.image(to_display(choice.image, 128), caption=("▶ " if here else "") + choice.caption, width="stretch")
+        column.button("Picked" if here else "Pick", key=f"pick_{choice.key}", on_click=pick, args=(choice,),
+                      disabled=here, type="primary" if here else "secondary", icon=":material/check:" if here else None)
 
 
 def accuracy_panel_ui(current: Setup) -> None:

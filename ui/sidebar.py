@@ -11,10 +11,12 @@ from streamlit.delta_generator import DeltaGenerator
 import torch
 from torch.utils.data import Dataset
 
-from meansparse_core import calibrate
+from meansparse_core import Statistics, calibrate
+from meansparse_core.batchnorm_statistics import without_training_images
 from meansparse_core.paths import cache_folder, data_root, models_root
 from meansparse_core.data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
 from meansparse_core.files import file_digest
+from meansparse_core.photos import PhotosUnavailable
 from meansparse_core.models import (LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
                                     is_local, load_model, preferred_bundled, weight_files)
 from meansparse_core.sparse_model import SparseModel
@@ -163,9 +165,11 @@ def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> 
         st.warning(found.discarded)
     if found is not None:
         st.caption(f"Statistics: {found.origin}.")
+        sources_ui(found.stats)
         return found.origin
     st.warning(f"{choice.spec.name} has no MeanSparse statistics for {data} with the {placement} placement yet: "
-               "calibrate them on its training split.")
+               "calibrate them on its training split, or estimate them without it.")
+    without_training_images_ui(choice, data, placement)
     try:
         train = cached_dataset(data, root, "train")
     except DataUnavailable:
@@ -188,6 +192,34 @@ def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> 
                      (choice, data, n, placement))
     heavy.status_ui("calibration")
     return "none"
+
+
+def sources_ui(stats: Statistics) -> None:
+    """Where each tap's statistics come from, for statistics that record it."""
+    if not any(t.source for t in stats.taps):
+        return
+    with st.expander("Where each layer's statistics come from"):
+        st.markdown("\n".join(f"- `{t.tap.name}`: {t.source or 'not recorded'}" for t in stats.taps))
+
+
+def without_training_images_ui(choice: ModelChoice, data: str, placement: str) -> None:
+    """A button for statistics with no data set: each tap's BatchNorm, the built-in photos for the others."""
+    if not st.button("Estimate without training images", key="estimate_without_data",
+                     help="Reads each layer's statistics from the BatchNorm in front of it; layers without one "
+                          "are measured on a few built-in photos. An estimate: see the README for what it changes."):
+        return
+    spec = choice.spec
+    try:
+        with st.spinner("Reading BatchNorm layers..."):
+            stats = without_training_images(cached_model(choice), spec.input_size, spec.preparation, placement,
+                                            meta={"model": choice.key, "data": data})
+    except (ValueError, PhotosUnavailable) as exc:
+        st.error(str(exc))
+        return
+    stats.save(statistics_path(spec, data, choice.weights_digest, placement=placement))
+    for cached in (cached_statistics, cached_sparse, cached_live_figures):
+        cached.clear()
+    st.rerun()
 
 
 def published_alpha_ui(choice: ModelChoice, sparse: SparseModel | None) -> None:

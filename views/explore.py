@@ -20,6 +20,7 @@ IMAGE_SIZE, COMPACT_IMAGE_SIZE = 192, 160
 def image_ui(current: state.Setup) -> state.Picked:
     st.subheader("1 · Pick an image")
     panels.gallery_ui(current)
+    panels.photo_gallery_ui(current)
     uploads.upload_ui(current)
     turns_ui(current)
     return state.picked_image(current)
