@@ -3,6 +3,7 @@
 import functools
 import http.server
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def own_cache_folder(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / ".cache"
     monkeypatch.setenv("MEANSPARSE_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_shared_work_between_tests():
+    """A test's app sessions share computations with one another (ui.heavy.shared_work), never with another test's."""
+    yield
+    heavy = sys.modules.get("ui.heavy")
+    if heavy is not None:
+        heavy.shared_work.clear()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Heavy work (AutoAttack, long Square runs, sweeps, calibration) through the server's one job queue.
 
 A page submits the work and keeps drawing: the job runs in a worker thread of the queue, the
-session keeps its handle in ``st.session_state`` (so its result reaches only this session), and a
-fragment polls the handle, showing the queue position or the progress, until the job ended; then
-the page reruns and ``collect`` hands it the result. Slider moves and top-5 never enter the queue.
+session keeps its ticket in ``st.session_state``, and a fragment polls the ticket, showing the queue
+position or the progress, until the job ended; then the page reruns and ``collect`` hands it the
+result. Sessions asking for the same computation (same request) hold tickets on one shared job and
+read its result without changing it. Slider moves and top-5 never enter the queue.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from meansparse_core.jobs import Job, JobQueue
+from meansparse_core.sharing import SharedWork, Ticket
 
 from ui.errors import shown_errors
 
@@ -28,6 +30,12 @@ def job_queue() -> JobQueue:
     return JobQueue.for_this_machine()
 
 
+@st.cache_resource
+def shared_work() -> SharedWork:
+    """Requests of every session, keyed by what determines their result: one job (or one call) per key."""
+    return SharedWork(job_queue())
+
+
 def _session_alive() -> Callable[[], bool]:
     """Whether the session submitting now still has a browser tab open (always True outside a server)."""
     context = get_script_run_ctx()
@@ -39,16 +47,19 @@ def _session_alive() -> Callable[[], bool]:
 
 def submit(kind: str, description: str, work: Callable[[Job], T], request: Hashable) -> None:
     """Queue ``work(job)`` for this session, in place of its previous job of the same kind (cancelled), unless
-    that one was for the same ``request``: a form submitted twice runs once."""
+    that one was for the same ``request``: a form submitted twice runs once.
+
+    ``request`` holds everything that determines the result: identical requests of all sessions share
+    one job (a class opening the lecturer's link runs its attack once) and its result, read-only."""
     if st.session_state.get(f"request/{kind}") == request and pending(kind):
         return
     cancel(kind)
-    st.session_state[f"job/{kind}"] = job_queue().submit(work, description, _session_alive())
+    st.session_state[f"job/{kind}"] = shared_work().submit(request, work, description, _session_alive())
     st.session_state[f"request/{kind}"] = request
 
 
 def cancel(kind: str) -> None:
-    job: Job | None = st.session_state.pop(f"job/{kind}", None)
+    job: Ticket | None = st.session_state.pop(f"job/{kind}", None)
     if job is not None:
         job.cancel()
 
@@ -56,7 +67,7 @@ def cancel(kind: str) -> None:
 def collect(kind: str):
     """The result of this session's finished job of ``kind``, once (None while it waits or runs, and after
     a failure, which is shown as one sentence)."""
-    job: Job | None = st.session_state.get(f"job/{kind}")
+    job: Ticket | None = st.session_state.get(f"job/{kind}")
     if job is None or not job.finished:
         return None
     del st.session_state[f"job/{kind}"]
@@ -79,7 +90,7 @@ def status_ui(kind: str) -> None:
 
 @st.fragment(run_every=POLL_S)
 def _status_fragment(kind: str) -> None:
-    job: Job | None = st.session_state.get(f"job/{kind}")
+    job: Ticket | None = st.session_state.get(f"job/{kind}")
     if job is None:
         return
     if job.finished:

@@ -52,6 +52,13 @@ def setup() -> Setup:
     return st.session_state["setup"]
 
 
+def computation_key(current: Setup) -> tuple:
+    """What decides a computation on this setup besides its own settings: the weights, where they run,
+    the statistics (their placement included) and the data its test images come from."""
+    stats = current.sparse.stats.fingerprint() if current.sparse is not None else None
+    return current.model_id, current.model.device, stats, current.data, current.data_root
+
+
 def require_sparse(current: Setup) -> SparseModel:
     if current.sparse is None:
         st.info("This page needs MeanSparse statistics: calibrate them in the sidebar first.")
@@ -144,12 +151,12 @@ def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | Non
         found = found_adversarial(sparse, picked.image, image, picked.label, choice, alpha, layer_alphas)
         return Crafted((current.model_id, picked.key), choice, alpha, image, found)
 
+    request = (*computation_key(current), picked.key, choice, alpha, tuple(sorted(layer_alphas.items())))
     if choice.heavy:
-        heavy.submit("attack", f"{choice.attack} ({choice.effort}) on {picked.caption}", attack,
-                     (current.model_id, picked.key, choice, alpha, tuple(sorted(layer_alphas.items()))))
+        heavy.submit("attack", f"{choice.attack} ({choice.effort}) on {picked.caption}", attack, request)
         return None
     with st.spinner(f"Running {choice.attack} ({choice.effort})...", show_time=True):
-        crafted = attack()
+        crafted = heavy.shared_work().run_here(request, attack)
     st.session_state["adversarial"] = crafted
     return crafted
 

@@ -123,7 +123,7 @@ def main() -> None:
     sweeps = st.session_state.setdefault("sweeps", {})
     if request is not None:
         heavy.submit("sweep", f"Accuracy sweep on {request.n} images", lambda job: run_sweep(current, request, job),
-                     (current.model_id, request))
+                     (*state.computation_key(current), request))
     finished = heavy.collect("sweep")
     if finished is not None:
         model_id, sweep = finished
