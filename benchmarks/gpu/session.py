@@ -1,39 +1,40 @@
-"""The GPU demo model's whole run: train it, calibrate it, measure its card, test CUDA, run B1/B3.
+"""The GPU session for the CIFAR-10 demo model: train it, calibrate it, measure its card, test CUDA.
 
 Run it through ``benchmarks/gpu/session.sh`` (which installs the carried wheels first);
 ``benchmarks/gpu/README.md`` gives the calls. Every step is a job with a time limit; jobs run in
-priority order, two at a time where they share the GPU well (the CUDA tests run beside training;
-the timing benchmarks B1 and B3 run alone). A job stopped by its limit or by the call's deadline
-keeps what it finished (the training checkpoint after each epoch; the evaluation journal after
-each attacked batch), and the same command resumes it: the second device call continues the first.
+priority order, training beside the CUDA tests, evaluations four at a time. A job stopped by its
+limit or by the call's deadline keeps what it finished (the training checkpoint after each epoch;
+the evaluation journal after each attacked batch), and the same command resumes it: the second
+device call continues the first.
 
-Planned device time on one H100 (expected: estimates before any GPU run, which the script
-measures and adapts to; limit: where the job is stopped). 15 minutes in all, start-ups included:
+The model is ``cifar-preact-resnet18`` trained by the ``pgd-at-ema`` recipe (``meansparse_core/
+training.py`` says why). Planned device time on one H200 (expected: estimates scaled from the
+2026-11-26 session's ResNet-9 timings by the PreAct ResNet-18's cost, which the script measures
+and adapts to; limit: where the job is stopped). 15 minutes in all, start-ups included:
 
 ================================  ========  =======  ================================================
 step                              expected  limit    what
 ================================  ========  =======  ================================================
 call 1: machine start               90 s             the tool's; counts against the 15 minutes
 setup                               20 s             install the wheels; decode the JPEG archive once
-probe                               15 s             seconds per PGD-AT step -> attack steps, epochs
-train                              270 s    378 s    cifar-resnet9-w64, PGD-AT, bf16 autocast,
-                                                     channels-last, uint8 images augmented on the
-                                                     GPU; as many epochs (<= 40) as fit in 270 s
-  beside it: tests_cuda             90 s    240 s    operator, placement, statistics, fused kernels
-calibrate                           20 s     60 s    exact statistics over all 50,000 train images
-clean, PGD-20 on 10,000            5+15 s    90 s    the targets: clean >= 80%, PGD-20 >= 45%
+probe                               20 s             seconds per step for 10, 7, 5 attack steps ->
+                                                     the most steps that leave >= 30 epochs (<= 40)
+train                              400 s    560 s    pgd-at-ema, bf16 autocast, channels-last, uint8
+                                                     images augmented on the GPU, 49,000 images (1,000
+                                                     held out: the curve), stops before an epoch that
+                                                     would end after 520 s
+  beside it: tests_cuda             90 s    240 s    operator, placement, statistics, training
+calibrate                           25 s     60 s    exact statistics over all 50,000 train images
+clean, PGD-20 on 10,000           5+20 s     90 s    the targets: clean >= 80%, PGD-20 >= 45%
 sweep (N = 1,000, 14 alphas)        40 s    150 s    PGD-20 per alpha; ``best_alpha`` picks alpha
 clean on the 500-image subset        3 s     30 s    the figure the test suite checks
-AutoAttack base, MeanSparse       90+120 s  240 s    each, N = 1,000, standard version
-APGD-CE: BPDA, exact, base        3 x 10 s   90 s    each, N = 1,000, 100 steps
-Square: base, MeanSparse          2 x 20 s  120 s    each, N = 1,000, 1,000 queries
-PGD-20 on 10,000 at the alpha       20 s     90 s
-  (the evaluations run two at a time: about 200 s of the 400 s above)
-B3, B1 (--device cuda)            30+60 s   120 s    each, alone on the GPU
-call 1 ends                        570 s             of command time (timeout_s 590): what is done
-                                                     is packed to $OUT after every job
-call 2: machine start               90 s             only if call 1 lists unfinished jobs
-call 2: the rest                  <= 150 s           same command; resumes where call 1 stopped
+call 1 ends                        560 s             (timeout_s 590): what is done is packed to $OUT
+                                                     after every job
+call 2 (warm: no start)          <= 240 s            the rest, four at a time:
+AutoAttack base, MeanSparse      150+250 s  300 s    each, N = 1,000, standard version
+APGD-CE: BPDA, exact, base        3 x 15 s   90 s    each, N = 1,000, 100 steps
+Square: base, MeanSparse          2 x 30 s  120 s    each, N = 1,000, 1,000 queries
+PGD-20 on 10,000 at the alpha       30 s     90 s
 ================================  ========  =======  ================================================
 
 Evaluation rows run with the project's CLI (``python -m meansparse_core evaluate|sweep ...
@@ -60,9 +61,13 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-MODEL = "cifar-resnet9-w64"
+MODEL = "cifar-preact-resnet18"
 KEY = f"bundled/{MODEL}"
-LABEL = "cifar-resnet9-w64 (CIFAR-10, Linf PGD-AT eps 8/255, GPU)"
+LABEL = "cifar-preact-resnet18 (CIFAR-10, Linf PGD-AT eps 8/255, weight average, GPU)"
+RECIPE = "pgd-at-ema"
+ATTACK_STEPS = (10, 7, 5)  # the plan takes the first that leaves MIN_EPOCHS in the training budget
+MIN_EPOCHS = 30
+PART_BYTES = 15 * 2**20  # the device tool brings back files of at most 16 MiB: the weights (22 MB) travel in parts
 ALPHAS = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6,0.7,0.8,1,1.5"
 DEVICE_TESTS = [str(ROOT / "tests" / name) for name in ("test_operator.py", "test_placement.py", "test_statistics.py",
                                                         "test_training.py")]
@@ -76,6 +81,7 @@ class Scale:
     train_n: int | None  # training images (None: all 50,000)
     train_seconds: float
     max_epochs: int
+    holdout: int  # training images kept out for the curve
     batch_size: int
     card_n: int  # N for AutoAttack, APGD, Square and the sweep
     full_n: int | None  # N for the clean and PGD-20 rows (None: all 10,000)
@@ -92,9 +98,9 @@ class Scale:
         return self.device == "cpu"
 
 
-GPU = Scale("cuda", None, 270, 40, 256, 1000, None, None, 500, 570, 1.0)
+GPU = Scale("cuda", None, 400, 40, 1000, 256, 1000, None, None, 500, 560, 1.0)
 # On a shared 2-core CPU the limits only catch hangs.
-TINY = Scale("cpu", 64, 60, 1, 16, 20, 20, 200, 20, 3600, 10.0, "0,0.5", 10, 50)
+TINY = Scale("cpu", 64, 60, 1, 16, 16, 20, 20, 200, 20, 3600, 10.0, "0,0.5", 10, 50)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -153,7 +159,7 @@ class Job:
     argv: list[str] | Callable[[dict], list[str]]
     limit: float
     needs: tuple[str, ...] = ()
-    alone: bool = False  # timing benchmarks: nothing else on the GPU meanwhile
+    lanes: int = 4  # the most jobs that may run at once while this one runs (itself included)
     assets: bool = False  # reads the new bundle (MEANSPARSE_ASSETS points at the session's assets)
     results_codes: tuple[int, ...] = (0,)  # exit statuses that are a result (pytest's 1: some tests failed)
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -180,11 +186,13 @@ class Session:
     def done(self, name: str) -> bool:
         return self.results.get(name, {}).get("status") == "done"
 
-    def run(self, jobs: list[Job], lanes: int = 2) -> None:
-        """Start jobs in list order once what they need is done, ``lanes`` at a time, until all end or time runs out.
+    def run(self, jobs: list[Job]) -> None:
+        """Start jobs in list order once what they need is done, until all end or time runs out.
 
-        A job whose needs failed or were stopped is left for the next call; an ``alone`` job waits
-        for the GPU to be free and holds back the jobs after it.
+        A job starts while fewer jobs run than its own ``lanes`` and every running job's allow
+        (training shares the GPU with one job; evaluations, whose small batches leave it idle
+        between kernels, run four at a time). A job whose needs failed or were stopped is left
+        for the next call.
         """
         waiting = [j for j in jobs if not self.done(j.name)]
         running: list[Job] = []
@@ -202,7 +210,7 @@ class Session:
                     continue
                 if unmet:
                     continue
-                if len(running) >= lanes or (running and (job.alone or any(r.alone for r in running))):
+                if len(running) >= min([job.lanes] + [r.lanes for r in running]):
                     break
                 if self.left() < 30:
                     waiting.clear()
@@ -276,17 +284,18 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
 
         scale = session.scale
         images = scale.train_n or 50_000
-        steps_per_epoch = -(-images // scale.batch_size)
+        steps_per_epoch = -(-(images - scale.holdout) // scale.batch_size)
         args = argparse.Namespace(arch=MODEL, data="cifar10", eps=8.0, step_size=None, batch_size=scale.batch_size,
-                                  lr=0.2, seed=0, device=scale.device, amp=True, attack_steps=5)
+                                  lr=0.2, seed=0, device=scale.device, amp=True, recipe=RECIPE)
         measured = {}
-        for steps in (5, 3, 2):  # the most attack steps that leave at least 20 epochs (all epochs in tiny)
+        for steps in ATTACK_STEPS:
             args.attack_steps = steps
             measured[steps] = seconds_per_step(args, steps=2 if scale.tiny else 10)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the jobs run in their own processes
-            epochs = int(scale.train_seconds / (1.05 * measured[steps] * steps_per_epoch))
-            if epochs >= min(20, scale.max_epochs):
+            # 1.08: the held-out curve (1,000 images, clean and PGD-10, two sets of weights) and the average
+            epochs = int(scale.train_seconds / (1.08 * measured[steps] * steps_per_epoch))
+            if epochs >= min(MIN_EPOCHS, scale.max_epochs):
                 break
         plan = {"attack_steps": steps, "epochs": max(1, min(scale.max_epochs, epochs)),
                 "seconds_per_step": measured, "steps_per_epoch": steps_per_epoch}
@@ -294,7 +303,8 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
     plan = json.loads(plan_path.read_text())
     session.results["plan"] = plan
     session.save()
-    argv = [sys.executable, "-m", "meansparse_core.training", "--arch", MODEL, "--data", "cifar10",
+    argv = [sys.executable, "-m", "meansparse_core.training", "--arch", MODEL, "--data", "cifar10", "--recipe", RECIPE,
+            "--holdout", str(session.scale.holdout),
             "--data-dir", str(data_dir), "--eps", "8", "--attack-steps", str(plan["attack_steps"]),
             "--epochs", str(plan["epochs"]), "--batch-size", str(session.scale.batch_size), "--lr", "0.2",
             "--seed", "0", "--amp", "--device", session.scale.device, "--run-dir", str(session.state / "run"),
@@ -330,9 +340,8 @@ def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
         eps = [] if "--eps" in rest else ["--eps", "8"]
         return Job(name, [*cli, "evaluate", *common, *eps, *rest, "--alpha", "0"], limit, ("calibrate",), assets=True)
 
-    benchmark = [sys.executable]
     return [
-        Job("train", train_argv, s.train_seconds * 1.4),
+        Job("train", train_argv, s.train_seconds * 1.4, lanes=2),
         Job("tests_cuda", [sys.executable, "-m", "pytest", *DEVICE_TESTS, "-c", str(ROOT / "pyproject.toml"),
                            "--rootdir", str(ROOT), "-q", "-p", "no:cacheprovider",
                            "--device", s.device, "--junitxml", str(session.state / "logs" / "tests_cuda.xml")], 240,
@@ -346,18 +355,14 @@ def jobs(session: Session, data_dir: Path, train_argv: list[str]) -> list[Job]:
         Job("sweep", [*cli, "sweep", *common, "--eps", "8", *card, *pgd20, "--alphas", s.alphas], 150, ("calibrate",),
             assets=True),
         evaluate("clean_500", "--n", str(s.card_n) if s.tiny else "500", "--attack", "fgsm", "--eps", "0", limit=30),
-        evaluate("autoattack_base", *card, "--attack", "autoattack", limit=240),
-        Job("autoattack_sparse", at_alpha(*card, "--attack", "autoattack"), 240, ("sweep",), assets=True),
+        Job("autoattack_sparse", at_alpha(*card, "--attack", "autoattack"), 300, ("sweep",), assets=True),
+        evaluate("autoattack_base", *card, "--attack", "autoattack", limit=300),
         Job("apgd_bpda", at_alpha(*card, *apgd, "--grad", "straight-through"), 90, ("sweep",), assets=True),
         Job("apgd_sparse", at_alpha(*card, *apgd), 90, ("sweep",), assets=True),
         evaluate("apgd_base", *card, *apgd),
         evaluate("square_base", *card, *square, limit=120),
         Job("square_sparse", at_alpha(*card, *square), 120, ("sweep",), assets=True),
         Job("pgd20_full_sparse", at_alpha(*full, *pgd20), 90, ("sweep",), assets=True),
-        Job("b3", [*benchmark, str(ROOT / "benchmarks" / "b3_attacks.py"), "--device", s.device]
-            + (["--n", "8", "--rounds", "1"] if s.tiny else []), 120, alone=True),
-        Job("b1", [*benchmark, str(ROOT / "benchmarks" / "b1_operator.py"), "--device", s.device]
-            + (["--batch", "4", "--rounds", "1"] if s.tiny else []), 120, alone=True),
     ]
 
 
@@ -376,27 +381,37 @@ def environment() -> dict:
 
 
 def pack(session: Session, out: Path) -> None:
-    """What comes back from the device (at most 8 files): the bundle, and everything else in one archive."""
+    """What comes back from the device (at most 8 files of 16 MiB): the bundle in parts, everything else in one archive."""
     out.mkdir(parents=True, exist_ok=True)
     bundle = [session.state / "assets" / f"{MODEL}{suffix}" for suffix in (".pt", ".json", ".stats.pt")]
-    with tarfile.open(out / "bundle.tar", "w") as tar:
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tar:
         for path in bundle:
             if path.exists():
                 tar.add(path, arcname=path.name)
+    data = packed.getvalue()
+    for old in out.glob("bundle.tar.*"):
+        old.unlink()
+    for number, start in enumerate(range(0, len(data), PART_BYTES)):
+        (out / f"bundle.tar.{number}").write_bytes(data[start:start + PART_BYTES])
     with tarfile.open(out / "session.tar.gz", "w:gz") as tar:
         for name in ("results.json", "logs", "run/plan.json", "work/.cache/results", "results"):
             if (session.state / name).exists():
                 tar.add(session.state / name, arcname=name)
-        for result in (ROOT / "benchmarks" / "results").glob("b[13]_*.json"):
-            tar.add(result, arcname=f"benchmarks/{result.name}")
+
+
+def unpack_bundle(parts: Path, dest: Path) -> None:
+    """The bundle's files (weights, manifest, statistics) from the ``bundle.tar.N`` parts in ``parts``, into ``dest``."""
+    numbered = sorted(parts.glob("bundle.tar.*"), key=lambda p: int(p.suffix[1:]))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in numbered))) as tar:
+        tar.extractall(dest, filter="data")
 
 
 def restore(session: Session, returned: Path) -> None:
     """On a fresh machine, start from what an earlier call sent back (files copied into ``returned``)."""
     if (session.state / "results.json").exists() or not (returned / "session.tar.gz").exists():
         return
-    with tarfile.open(returned / "bundle.tar") as tar:
-        tar.extractall(session.state / "assets", filter="data")
+    unpack_bundle(returned, session.state / "assets")
     with tarfile.open(returned / "session.tar.gz") as tar:
         tar.extractall(session.state, filter="data")
     session.results = json.loads(session.results_path.read_text())
@@ -422,10 +437,27 @@ def card_rows(results: dict) -> str:
         lines += ["", f"Sweep (`{results['sweep']['command']}`); chosen alpha {chosen_alpha(results):g}:", "",
                   "| alpha | clean | PGD-20 |", "|---|---|---|"]
         lines += [f"| {r['alpha']:g} | {r['clean_acc']:.2%} | {r['robust_acc']:.2%} |" for r in sweep]
-    for name in ("tests_cuda", "b3", "b1"):
-        if isinstance(results.get(name, {}).get("output"), str):
-            lines += ["", f"{name} ({results[name]['status']}): `{results[name]['command']}`", "",
-                      "    " + results[name]["output"].strip().replace("\n", "\n    ")[-1500:]]
+    env, plan = results.get("environment", {}), results.get("plan", {})
+    lines += ["", f"Session: {env.get('gpu')}, PyTorch {env.get('torch')}, {env.get('date')}, cuDNN TF32 "
+                  f"{env.get('cudnn_allow_tf32')}; plan {plan.get('attack_steps')} attack steps x {plan.get('epochs')} "
+                  f"epochs (seconds per step measured: {plan.get('seconds_per_step')})"]
+    for name in ("train", "calibrate"):
+        if name in results:
+            lines.append(f"- {name}: {results[name]['status']}, {results[name].get('wall_s')} s of the job "
+                         f"(`{results[name]['command']}`)")
+    if results.get("curve"):
+        lines += ["", "Training curve (held-out training images: clean and PGD-10, raw and averaged weights):", "",
+                  "| epoch | adversarial train acc. | raw clean | raw PGD-10 | average clean | average PGD-10 | s |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in results["curve"]:
+            raw, average = p.get("held_out_raw", {}), p.get("held_out_average", {})
+            cells = [raw.get("clean"), raw.get("pgd10"), average.get("clean"), average.get("pgd10")]
+            lines.append(f"| {p['epoch']} | {p['adversarial_train_accuracy']:.1%} | "
+                         + " | ".join("" if c is None else f"{c:.1%}" for c in cells) + f" | {p['seconds']:.1f} |")
+    tests = results.get("tests_cuda", {})
+    if isinstance(tests.get("output"), str):
+        lines += ["", f"tests_cuda ({tests['status']}): `{tests['command']}`", "",
+                  "    " + tests["output"].strip().replace("\n", "\n    ")[-1500:]]
     return "\n".join(lines)
 
 
@@ -521,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session.run(steps)
     finally:
+        manifest = session.state / "assets" / f"{MODEL}.json"
+        if manifest.exists():  # the curve travels in results.json, which --card reads
+            session.results["curve"] = json.loads(manifest.read_text()).get("curve", [])
+            session.save()
         pack(session, args.out)
     unfinished = [job.name for job in steps if not session.done(job.name)]
     print(json.dumps({"unfinished": unfinished, "seconds": round(time.perf_counter() - session.start)}))

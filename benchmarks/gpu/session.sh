@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU demo model's whole run (training, statistics, its card's rows, the CUDA tests, B1 and B3)
-# on one lent GPU machine. How to run it, step by step: benchmarks/gpu/README.md.
-#   bash benchmarks/gpu/session.sh prepare | tiny | device [seconds] [session.py options]
+# The GPU demo model's whole run (training, statistics, its card's rows, the CUDA tests) on one
+# lent GPU machine. How to run it, step by step: benchmarks/gpu/README.md.
+#   bash benchmarks/gpu/session.sh prepare | tiny | device [seconds] [session.py options] | unpack FOLDER
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHEELS=(robustbench==1.1.1 pyautoattack==0.2.0 geotorch==0.4.0 gdown==5.1.0 beautifulsoup4==4.15.0 soupsieve==4.1.3)
@@ -37,6 +37,12 @@ tiny)
     PYTHONPATH="$work/site" python benchmarks/gpu/session.py --tiny --archive carry/cifar10-jpeg.tar.gz \
         --state "$work/state" --out "$work/out"
     ;;
+unpack)  # what the device sent back (FOLDER): the bundle into assets/, the session into carry/session
+    python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks/gpu')
+from session import unpack_bundle; unpack_bundle(Path(sys.argv[1]), Path('assets'))" "$2"
+    mkdir -p carry/session && tar -xzf "$2/session.tar.gz" -C carry/session
+    ls -la assets/cifar-preact-resnet18.* carry/session
+    ;;
 device)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site carry/wheels/*.whl
@@ -45,7 +51,7 @@ device)
         --returned carry/returned --deadline "${2:-560}" "${@:3}" 2>&1 | tee "$OUT/session.log"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu/session.sh prepare | tiny | device [seconds]" >&2
+    echo "usage: bash benchmarks/gpu/session.sh prepare | tiny | device [seconds] | unpack FOLDER" >&2
     exit 2
     ;;
 esac
