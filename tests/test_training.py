@@ -11,6 +11,7 @@ from PIL import Image
 
 from meansparse_core import training
 from meansparse_core.data import FolderDataset, load_dataset, load_items
+from meansparse_core import calibrate
 from meansparse_core.architectures import build_architecture
 from meansparse_core.training import (RECIPES, attack_step_size, augment, split_holdout, train, training_images,
                                       update_average, write_bundle)
@@ -165,3 +166,12 @@ def test_the_manifest_carries_the_held_out_curve(tmp_path):
     point = manifest["curve"][0]
     assert point["epoch"] == 1 and set(point["held_out_raw"]) == set(point["held_out_average"]) == {"clean", "pgd10"}
     assert manifest["training"]["recipe"] == "pgd-at-ema" and manifest["training"]["holdout"] == 16
+
+
+def test_the_preact_resnet18_fits_25_mb_in_fp16_with_a_tap_before_each_relu():
+    model = build_architecture("cifar-preact-resnet18").eval()
+    floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+    assert 2 * floats <= 25_000_000
+    relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    stats = calibrate(model, [torch.rand(4, 3, 32, 32)])
+    assert len(stats.tap_list) == len(relus) == 17
