@@ -293,8 +293,8 @@ def plan_training(session: Session, data_dir: Path) -> list[str]:
             measured[steps] = seconds_per_step(args, steps=2 if scale.tiny else 10)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the jobs run in their own processes
-            # 1.08: the held-out curve (1,000 images, clean and PGD-10, two sets of weights) and the average
-            epochs = int(scale.train_seconds / (1.08 * measured[steps] * steps_per_epoch))
+            # 1.1: the held-out curve (1,000 images, clean and PGD-10, two sets of weights) and the average
+            epochs = int(scale.train_seconds / (1.1 * measured[steps] * steps_per_epoch))
             if epochs >= min(MIN_EPOCHS, scale.max_epochs):
                 break
         plan = {"attack_steps": steps, "epochs": max(1, min(scale.max_epochs, epochs)),
