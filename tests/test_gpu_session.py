@@ -114,7 +114,7 @@ def test_training_shares_the_gpu_with_one_job_and_evaluations_run_four_at_a_time
     session = gpu_session.Session(tmp_path, replace(gpu_session.TINY, slack=1.0))
     nap = "import time; time.sleep(4)"
     session.run([python_job("train", nap, lanes=2), *[python_job(f"beside_{i}", nap) for i in range(2)],
-                 *[python_job(f"eval_{i}", nap, needs=("train",)) for i in range(5)]])
+                 *[python_job(f"eval_{i}", nap, needs=("train", "beside_0", "beside_1")) for i in range(5)]])
 
     def most_at_once(names):
         spans = [(session.results[n]["started_at_s"], session.results[n]["ended_at_s"]) for n in names]
