@@ -14,11 +14,11 @@ Two named recipes (``--recipe``):
   shipped. It trained ``cifar-resnet9-w64`` (40 epochs of PGD-5, 197 s on an H200): 81.2% clean,
   42.4% PGD-20, with its adversarial training accuracy still rising.
 - ``pgd-at-ema`` (for ``cifar-preact-resnet18``): the same loop with what the literature found to
-  matter at this budget. The network: a PreAct ResNet-18, the model of most CIFAR-10 baselines;
-  with Wong et al.'s 15 epochs of FGSM-RS it reaches about 46-47% under PGD at 83-84% clean, and
-  PGD-10 training with early stopping about 51% PGD-20 at 82.6% clean, where the ResNet-9 above
-  stayed at 42% after 40 epochs of PGD-5 (capacity matters more in adversarial than in standard
-  training). Steps of 2/255 (Madry's and Rice et al.'s) with as many attack steps (10, 7 or 5) as
+  matter at this budget. The network: a PreAct ResNet-18, the model of most CIFAR-10 baselines
+  (RobustBench's small Linf entries among them). Wong et al.'s (2020) 15 epochs of FGSM-RS bring
+  it to about 46-47% under PGD at 84% clean; a ResNet-18 trained with PGD-10 and early stopping
+  reaches about 51% PGD-20 at 82.6% clean; the ResNet-9 above stayed at 42% after 40 epochs of
+  PGD-5 (capacity matters more in adversarial than in standard training). Steps of 2/255 (Madry's and Rice et al.'s) with as many attack steps (10, 7 or 5) as
   leave about 30 epochs in the budget. BatchNorm in eval mode while crafting (Pang et al., "Bag of
   tricks", 2021: higher clean accuracy at the same robustness) and weight decay 5e-4 (their
   strongest single setting). An exponential moving average of the weights and BatchNorm buffers
