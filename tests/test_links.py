@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
+from meansparse_core import find_taps
 from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.limits import LIMITS
-from ui.view_link import ViewLink, ignored_notice, link_params, parse_link
+from meansparse_core.models import find_model, load_model
+from meansparse_core.robustbench_compat import import_robustbench
+from ui.view_link import DECIMALS, MAX_ALPHA, MAX_LAYER_ALPHA, MAX_LINF_EPS, ViewLink, ignored_notice, link_params, parse_link
 
 FULL = ViewLink(page="layers", model="bundled/cifar10-resnet", data="cifar10", image=17, alpha=0.45,
                 compare_alpha=0.0, layer_alphas=(("3", 0.5), ("8.body.2", 1.25)), layer="8.body.2",
@@ -73,3 +80,51 @@ def test_the_notice_is_one_sentence_that_names_a_few():
     assert "alpha could not be used" in ignored_notice(["alpha"]) and " was ignored" in ignored_notice(["alpha"])
     many = ignored_notice([f"p{i}" for i in range(20)])
     assert "p5" in many and "p6" not in many and "14 more" in many and many.count(".") == 1
+
+
+def real_tap_names() -> list[str]:
+    """Tap names of real architectures under both placements: module taps (``layer.0.block.0.relu_0``),
+    functional calls and repeats (``layer1.0:relu#2``), outputs (``layer.0.block.0:output``), additions
+    (``layer1.0:add``) and the demo models' numbered layers (``8.body.2``)."""
+    import_robustbench()
+    from robustbench.model_zoo.architectures import dm_wide_resnet
+    from robustbench.model_zoo.architectures.resnet import ResNet18
+
+    x = torch.rand(1, 3, 32, 32)
+    wrn = dm_wide_resnet.DMWideResNet(num_classes=10, depth=10, width=1, activation_fn=nn.SiLU).eval()
+    resnet = ResNet18().eval()
+    cifar = load_model(find_model("bundled/cifar-resnet9"))
+    found = [find_taps(model, x, placement) for model in (wrn, resnet) for placement in ("activations", "released")]
+    found += [find_taps(resnet, x, "activations, layer1.*:additions"), find_taps(cifar, x)]
+    return sorted({t.name for taps in found for t in taps})
+
+
+TAP_NAMES = real_tap_names()
+
+
+def test_the_real_names_have_every_kind_of_tap_name():
+    assert {":relu#2", ":output", ":add", "#"} <= {part for name in TAP_NAMES
+                                                   for part in (":relu#2", ":output", ":add", "#") if part in name}
+
+
+def at_link_precision(high: float):
+    """Values a link can carry: rounded to its decimals, in range (the reader rounds, so these survive)."""
+    return st.floats(0, high).map(lambda v: min(round(v, DECIMALS), high))
+
+
+@settings(max_examples=200, deadline=None)
+@given(layer=st.sampled_from(TAP_NAMES), alpha=at_link_precision(MAX_ALPHA),
+       overrides=st.lists(st.tuples(st.sampled_from(TAP_NAMES), at_link_precision(MAX_LAYER_ALPHA)),
+                          max_size=5, unique_by=lambda pair: pair[0]),
+       eps=at_link_precision(MAX_LINF_EPS))
+def test_every_real_tap_name_and_value_survives_the_round_trip(layer, alpha, overrides, eps):
+    """A link reads back what it wrote: tap names with ``:`` and ``#``, and small values (``5e-05``)."""
+    view = ViewLink(alpha=alpha, compare_alpha=alpha, layer=layer, layer_alphas=tuple(overrides),
+                    attack=AttackChoice("pgd", eps, 10))
+    assert parse_link(link_params(view)) == (view, [])
+
+
+def test_small_values_are_written_without_an_exponent():
+    params = link_params(ViewLink(alpha=5e-05, layer_alphas=(("layer1.0:relu#2", 1e-06),)))
+    assert params == {"alpha": "0.00005", "layer_alphas": "layer1.0:relu#2:0.000001"}
+    assert parse_link(params)[0].alpha == 5e-05

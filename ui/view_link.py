@@ -26,9 +26,12 @@ MAX_LAYERS = 64
 MAX_LINF_EPS, MAX_L2_EPS = 64.0, 10.0  # the attack form's ranges
 MAX_SEED = 2**31 - 1
 
-_NUMBER = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")  # no sign, exponent, nan or inf: nothing to misread
+DECIMALS = 6  # what a link keeps of a number: the reader rounds to it
+_NUMBER = re.compile(rf"[0-9]{{1,4}}(\.[0-9]{{1,{DECIMALS}}})?")  # no sign, exponent, nan or inf: nothing to misread
 _INTEGER = re.compile(r"[0-9]{1,10}")
-_NAME = re.compile(r"[A-Za-z0-9_.\-/@]{1,200}")  # model keys and layer names
+_NAME = re.compile(r"[A-Za-z0-9_.\-/@]{1,200}")  # model keys
+# Tap names: ``layer1.0:relu`` (a call made in a module's forward), ``x:add``, ``1#2`` (a repeated call).
+_LAYER = re.compile(r"[A-Za-z0-9_.\-/@:#]{1,200}")
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,12 @@ def link_params(view: ViewLink) -> dict[str, str]:
     params = {"page": view.page, "model": view.model, "data": view.data,
               "image": None if view.image is None else str(view.image),
               "alpha": _number(view.alpha), "alpha2": _number(view.compare_alpha),
-              "layer_alphas": ",".join(f"{name}:{value:g}" for name, value in view.layer_alphas) or None,
+              "layer_alphas": ",".join(f"{name}:{_number(value)}" for name, value in view.layer_alphas) or None,
               "layer": view.layer, "placement": None if view.placement == ACTIVATIONS.name else view.placement,
               "layout": "presentation" if view.presentation else None}
     if view.attack is not None:
         a = view.attack
-        params.update(attack=a.attack, eps=f"{a.eps:g}", steps=str(a.steps), seed=str(a.seed), target=a.target,
+        params.update(attack=a.attack, eps=_number(a.eps), steps=str(a.steps), seed=str(a.seed), target=a.target,
                       grad=a.grad, targeted="1" if a.targeted else "0")
     return {key: value for key, value in params.items() if value is not None}
 
@@ -104,14 +107,17 @@ def ignored_notice(ignored: Sequence[str]) -> str | None:
 
 
 def _number(value: float | None) -> str | None:
-    return None if value is None else f"{value:g}"
+    """A number as the reader takes it: plain decimals, never an exponent (``f"{5e-05:g}"`` is ``5e-05``)."""
+    if value is None:
+        return None
+    return f"{round(value, DECIMALS):.{DECIMALS}f}".rstrip("0").rstrip(".")
 
 
 def _float_in(low: float, high: float):
     def read(text: str) -> float | None:
         if not _NUMBER.fullmatch(text):
             return None
-        value = round(float(text), 6)
+        value = round(float(text), DECIMALS)
         return value if low <= value <= high else None
     return read
 
@@ -140,7 +146,7 @@ def _layer_alphas(text: str) -> tuple[tuple[str, float], ...] | None:
     for entry in entries:
         name, _, value = entry.rpartition(":")
         alpha = read_alpha(value)
-        if not _NAME.fullmatch(name) or alpha is None:
+        if not _LAYER.fullmatch(name) or alpha is None:
             return None
         pairs[name] = alpha
     return tuple(pairs.items())
@@ -163,7 +169,7 @@ PARAMETERS = {
     "alpha": _float_in(0.0, MAX_ALPHA),
     "alpha2": _float_in(0.0, MAX_ALPHA),
     "layer_alphas": _layer_alphas,
-    "layer": _matching(_NAME),
+    "layer": _matching(_LAYER),
     "placement": _one_of(*PLACEMENTS),
     "layout": lambda text: True if text == "presentation" else None,
     # the attack, read together by _attack
