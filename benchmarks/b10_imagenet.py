@@ -91,13 +91,13 @@ def one_architecture(key: str, rounds: int, device: str) -> dict:
         x = clean.clone().requires_grad_(True)
         torch.autograd.grad(model(x).sum(), x)
 
-    rise, probes = peak_rise_mb(lambda: probe(sparse.model, sparse.stats, clean, adv, ALPHA))
+    rise, probes = peak_rise_mb(lambda: probe(sparse.wrapped, sparse.stats, clean, adv, ALPHA))
     estimate = measure(model, SIZE)
     times = interleaved({
         "forward": forward,
         "gradient": gradient,
         "pgd10": lambda: attack_image(sparse, image, None, choice, ALPHA),
-        "probes": lambda: probe(sparse.model, sparse.stats, clean, adv, ALPHA),
+        "probes": lambda: probe(sparse.wrapped, sparse.stats, clean, adv, ALPHA),
     }, rounds)
     cpu = {name: cpu_seconds(run) for name, run in (("forward", forward), ("gradient", gradient),
                                                    ("pgd10", lambda: attack_image(sparse, image, None, choice, ALPHA)))}

@@ -41,7 +41,7 @@ QUERIES = (100, 300, 1000)
 
 def depth(sparse, images, adversarial, alpha) -> dict:
     """Per tap (forward order): relative sizes, and a summary over the taps."""
-    probes = probe(sparse.model, sparse.stats, images, adversarial, alpha)
+    probes = probe(sparse.wrapped, sparse.stats, images, adversarial, alpha)
     taps = [{"tap": p.name, "without": round(p.relative.base, 4), "with": round(p.relative.after, 4),
              "removed": round(p.relative.removed, 4), "passed": round(p.relative.passed, 4),
              "created": round(p.relative.created, 4), "replaced_clean": round(p.fraction_replaced_clean, 3)}

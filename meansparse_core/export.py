@@ -100,12 +100,12 @@ def save_sparsified(
     "Standard", "dataset": "cifar10", "threat_model": "Linf"}``) handed to ``build`` on loading.
     ``model`` is the plain model; a ``SparseModel`` or ``FixedAlpha`` is unwrapped to it.
     """
-    # Accept the wrappers too: their own state_dict would carry "model." prefixes and operator
+    # Accept the wrappers too: their own state_dict would carry "wrapped." prefixes and operator
     # buffers that the rebuilt architecture does not have.
     if isinstance(model, FixedAlpha):
         model = model.sparse
     if isinstance(model, SparseModel):
-        model = model.model
+        model = model.wrapped
     if not isinstance(architecture, dict) or not architecture:
         raise ValueError("architecture must be a non-empty dict saying how to rebuild the model.")
     _check_plain(architecture, "architecture")

@@ -60,7 +60,7 @@ class LiveAccuracy:
 
     def turns(self, sparse: SparseModel, alpha: float, layer_alphas: Mapping[str, float] | None = None) -> Turns:
         """The items MeanSparse at ``alpha`` rescues and those it breaks (see ``Turns``)."""
-        base_clean, base_adv = (predict(sparse.model, torch.cat([self.images, self.adversarial])) ==
+        base_clean, base_adv = (predict(sparse.base, torch.cat([self.images, self.adversarial])) ==
                                 torch.cat([self.labels, self.labels])).split(len(self.labels))
         sparse_adv = predict(classifier(sparse, alpha, layer_alphas=layer_alphas), self.adversarial) == self.labels
         positions = lambda mask: tuple(torch.nonzero(mask).flatten().tolist())  # noqa: E731

@@ -43,7 +43,7 @@ def attack_image(sparse: SparseModel, image: torch.Tensor, label: int | None, ch
     target = (sparse.base if choice.target == "base"
               else classifier(sparse, alpha, choice.grad, layer_alphas))
     attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed)
-    device = next(sparse.model.parameters()).device
+    device = next(sparse.wrapped.parameters()).device
     if label is None:
         label = int(predict(sparse.base, image[None].to(device))[0])
     return attack(image[None].to(device), torch.tensor([label], device=device))[0].cpu()
@@ -58,10 +58,10 @@ def found_adversarial(sparse: SparseModel, image: torch.Tensor, adversarial: tor
     An attack that fails returns the clean image (or one the model still gets right), which otherwise
     looks like a bug.
     """
-    attacked = sparse.model if choice.target == "base" else classifier(sparse, alpha, layer_alphas=layer_alphas)
-    device = next(sparse.model.parameters()).device
+    attacked = sparse.base if choice.target == "base" else classifier(sparse, alpha, layer_alphas=layer_alphas)
+    device = next(sparse.wrapped.parameters()).device
     if label is None:
-        label = int(predict(sparse.model, image[None].to(device))[0])
+        label = int(predict(sparse.base, image[None].to(device))[0])
     return int(predict(attacked, adversarial[None].to(device))[0]) != label
 
 

@@ -2,27 +2,28 @@
 
 Taps (``taps.py``) are caught three ways: functional activations and additions with a
 ``TorchFunctionMode``; activation modules, modules' inputs and outputs and RobustBench's MeanSparse
-layers with forward hooks; and ``nn.ReLU`` modules by their own forward (``_routed_relu``), which
-can run the operator and the ReLU as one kernel.
+layers with module hooks; and tapped ``nn.ReLU`` modules by their own forward (``_routed_relu``),
+which can run the operator and the ReLU as one kernel.
 
-Nothing about a forward pass is stored on the model: the hooks read a per-pass state from a
-``ContextVar``, so one model can serve several threads with different handlers at once.
+What a pass installs (the hooks, the ReLUs' forward) lives only as long as the pass, shared with
+the passes running at the same time: a model saved, copied or called on its own between passes
+carries nothing of it. The hooks read the pass from a ``ContextVar``, so one model can serve several
+threads with different handlers at once.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import replace
-from types import MethodType
 from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from .placement_rules import ACTIVATIONS, Placement, name_matches
@@ -44,7 +45,7 @@ class Pass:
     additions are taps; otherwise the tap names say it.
     """
 
-    def __init__(self, router: "_Router", handler: Handler | None, taps: Mapping[str, Tap] | None,
+    def __init__(self, router: "Router", handler: Handler | None, taps: Mapping[str, Tap] | None,
                  placement: Placement = ACTIVATIONS, relu_handler: ReluHandler | None = None) -> None:
         self.router = router
         self.handler = handler
@@ -59,6 +60,7 @@ class Pass:
                       for w in ("input", "output", "additions")}
             self.inputs, self.outputs, self.sum_scopes = chosen["input"], chosen["output"], chosen["additions"]
             self.module_taps: set[str] = set()
+            self.own_layers: set[str] = set()
         else:
             by_kind: dict[str, set[str]] = {}
             for t in taps.values():
@@ -67,6 +69,7 @@ class Pass:
             self.module_taps = by_kind.get("module", set())
             self.inputs, self.outputs = by_kind.get("input", set()), by_kind.get("output", set())
             self.sum_scopes = by_kind.get("sum", set())
+            self.own_layers = by_kind.get("robustbench", set())
         self.scopes: list[tuple[nn.Module, str]] = []
         self.calls: Counter[str] = Counter()
         # Discovery only.
@@ -121,12 +124,12 @@ class _FunctionCalls(TorchFunctionMode):
 
 
 def _routed_relu(module: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
-    """``nn.ReLU.forward`` while a router is installed: a tapped call is routed here, and where the pass
+    """``forward`` of a tapped ``nn.ReLU`` during a pass: the call is routed here, and where the pass
     can, the operator and the ReLU run as one kernel (``Pass.route_relu``) instead of the model's ReLU.
 
     Catching the call here rather than in the function mode keeps that mode, and its Python call for
     every torch function of the forward pass, out of models whose taps are all activation modules.
-    Outside a pass, and at untapped modules, it is ``nn.ReLU.forward``.
+    Outside a pass, and at modules the pass does not tap, it is ``nn.ReLU.forward``.
     """
     state = _current.get()
     if state is not None and state.taps is not None and (base := state.router.names.get(module)) in state.module_taps:
@@ -137,92 +140,102 @@ def _routed_relu(module: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
     return F.relu(x, inplace=module.inplace)
 
 
+class _RoutedReLU(nn.ReLU):
+    """The class of a tapped ``nn.ReLU`` while a pass runs, and only then (``_installed``).
+
+    A class rather than a forward set on the instance: a model saved or copied in the middle of a
+    pass holds a class that can be imported, and behaves as ``nn.ReLU`` outside passes.
+    """
+
+    forward = _routed_relu
+
+    def _get_name(self) -> str:
+        return "ReLU"
+
+
 def _routes_itself(module: nn.Module) -> bool:
-    """True for a module whose forward is ``_routed_relu``: its pre-hook leaves the routing to it."""
-    return getattr(vars(module).get("forward"), "__func__", None) is _routed_relu
+    """True for an ``nn.ReLU`` whose calls ``_routed_relu`` can catch: no forward of someone else's on it."""
+    return type(module) in (nn.ReLU, _RoutedReLU) and "forward" not in vars(module)
 
 
-# nn.ReLU modules whose forward is ``_routed_relu``, with how many routers use each (guarded by
-# ``_routers_lock``): a ReLU shared by two routed models keeps it until both are done.
+# What passes running now have installed, shared between them: the ReLUs turned into ``_RoutedReLU``
+# with how many passes use each, and how many passes use the global hooks. The model carries none of
+# it once its last pass ends. Nothing here runs from a finalizer, so a plain lock cannot deadlock.
+_installs_lock = threading.Lock()
 _routed_relus: dict[nn.Module, int] = {}
+_hook_users: list = [0, None]  # [passes, (pre-hook handle, hook handle)]
 
 
-def _use_routed_relu(module: nn.Module) -> None:
-    if module not in _routed_relus and "forward" in vars(module):
-        return  # a forward of someone else's: left alone, and the module's pre-hook routes its input
-    _routed_relus[module] = _routed_relus.get(module, 0) + 1
-    if _routed_relus[module] == 1:
-        module.forward = MethodType(_routed_relu, module)
+def _enter_any(module: nn.Module, args: tuple):
+    state = _current.get()
+    if state is None or module not in state.router.names:  # another model's module: not this pass's
+        return None
+    return state.router.enter(state, module, args)
 
 
-def _release_routed_relu(module: nn.Module) -> None:
-    if module in _routed_relus:
-        _routed_relus[module] -= 1
-        if _routed_relus[module] == 0:
-            del _routed_relus[module]
-            del module.forward
+def _leave_any(module: nn.Module, args: tuple, output):
+    state = _current.get()
+    if state is None or module not in state.router.names:
+        return None
+    return state.router.leave(state, module, args, output)
 
 
-class _Router:
-    """The routing of one model: ``_routed_relu`` as the forward of its ``nn.ReLU`` modules, and hooks
-    on the modules its users' passes need (``hold``); inert unless a pass is active in this context.
+@contextmanager
+def _installed(relus: list[nn.Module], hooks: bool) -> Iterator[None]:
+    """``relus`` routed by ``_routed_relu``, and with ``hooks`` the global module hooks, for one pass."""
+    with _installs_lock:
+        for module in relus:
+            _routed_relus[module] = _routed_relus.get(module, 0) + 1
+            module.__class__ = _RoutedReLU
+        if hooks:
+            _hook_users[0] += 1
+            if _hook_users[0] == 1:
+                _hook_users[1] = (register_module_forward_pre_hook(_enter_any), register_module_forward_hook(_leave_any))
+    try:
+        yield
+    finally:
+        with _installs_lock:
+            for module in relus:
+                _routed_relus[module] -= 1
+                if _routed_relus[module] == 0:
+                    del _routed_relus[module]
+                    module.__class__ = nn.ReLU
+            if hooks:
+                _hook_users[0] -= 1
+                if _hook_users[0] == 0:
+                    for handle in _hook_users[1]:
+                        handle.remove()
+                    _hook_users[1] = None
 
-    The forward is set on each ReLU instance, as hooks are: another caller of the model, with no
-    pass of its own, runs the ReLU as PyTorch does, and ``remove`` restores the class's forward.
-    Hooks sit only where a pass needs them: every hooked module's call takes PyTorch's slower path.
+
+class Router:
+    """How passes over one model catch its taps: its modules by name, which are activations and which
+    are RobustBench MeanSparse layers. Holds nothing on the model: each pass installs what it needs
+    (``run_pass``) and removes it when it ends.
+
+    Module hooks are global ones (``register_module_forward_pre_hook``), installed only while a pass
+    that needs them runs: they act for the pass running in their context, at its model's modules.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {m: n for n, m in model.named_modules()}
+        self.by_name = {n: m for m, n in self.names.items()}
         self.activation_modules = {m for m in self.names if is_activation_module(m)}
         # PyTorch's own activation modules apply their function to their input and nothing else, so
         # a pre-hook catches them as well as the function mode does, without its cost per operation.
         self.torch_activations = {self.names[m] for m in self.activation_modules
                                   if type(m).__module__ == nn.ReLU.__module__}
         self.robustbench_layers = {m for m in self.names if is_robustbench_meansparse(m)}
-        self.users = 0
-        self.relus = [m for m in self.names if type(m) is nn.ReLU]
-        for module in self.relus:
-            _use_routed_relu(module)
-        self.hooks: dict[nn.Module, list] = {}  # module: [pre-hook handle, hook handle, holders]
 
-    def remove(self) -> None:
-        for pre_hook, hook, _ in self.hooks.values():
-            pre_hook.remove()
-            hook.remove()
-        for module in self.relus:
-            _release_routed_relu(module)
-
-    def needs_hooks(self, taps: list[Tap] | None) -> list[nn.Module]:
-        """The modules whose hooks a pass over ``taps`` needs (None: discovery): every module where the
-        function mode runs, which names a call by the module it is made in; else the tapped modules
-        that do not route themselves."""
-        if taps is None or any(t.kind in _FUNCTION_MODE_KINDS for t in self.cheapest(taps)):
-            return list(self.names)
-        by_name = {name: module for module, name in self.names.items()}
-        tapped = dict.fromkeys(by_name[module_part(t.name)] for t in taps)
-        return [module for module in tapped if not _routes_itself(module)]
-
-    def hold(self, modules: list[nn.Module]) -> Callable[[], None]:
-        """Hooks on ``modules`` until the returned function is called; shared, the last holder removes them."""
-        with _routers_lock:
-            for module in modules:
-                held = self.hooks.get(module)
-                if held is None:
-                    held = self.hooks[module] = [module.register_forward_pre_hook(self._enter),
-                                                 module.register_forward_hook(self._leave), 0]
-                held[2] += 1
-
-        def release() -> None:
-            with _routers_lock:
-                for module in modules:
-                    held = self.hooks[module]
-                    held[2] -= 1
-                    if held[2] == 0:
-                        held[0].remove()
-                        held[1].remove()
-                        del self.hooks[module]
-        return release
+    def installs(self, state: Pass) -> tuple[list[nn.Module], bool]:
+        """What a pass needs while it runs: the tapped ReLUs that route themselves, and whether it
+        needs the module hooks (discovery, the function mode, inputs, outputs, other taps)."""
+        if state.taps is None:
+            return [], True
+        relus = [m for m in (self.by_name[n] for n in state.module_taps) if _routes_itself(m)]
+        hooks = (state.functional or bool(state.inputs or state.outputs or state.own_layers)
+                 or len(relus) < len(state.module_taps))
+        return relus, hooks
 
     def cheapest(self, taps: list[Tap]) -> list[Tap]:
         """``taps`` with functional calls inside PyTorch's activation modules caught by the modules
@@ -236,10 +249,7 @@ class _Router:
             return name
         return f"{name}:{op}" if name else op
 
-    def _enter(self, module: nn.Module, args: tuple):
-        state = _current.get()
-        if state is None:
-            return None
+    def enter(self, state: Pass, module: nn.Module, args: tuple):
         name = self.names[module]
         if state.functional:
             state.scopes.append((module, name))
@@ -250,14 +260,11 @@ class _Router:
         x = args[0]
         if name in state.inputs:
             x = state.route(state.call_name(f"{name}:input"), "input", x)
-        if state.taps is not None and name in state.module_taps and not _routes_itself(module):
+        if state.taps is not None and name in state.module_taps and not (type(module) is _RoutedReLU and _routes_itself(module)):
             x = state.route(state.call_name(name), "module", x)
         return None if x is args[0] else (x, *args[1:])
 
-    def _leave(self, module: nn.Module, args: tuple, output):
-        state = _current.get()
-        if state is None:
-            return None
+    def leave(self, state: Pass, module: nn.Module, args: tuple, output):
         if state.functional:
             state.scopes.pop()
         name = self.names[module]
@@ -281,54 +288,27 @@ class _Router:
             state.width_hint = hint
 
 
-
-_routers: "weakref.WeakKeyDictionary[nn.Module, _Router]" = weakref.WeakKeyDictionary()
-# Reentrant: a SparseModel keeps its model's routing entered, and when the cyclic garbage collector
-# frees one, the routing's exit runs in whatever this thread was doing, possibly inside this very lock
-# (building another router allocates); a plain Lock then waits on itself forever.
-_routers_lock = threading.RLock()
-
-
-@contextmanager
-def routed(model: nn.Module, taps: list[Tap] | None) -> Iterator[_Router]:
-    """Install the model's router for the duration of the block (shared by nested users), with the
-    hooks that passes over ``taps`` need (None: discovery)."""
-    with _routers_lock:
-        router = _routers.get(model) or _routers.setdefault(model, _Router(model))
-        router.users += 1
-        release = router.hold(router.needs_hooks(taps))
-    try:
-        yield router
-    finally:
-        with _routers_lock:
-            release()
-            router.users -= 1
-            if router.users == 0:
-                router.remove()
-                # pop, not del: when a SparseModel is garbage-collected its model may be gone already.
-                _routers.pop(model, None)
-
-
 def run_pass(state: Pass, model: nn.Module, args: tuple, kwargs: dict):
+    """``model(*args, **kwargs)`` as one pass: its taps routed as ``state`` says, nothing left after."""
+    relus, hooks = state.router.installs(state)
     token = _current.set(state)
     try:
-        with _FunctionCalls() if state.functional else nullcontext():
+        with _installed(relus, hooks), _FunctionCalls() if state.functional else nullcontext():
             return model(*args, **kwargs)
     finally:
         _current.reset(token)
 
+
 def route_taps(model: nn.Module, taps: list[Tap], handler: Handler, *args, **kwargs):
     """Run ``model(*args, **kwargs)`` once with each tap's features replaced by ``handler(tap, x)``."""
-    with routed(model, taps) as router:
-        state = Pass(router, handler, {t.name: t for t in router.cheapest(taps)})
-        return run_pass(state, model, args, kwargs)
-
+    router = Router(model)
+    return run_pass(Pass(router, handler, {t.name: t for t in router.cheapest(taps)}), model, args, kwargs)
 
 
 def discover(model: nn.Module, example: torch.Tensor, placement: Placement) -> tuple[list[Tap], list[str]]:
     """Every tap one pass on ``example`` meets, activations and the places ``placement``'s rules name
     alike, in forward order; and the model's module names."""
-    with routed(model, None) as router:
-        state = Pass(router, handler=None, taps=None, placement=placement)
-        run_pass(state, model, (example,), {})
+    router = Router(model)
+    state = Pass(router, handler=None, taps=None, placement=placement)
+    run_pass(state, model, (example,), {})
     return state.found, list(router.names.values())

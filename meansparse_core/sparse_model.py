@@ -18,7 +18,7 @@ from . import native
 from .discovery import find_taps, placement_of
 from .operator import GradMode, MeanSparse
 from .placement_rules import OWN_LAYERS, Placement
-from .routing import Pass, routed, run_pass
+from .routing import Pass, Router, run_pass
 from .statistics import Statistics
 from .taps import Tap, own_layers
 
@@ -26,8 +26,11 @@ from .taps import Tap, own_layers
 class SparseModel(nn.Module):
     """A model with MeanSparse at the taps of its statistics; alpha is chosen per call.
 
-    The wrapped model's weights are shared, not copied, and never modified; ``detach()`` removes
-    every hook. Example::
+    The wrapped model's weights are shared, not copied, and never modified, and nothing is left on
+    it between passes: it can be saved, copied or called on its own while this lives. ``detach()``
+    (or leaving a ``with attach(...) as sparse:`` block) ends this wrapper: calling it then raises.
+    ``base`` is the base model, the only one to predict with when the base is meant;
+    ``wrapped`` is the model as given, which for a released model is not the base. Example::
 
         sparse = attach(model, stats)
         logits = sparse(x, alpha=0.25)
@@ -37,15 +40,15 @@ class SparseModel(nn.Module):
 
     def __init__(self, model: nn.Module, stats: Statistics) -> None:
         super().__init__()
-        self.model = model
+        self.wrapped = model
         self.stats = stats
         self.taps = stats.tap_list
         self.operators = nn.ModuleList(
             MeanSparse(s.mean, s.std, s.tap.channel_dim) for s in stats.taps
         )
         self._index = {t.name: i for i, t in enumerate(self.taps)}
-        self._attachment = routed(model, self.taps)
-        self._router = self._attachment.__enter__()
+        self._router = Router(model)
+        self._attached = True
         self._by_name = {t.name: t for t in self._router.cheapest(self.taps)}  # built once: forward runs on every slider move
         self.train(model.training)  # a fresh nn.Module says "training"; say what the model is in
 
@@ -57,6 +60,9 @@ class SparseModel(nn.Module):
         layer_alphas: Mapping[str, float] | None = None,
     ) -> torch.Tensor:
         """Logits with MeanSparse at ``alpha`` (``layer_alphas`` overrides it for named taps)."""
+        if not self._attached:
+            raise RuntimeError("This sparsified model was detached from its model; attach the model again "
+                               "(attach(model, stats)) to use MeanSparse on it.")
         layer_alphas = layer_alphas or {}
         unknown = set(layer_alphas) - set(self._index)
         if unknown:
@@ -74,7 +80,7 @@ class SparseModel(nn.Module):
                 return None
             return self.operators[self._index[tap.name]].relu(features, tap_alpha, grad)
 
-        return run_pass(Pass(self._router, handler, self._by_name, relu_handler=relu_handler), self.model, (x,), {})
+        return run_pass(Pass(self._router, handler, self._by_name, relu_handler=relu_handler), self.wrapped, (x,), {})
 
     def at(self, alpha: float, grad: GradMode = "exact", layer_alphas: Mapping[str, float] | None = None) -> "FixedAlpha":
         """A light ``nn.Module`` view with these settings frozen, e.g. for torchattacks."""
@@ -83,15 +89,19 @@ class SparseModel(nn.Module):
     @property
     def base(self) -> nn.Module:
         """The base model: the plain model, or, when it carries its own MeanSparse layers, the model
-        with those layers switched off (called directly, they would run at their stored threshold)."""
-        return self.at(0.0) if any(t.kind == "robustbench" for t in self.taps) else self.model
+        with those layers switched off (called as it is, it runs them at their stored threshold)."""
+        return self.at(0.0) if any(t.kind == "robustbench" for t in self.taps) else self.wrapped
 
     def detach(self) -> nn.Module:
-        """Remove MeanSparse from the model and return the untouched original model."""
-        if self._attachment is not None:
-            self._attachment.__exit__(None, None, None)
-            self._attachment = None
-        return self.model
+        """End this wrapper (calling it afterwards raises) and return the untouched original model."""
+        self._attached = False
+        return self.wrapped
+
+    def __enter__(self) -> "SparseModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
 
 class FixedAlpha(nn.Module):

@@ -82,3 +82,33 @@ def file_server(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield folder, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture
+def released_digits():
+    """Builds the digits demo model with the authors' own MeanSparse layers (RobustBench's class) in front
+    of its convolutional ReLUs, holding its statistics and a stored threshold (0.25 unless given): a
+    small stand-in for an ``Amini2024MeanSparse_*`` model."""
+    from torch import nn
+
+    from meansparse_core import Statistics
+    from meansparse_core.models import bundled_statistics_path, find_model, load_model
+    from meansparse_core.robustbench_compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.architectures.Meansparse_wrn_70_16 import MeanSparse
+
+    def build(threshold: float = 0.25) -> nn.Module:
+        spec = find_model("bundled/digits-cnn")
+        model, stats = load_model(spec), Statistics.load(bundled_statistics_path(spec))
+        for index, module in enumerate(list(model)):
+            if isinstance(module, nn.ReLU) and isinstance(model[index - 1], nn.BatchNorm2d):
+                tap = stats[str(index)]
+                layer = MeanSparse(tap.tap.channels)
+                layer.running_mean.copy_(tap.mean)
+                layer.running_var.copy_(tap.std.square())
+                layer.threshold.fill_(threshold)
+                model[index] = nn.Sequential(layer, module)
+        return model.eval()
+
+    return build

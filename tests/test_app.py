@@ -217,32 +217,7 @@ def test_zoo_lists_models_and_says_where_missing_weights_go(tmp_path):
     assert all("MeanSparse" in o for o in app.sidebar.selectbox(key="zoo_model").options)
 
 
-def released_digits_model():
-    """The digits demo model with the authors' own MeanSparse layers (RobustBench's class) in front
-    of its convolutional ReLUs, holding its statistics and a stored threshold of 0.25."""
-    from torch import nn
-
-    from meansparse_core import Statistics
-    from meansparse_core.models import bundled_statistics_path, find_model, load_model
-    from meansparse_core.robustbench_compat import import_robustbench
-
-    import_robustbench()
-    from robustbench.model_zoo.architectures.Meansparse_wrn_70_16 import MeanSparse
-
-    spec = find_model("bundled/digits-cnn")
-    model, stats = load_model(spec), Statistics.load(bundled_statistics_path(spec))
-    for index, module in enumerate(list(model)):
-        if isinstance(module, nn.ReLU) and isinstance(model[index - 1], nn.BatchNorm2d):
-            tap = stats[str(index)]
-            layer = MeanSparse(tap.tap.channels)
-            layer.running_mean.copy_(tap.mean)
-            layer.running_var.copy_(tap.std.square())
-            layer.threshold.fill_(0.25)
-            model[index] = nn.Sequential(layer, module)
-    return model.eval()
-
-
-def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_layers_off(monkeypatch):
+def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_layers_off(monkeypatch, released_digits):
     import torch
 
     from meansparse_core import attach
@@ -251,7 +226,7 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
     from meansparse_core.one_image import attack_image, top_k
     from ui import loaders
 
-    released = released_digits_model()
+    released = released_digits()
     monkeypatch.setattr(loaders, "load_model", lambda spec, model_dir=None, progress=None: released)
     for cached in (loaders.cached_model, loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_set):
         cached.clear()

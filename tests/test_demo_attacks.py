@@ -27,7 +27,7 @@ def test_every_attack_runs_on_the_channels_last_demo_model(cifar_demo, name, tar
     image = torch.rand(32, 32, 3).permute(2, 0, 1)
     assert not image.is_contiguous()
     with torch.no_grad():
-        label = int(cifar_demo.model(image[None]).argmax())  # a correct prediction, so the attack has work to do
+        label = int(cifar_demo.base(image[None]).argmax())  # a correct prediction, so the attack has work to do
     # AutoAttack's four attacks at full length take minutes on one robust image; at eps 64 the first one
     # fools the model and the others are skipped. The layout test below covers its later attacks.
     eps = 0.5 if name == "pgd-l2" else 64 if name == "autoattack" else 8
@@ -42,5 +42,5 @@ def test_every_attack_gets_images_with_standard_strides(cifar_demo, name, monkey
     seen = []
     monkeypatch.setattr(ATTACKS[name], "_perturb", lambda self, images, labels, targets: seen.append(images) or images)
     image = torch.rand(1, 32, 32, 3).permute(0, 3, 1, 2)
-    make_attack(name, cifar_demo.model, eps=8)(image, torch.tensor([0]))
+    make_attack(name, cifar_demo.base, eps=8)(image, torch.tensor([0]))
     assert len(seen) == 1 and seen[0].is_contiguous() and torch.equal(seen[0], image)

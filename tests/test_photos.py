@@ -105,7 +105,7 @@ def test_an_unnamed_photo_is_judged_against_the_base_prediction(digits_sparse):
     """An upload once defaulted to class 0, and the verdict then claimed both models were fooled."""
     sparse, names = digits_sparse
     image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
-    predicted = int(sparse.model(image[None]).argmax())
+    predicted = int(sparse.base(image[None]).argmax())
     choice = AttackChoice("pgd", eps=32, steps=5, target="base")
     adversarial = attack_image(sparse, image, None, choice)
     assert torch.equal(adversarial, attack_image(sparse, image, predicted, choice))
@@ -119,7 +119,7 @@ def test_an_unnamed_photo_is_judged_against_the_base_prediction(digits_sparse):
 
 
 def test_attack_costs_are_stated_before_they_run(digits_sparse):
-    cost = measure(digits_sparse[0].model, (1, 8, 8))
+    cost = measure(digits_sparse[0].base, (1, 8, 8))
     assert cost.forward_s > 0 and cost.gradient_s > 0 and cost.device == "this CPU"
     assert cost.describe("pgd", 10).startswith("PGD-10 on this image: ") and cost.describe("pgd", 10).endswith(
         " on this CPU")

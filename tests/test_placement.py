@@ -364,7 +364,7 @@ def test_a_sparse_model_collected_while_a_router_is_being_built_does_not_hang_th
         sparse = attach(load_model(spec), Statistics.load(bundled_statistics_path(spec)))
         sparse.cycle = [sparse]  # freed by the cyclic collector only
         del sparse
-        with routing._routers_lock:  # as while another router is being built
+        with routing._installs_lock:  # as while another pass is being set up
             gc.collect()
         print("collected")
     """

@@ -100,7 +100,7 @@ def export_ui(current: state.Setup) -> None:
                 "per-layer alphas) as one file that `meansparse_core.export.load_sparsified` reads with "
                 "`weights_only=True`.")
     if st.button("Prepare the file", key="prepare_export"):
-        model = current.sparse.model
+        model = current.sparse.wrapped
         st.session_state["export"] = panels.bytes_of(lambda path: save_sparsified(
             path, model, current.sparse.stats, current.alpha, current.layer_alphas,
             architecture={"key": current.model.key}))

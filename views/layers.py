@@ -67,7 +67,7 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted)
     name, channel = layer_ui(current)
     sparse = current.sparse
     alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
-    at = [probe(sparse.model, sparse.stats, picked.image[None].to(current.model.device),
+    at = [probe(sparse.wrapped, sparse.stats, picked.image[None].to(current.model.device),
                 crafted.image[None].to(current.model.device), alpha, current.layer_alphas, channel={name: channel})
           for alpha in alphas]
     for column, probes, key in zip(layout.side_by_side(len(alphas)), at, ("", "_2")):  # two alphas
