@@ -71,15 +71,21 @@ COLUMN_LABELS = {"alpha": "alpha", "clean": "clean", "robust": "robust (exact gr
 
 
 def best_alpha(rows: Sequence[dict], max_clean_drop: float = 0.01) -> float:
-    """The alpha with the best worst-case robust accuracy (see ``accuracy_table``) whose clean accuracy is
-    within ``max_clean_drop`` of the base model's; the smallest such alpha on a tie."""
+    """The alpha with the best worst-case robust accuracy (see ``accuracy_table``; ``robust`` where a row
+    has no ``worst``) whose clean accuracy is within ``max_clean_drop`` of the base model's (alpha 0);
+    the smallest such alpha on a tie. The app's sweep and the command line's ``reproduce`` both pick so."""
     base = next(r for r in rows if r["alpha"] == 0)
-    allowed = [r for r in rows if r["clean"] >= base["clean"] - max_clean_drop]
+    floor = base["clean"] - max_clean_drop - 1e-12  # 0.1 - 0.01 is above 0.09 in floating point
+    allowed = [r for r in rows if r["clean"] >= floor]
     return max(allowed, key=lambda r: (r.get("worst", r["robust"]), -r["alpha"]))["alpha"]
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for an accuracy of ``correct`` out of ``n`` (95% for z = 1.96).
+#: The two-sided 95% quantile of the normal distribution.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for an accuracy of ``correct`` out of ``n`` (95% by default).
 
     Unlike the normal approximation it stays inside [0, 1] and is not empty at 0% or 100%.
     """

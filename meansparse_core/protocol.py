@@ -18,19 +18,16 @@ the others from the first one on, so that the statistics are the authors' own ov
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from .accuracy_table import best_alpha, wilson_interval
 from .distributed import SOLO, Group
 from .evaluation import EvalResult, EvalSettings, ResultCache, evaluate, sweep
 from .outcomes import Outcomes
 from .sparse_model import SparseModel
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-
 
 @dataclass(frozen=True)
 class Protocol:
@@ -51,16 +48,6 @@ class Selection:
     sweep: list[EvalResult]  # alpha 0 first, then each candidate, on the held-out training slice
 
 
-def wilson(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson's score interval for a binomial proportion: 95% by default, sensible at 0 and n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def select_alpha(sparse: SparseModel, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol,
                  cache: ResultCache | None, cache_key: dict, group: Group = SOLO,
                  progress: Callable[[float, int], None] | None = None) -> Selection:
@@ -69,10 +56,8 @@ def select_alpha(sparse: SparseModel, images: torch.Tensor, labels: torch.Tensor
                             seed=protocol.seed, batch_size=protocol.batch_size)
     results = sweep(sparse, images, labels, settings, [0.0, *protocol.alphas], progress, cache,
                     {**cache_key, "items": "held-out training slice"}, group)
-    floor = results[0].clean_acc - protocol.max_clean_drop
-    allowed = [r for r in results if r.clean_acc >= floor - 1e-12]
-    best = max(allowed, key=lambda r: (r.robust_acc, -r.settings.alpha))  # ties: the smallest alpha
-    return Selection(best.settings.alpha, results)
+    rows = [{"alpha": r.settings.alpha, "clean": r.clean_acc, "robust": r.robust_acc} for r in results]
+    return Selection(best_alpha(rows, protocol.max_clean_drop), results)
 
 
 def test_settings(protocol: Protocol, alpha: float) -> dict[str, EvalSettings]:
@@ -100,7 +85,7 @@ def evaluate_test(sparse: SparseModel, images: torch.Tensor, labels: torch.Tenso
 
 
 def _cell(correct: float, n: int) -> str:
-    low, high = wilson(round(correct * n), n)
+    low, high = wilson_interval(round(correct * n), n)
     return f"{correct:.2%} [{low:.1%}, {high:.1%}]"
 
 

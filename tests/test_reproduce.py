@@ -6,13 +6,13 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from meansparse_core import Statistics, attach, evaluation
+from meansparse_core import Statistics, attach, evaluation, protocol
+from meansparse_core.accuracy_table import best_alpha, wilson_interval
 from meansparse_core.cli import main
 from meansparse_core.data import load_dataset, load_items
 from meansparse_core.evaluation import predict
 from meansparse_core.models import find_model, load_model
 from meansparse_core.outcomes import Outcomes, read_items, write_items
-from meansparse_core.protocol import wilson
 from meansparse_core.statistics import calibrate
 from test_distributed import finish, torchrun
 
@@ -24,7 +24,21 @@ REPRODUCE = ["reproduce", "--model", "bundled/digits-cnn", "--eps", "64", "--n-i
 @pytest.mark.parametrize("successes, n", [(0, 4), (4, 4), (1, 3), (338, 1000), (7124, 10000)])
 def test_wilson_interval_matches_scipy(successes, n):
     low, high = binomtest(successes, n).proportion_ci(method="wilson")
-    assert wilson(successes, n) == pytest.approx((low, high), abs=1e-12)
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-12)
+
+
+def test_the_app_and_the_command_line_pick_the_same_alpha_from_the_same_rows(monkeypatch):
+    """One rule: the app's sweep (best_alpha) and reproduce (select_alpha) agree, at the clean-accuracy
+    floor too (0.1 - 0.01 is above 0.09 in floating point: the app used to refuse that alpha)."""
+    from types import SimpleNamespace
+
+    rows = [{"alpha": 0.0, "clean": 0.10, "robust": 0.040}, {"alpha": 0.1, "clean": 0.09, "robust": 0.045},
+            {"alpha": 0.2, "clean": 0.08, "robust": 0.050}, {"alpha": 0.3, "clean": 0.095, "robust": 0.045}]
+    results = [SimpleNamespace(settings=SimpleNamespace(alpha=r["alpha"]), clean_acc=r["clean"], robust_acc=r["robust"])
+               for r in rows]
+    monkeypatch.setattr(protocol, "sweep", lambda *args, **kwargs: results)
+    chosen = protocol.select_alpha(None, None, None, protocol.Protocol(max_clean_drop=0.01), None, {}).alpha
+    assert chosen == best_alpha(rows) == 0.1
 
 
 def test_per_item_file_round_trips_and_gives_the_accuracies(tmp_path):
