@@ -37,6 +37,12 @@ Square: base, MeanSparse          2 x 30 s  120 s    each, N = 1,000, 1,000 quer
 PGD-20 on 10,000 at the alpha       30 s     90 s
 ================================  ========  =======  ================================================
 
+The estimates add up to more than 15 minutes: AutoAttack with MeanSparse (about 250 s: the ResNet-9's
+166 s scaled by the bigger network and its 17 taps) is unlikely to end in call 2's ~200 s. It is
+started first after the sweep, and what a session leaves unfinished resumes in a later one from
+the files in ``carry/returned`` (``--only autoattack_sparse,autoattack_base`` keeps that call short).
+``--train-seconds 330`` instead trades about 5 epochs for the time to finish every row in one session.
+
 Evaluation rows run with the project's CLI (``python -m meansparse_core evaluate|sweep ...
 --device cuda``) in float32 with PyTorch's defaults (cuDNN may use TF32 for convolutions; the
 results file records the setting). ``--tiny`` runs everything on the CPU at toy scale (a few
