@@ -29,7 +29,7 @@ import tarfile
 import threading
 import urllib.request
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .class_names import CIFAR10_CLASSES, CIFAR100_CLASSES, imagenet_classes
 from .files import atomic_write
 from .paths import data_root
 
@@ -247,31 +248,6 @@ def _imagenet(split: str, root: Path | None, progress: Progress | None, fetch: b
             "(ImageNet cannot be downloaded automatically)."
         )
     return FolderDataset(folder, (3, 224, 224), IMAGENET_PREPARATION)
-
-
-# --- class names ------------------------------------------------------------------------------
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-#: CIFAR-100's fine labels; the official label index is their alphabetical order.
-CIFAR100_CLASSES = tuple("""
-    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
-    camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
-    dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower
-    leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid
-    otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road
-    rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower
-    sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
-    willow_tree wolf woman worm
-""".split())
-
-
-@lru_cache(maxsize=1)
-def imagenet_classes() -> tuple[str, ...]:
-    """ImageNet's 1,000 class names in label order (sorted WordNet ids, the order RobustBench's
-    ImageNet loader and torchvision's models use), read from torchvision's weights metadata: no download."""
-    from torchvision.models import ResNet50_Weights
-
-    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 # --- the registry ------------------------------------------------------------------------------
