@@ -104,11 +104,16 @@ def read_items(path: str | os.PathLike) -> dict[str, tuple[list[int], Outcomes]]
         reader = csv.DictReader(f)
         if reader.fieldnames not in (COLUMNS, COLUMNS + NAME_COLUMNS):
             raise ValueError(f"{path} is not a per-item results file (columns {reader.fieldnames}).")
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
+            if None in row or None in row.values():  # a field too many or too few
+                raise ValueError(f"{path}, line {line}: not {len(reader.fieldnames)} fields; is the file cut short?")
             index, labels, preds, broken = runs.setdefault(row["run"], ([], [], [], []))
-            index.append(int(row["index"]))
-            labels.append(int(row["label"]))
-            preds.append(int(row["clean_pred"]))
+            try:
+                index.append(int(row["index"]))
+                labels.append(int(row["label"]))
+                preds.append(int(row["clean_pred"]))
+            except ValueError:
+                raise ValueError(f"{path}, line {line}: index, label and clean_pred must be whole numbers.") from None
             broken.append(row["broken_by"])
             if (row["robust"] == "1") != (row["broken_by"] == ""):
                 raise ValueError(f"{path}: item {row['index']} of {row['run']!r} is both robust and broken.")

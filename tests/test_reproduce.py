@@ -63,6 +63,15 @@ def test_per_item_file_round_trips_and_gives_the_accuracies(tmp_path):
         Outcomes((3,), (2,), ("",))  # a wrong clean prediction cannot be robust
 
 
+@pytest.mark.parametrize("row", ["alpha=0 pgd,10,3", "alpha=0 pgd,10,3,3,1,,x,y,z", "alpha=0 pgd,ten,3,3,1,"])
+def test_a_damaged_per_item_file_is_a_value_error_as_promised(tmp_path, row):
+    """A row cut short, one with a field too many, or a word for a number: ValueError naming the line
+    (a short row used to raise TypeError)."""
+    (tmp_path / "items.csv").write_text("run,index,label,clean_pred,robust,broken_by\n" + row + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_items(tmp_path / "items.csv")
+
+
 def test_reproduce_runs_end_to_end_under_torchrun_and_a_rerun_reads_everything_back(tmp_path, monkeypatch, capsys):
     code, out, err = finish(torchrun(["-m", "meansparse_core", "--", *REPRODUCE], tmp_path))
     assert code == 0, err[-2000:]
