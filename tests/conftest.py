@@ -112,3 +112,12 @@ def released_digits():
         return model.eval()
 
     return build
+
+
+def streamlit_config() -> dict:
+    """The app server's settings, ``.streamlit/config.toml``."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, which pyproject.toml still supports
+        import tomli as tomllib
+    return tomllib.loads((Path(__file__).parents[1] / ".streamlit" / "config.toml").read_text())

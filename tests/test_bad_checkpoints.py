@@ -4,7 +4,6 @@ Covers a user's uploaded checkpoint, a file in the RobustBench model folder and 
 exported MeanSparse files have their own refusals in test_export.py.
 """
 
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -126,5 +125,7 @@ def test_a_good_checkpoint_still_loads_after_the_bad_ones(tmp_path):
 
 
 def test_uploads_are_limited_in_the_server_config():
-    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    from conftest import streamlit_config
+
+    config = streamlit_config()
     assert 1 <= config["server"]["maxUploadSize"] <= 500  # megabytes

@@ -106,18 +106,16 @@ def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch):
 def test_the_server_skips_the_full_garbage_collection_after_every_script_run():
     """Streamlit's default collects after every run, every poll of a queued job included: with torch loaded
     that held the interpreter lock long enough to stall every session (BENCHMARKS.md, B9)."""
-    import tomllib
-    from pathlib import Path
+    from conftest import streamlit_config
 
-    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    config = streamlit_config()
     assert config["runner"]["postScriptGC"] is False
 
 
 def test_the_server_watches_no_files():
     """With the README's `.venv` inside the project, Streamlit's default watcher turned every file opened there
     into an event: the server spent 14 processor-seconds in 36 s re-walking the tree (BENCHMARKS.md, B14)."""
-    import tomllib
-    from pathlib import Path
+    from conftest import streamlit_config
 
-    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    config = streamlit_config()
     assert config["server"]["fileWatcherType"] == "none"

@@ -82,3 +82,19 @@ def test_the_library_knows_nothing_of_the_app_pages():
     for module in MODULES:
         text = (LIBRARY / f"{module}.py").read_text()
         assert "PAGES" not in text and "views/" not in text, module
+
+
+#: Standard modules newer than the oldest Python that pyproject.toml supports (3.10).
+NEWER_THAN_SUPPORTED = {"tomllib"}
+
+
+def test_nothing_imports_a_module_the_oldest_supported_python_lacks_without_a_fallback():
+    assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text(), "update NEWER_THAN_SUPPORTED"
+    unguarded = []
+    for path in [*LIBRARY.glob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "ui").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try) for node in ast.walk(t)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and id(node) not in guarded:
+                unguarded += [f"{path.name}: {a.name}" for a in node.names if a.name in NEWER_THAN_SUPPORTED]
+    assert not unguarded, unguarded
