@@ -92,6 +92,20 @@ def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
         assert verdict in texts(app)
 
 
+def test_the_rescue_buttons_use_the_live_set_of_the_chosen_placement(monkeypatch):
+    """The buttons built their live set without the placement: under "released" a second one, a second
+    PGD on the whole live set in the page's thread."""
+    from ui import loaders
+
+    asked = []
+    real = loaders.cached_live_set
+    monkeypatch.setattr(loaders, "cached_live_set", lambda *args: asked.append(args[4:]) or real(*args))
+    app = start()
+    app.button(key="find_rescued").click().run()
+    check_clean(app)
+    assert asked and all(len(placement) == 1 for placement in asked), "every call names the placement"
+
+
 def test_the_attack_form_names_each_attacks_budget():
     """Square's budget was once labelled "Steps" with 10 (queries, and too few to find anything);
     AutoAttack offered a step count it does not use."""

@@ -36,7 +36,7 @@ def turns_ui(current: state.Setup) -> None:
     if not (rescued or broken):
         return
     wanted = "rescued" if rescued else "broken"
-    live = loaders.cached_live_set(current.model, current.data, current.data_root, current.eps)
+    live = loaders.cached_live_set(current.model, current.data, current.data_root, current.eps, current.placement)
     positions = getattr(live.turns(current.sparse, current.alpha, current.layer_alphas), wanted)
     if not positions:
         st.info(f"None of the {len(live.labels)} live-set images is {wanted} at alpha {current.alpha:g} by "
