@@ -58,6 +58,13 @@ def cached_sparse(choice: ModelChoice, data: str, placement: str = "activations"
     return attach(cached_model(choice), found.stats) if found else None
 
 
+def forget_statistics(choice: ModelChoice, data: str, placement: str) -> None:
+    """Forget the statistics (and the sparsified model) of one model, data and placement, after new ones
+    were written for them; other sessions' models and statistics stay cached."""
+    cached_statistics.clear(choice, data, placement)
+    cached_sparse.clear(choice, data, placement)
+
+
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=4)
 def cached_dataset(data: str, root: str, split: str) -> Dataset:
     return load_dataset(data, split, root or None, fetch=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
@@ -24,8 +23,8 @@ from meansparse_core.taps import own_layers
 from meansparse_core.placement_rules import PLACEMENTS
 from meansparse_core.statistics_lookup import statistics_path
 from ui import heavy
-from ui.loaders import (ModelChoice, cached_dataset, cached_live_figures, cached_model, cached_sparse,
-                        cached_statistics, cached_zoo)
+from ui.loaders import (ModelChoice, cached_dataset, cached_model, cached_sparse, cached_statistics, cached_zoo,
+                        forget_statistics)
 from ui.panels import progress_bar
 from ui.state import Setup, layer_overrides
 from ui.threshold import chosen, set_controls
@@ -153,9 +152,9 @@ def placement_ui(choice: ModelChoice) -> str:
 
 def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> str:
     """Where the statistics in use come from; offers a calibration run (in the server's job queue) when there are none."""
-    if heavy.collect("calibration") is not None:
-        for cached in (cached_statistics, cached_sparse, cached_live_figures):
-            cached.clear()
+    calibrated = heavy.collect("calibration")
+    if calibrated is not None:
+        forget_statistics(*calibrated)
     try:
         found = cached_statistics(choice, data, placement)
     except ValueError as exc:  # no released placement is known for this architecture
@@ -180,13 +179,13 @@ def statistics_ui(choice: ModelChoice, data: str, root: str, placement: str) -> 
         model = cached_model(choice)
         path = statistics_path(choice.spec, data, choice.weights_digest, placement=placement)
 
-        def calibration(job) -> Path:
+        def calibration(job) -> tuple[ModelChoice, str, str]:
             images, _ = load_items(train, sample_indices(len(train), n, seed=0))
             stats = calibrate(model, (b.to(choice.device) for b in images.split(100)), total=n,
                               progress=lambda done, total: job.report(done, total, f"{done}/{total} images"),
                               meta={"model": choice.key, "data": data, "seed": 0}, placement=placement)
             stats.save(path)
-            return path
+            return choice, data, placement  # what the new statistics replace
 
         heavy.submit("calibration", f"Calibrating {choice.spec.name} on {n} images", calibration,
                      (choice, data, n, placement))
@@ -217,8 +216,7 @@ def without_training_images_ui(choice: ModelChoice, data: str, placement: str) -
         st.error(str(exc))
         return
     stats.save(statistics_path(spec, data, choice.weights_digest, placement=placement))
-    for cached in (cached_statistics, cached_sparse, cached_live_figures):
-        cached.clear()
+    forget_statistics(choice, data, placement)
     st.rerun()
 
 
