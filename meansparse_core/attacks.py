@@ -10,15 +10,36 @@ Attack a sparsified model with exact or straight-through (BPDA) gradients by pas
 
     attack = make_attack("pgd", model, eps=8, steps=10, seed=0)
     adversarial = attack(images, labels)
+
+``progress(done, total)`` is told of every pass through the model (``total`` is the most the attack
+makes, ``Attack.passes``): the one place that sees inside pyautoattack's loops, so a caller can follow
+any attack, and stop it by raising from ``progress`` (``jobs.Job.report`` does when a job is cancelled).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .model_modes import eval_mode, frozen
+
+Progress = Callable[[int, int], None]  # (model passes so far, the most the attack makes)
+
+
+class _Reporting(nn.Module):
+    """The attacked model, telling ``progress`` of each pass before making it."""
+
+    def __init__(self, model: nn.Module, progress: Progress, most: int) -> None:
+        super().__init__()
+        self.model, self.progress, self.most, self.passes = model, progress, most, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        self.progress(min(self.passes, self.most), self.most)
+        return self.model(x)
 
 
 class Attack:
@@ -30,16 +51,18 @@ class Attack:
         steps: iterations (queries for Square).
         targeted: push each image towards a random other class (seeded) instead of away from its label.
         seed: makes random starts, targets and Square's search repeatable.
+        progress: told of every pass through the model (see the module's docstring).
     """
 
     name = "attack"
     norm = "Linf"
     gradient_free = False
 
-    def __init__(self, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False, seed: int = 0,
+                 progress: Progress | None = None) -> None:
         if eps < 0 or steps < 1:
             raise ValueError(f"{self.name} needs eps >= 0 and steps >= 1 (got eps={eps}, steps={steps}).")
-        self.model = model
+        self.model = model if progress is None else _Reporting(model, progress, sum(self.passes(steps)))
         self.eps_user = eps
         self.eps = eps / 255 if self.norm == "Linf" else float(eps)
         self.steps = int(steps)
@@ -58,6 +81,8 @@ class Attack:
         # Standard (N, C, H, W) strides: images made from HWC arrays by ``permute`` have channels-last
         # strides, and pyautoattack ``.view``s gradients laid out like its input, which fails on those.
         images = images.detach().contiguous()
+        if isinstance(self.model, _Reporting):
+            self.model.passes = 0
         targets = self._random_targets(images, labels) if self.targeted else None
         return self._perturb(images, labels, targets).detach().clamp(0, 1)
 
@@ -68,6 +93,12 @@ class Attack:
         generator = torch.Generator().manual_seed(self.seed)
         shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
         return (labels + shift) % num_classes
+
+    @classmethod
+    def passes(cls, steps: int) -> tuple[int, int]:
+        """The most (gradient, forward-only) passes through the model one run makes, counted on a batch
+        the attack never fools; pyautoattack's attacks stop early on the items they fool."""
+        return steps, 0
 
     def _perturb(self, images, labels, targets):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -128,8 +159,13 @@ class FGSM(_GradientAttack):
     name = "fgsm"
     random_start = False
 
-    def __init__(self, model: nn.Module, eps: float, steps: int = 1, targeted: bool = False, seed: int = 0) -> None:
-        super().__init__(model, eps, 1, targeted, seed)
+    def __init__(self, model: nn.Module, eps: float, steps: int = 1, targeted: bool = False, seed: int = 0,
+                 progress: Progress | None = None) -> None:
+        super().__init__(model, eps, 1, targeted, seed, progress)
+
+    @classmethod
+    def passes(cls, steps: int) -> tuple[int, int]:
+        return 1, 0
 
     def step_size(self) -> float:
         return self.eps
@@ -141,8 +177,8 @@ class PGD(_GradientAttack):
     name = "pgd"
 
     def __init__(self, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False, seed: int = 0,
-                 step: float | None = None) -> None:
-        super().__init__(model, eps, steps, targeted, seed)
+                 progress: Progress | None = None, step: float | None = None) -> None:
+        super().__init__(model, eps, steps, targeted, seed, progress)
         self._step = None if step is None else (step / 255 if self.norm == "Linf" else float(step))
 
     def step_size(self) -> float:
@@ -178,6 +214,10 @@ class APGD(_Reference):
     name = "apgd-ce"
     loss = "ce"
 
+    @classmethod
+    def passes(cls, steps: int) -> tuple[int, int]:
+        return steps + 2, 0  # and one pass before and one after the steps
+
     def make(self):
         from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
@@ -206,6 +246,10 @@ class Square(_Reference):
     name = "square"
     gradient_free = True
 
+    @classmethod
+    def passes(cls, steps: int) -> tuple[int, int]:
+        return 0, steps + 2
+
     def make(self):
         from pyautoattack.square import SquareAttack
 
@@ -218,6 +262,12 @@ class AutoAttack(_Reference):
     """AutoAttack standard (Croce and Hein, 2020): APGD-CE, APGD-T, FAB-T, Square; ``steps`` unused."""
 
     name = "autoattack"
+
+    @classmethod
+    def passes(cls, steps: int) -> tuple[int, int]:
+        """APGD-CE, then APGD-T for each of 9 target classes (102 gradient passes each), FAB-T for each of 9
+        targets (100 gradient and 100 forward passes each), Square (5,000 queries); ``steps`` is unused."""
+        return 10 * APGD.passes(100)[0] + 9 * 100, 9 * 100 + Square.passes(5000)[1]
 
     def make(self):
         from pyautoattack import AutoAttack as Reference
@@ -272,11 +322,12 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (FGSM, PGD, PGDL2, APGD, 
 
 
 def make_attack(name: str, model: nn.Module, eps: float, steps: int = 10, targeted: bool = False,
-                seed: int = 0, step: float | None = None) -> Attack:
-    """An attack by name (see ``ATTACKS``) against ``model``; ``step`` (user units) is PGD's only."""
+                seed: int = 0, step: float | None = None, progress: Progress | None = None) -> Attack:
+    """An attack by name (see ``ATTACKS``) against ``model``; ``step`` (user units) is PGD's only;
+    ``progress(done, total)`` hears of every pass through the model and may raise to stop the attack."""
     if name not in ATTACKS:
         raise KeyError(f"Unknown attack {name!r}; choose one of {', '.join(ATTACKS)}.")
     if step is not None and not issubclass(ATTACKS[name], PGD):
         raise ValueError(f"{name} chooses its own step size; --step applies to pgd and pgd-l2 only.")
     extra = {"step": step} if step is not None else {}
-    return ATTACKS[name](model, eps, steps, targeted, seed, **extra)
+    return ATTACKS[name](model, eps, steps, targeted, seed, progress, **extra)

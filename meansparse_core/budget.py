@@ -2,12 +2,15 @@
 
 On a laptop CPU, PGD on one 224x224 photo takes seconds for a ResNet-18 and minutes for a
 ConvNeXt-L; AutoAttack on the same photo can take an hour. ``measure`` times one forward pass and
-one forward-and-backward pass of one image (after a warm-up pass), and ``Cost`` turns them into
-the time of an attack, so a page can say so before anyone presses a button. Example::
+one forward-and-backward pass of one image (the fastest of a few, after a warm-up pass: a single
+timing on a busy machine can be several times too slow), and ``Cost`` turns them, with each attack's
+count of passes (``attacks.Attack.passes``), into the time of an attack, so a page can say so before
+anyone presses a button, and a server can send work that is not quick to its job queue. Example::
 
     cost = measure(model, (3, 224, 224))
     print(cost.describe("pgd", 10))        # PGD-10 on this image: about 3 s on this CPU
     print(cost.warning("autoattack", 100))  # None, or a sentence to show before starting
+    cost.quick("pgd", 200)                 # False: a shared server queues it
 """
 
 from __future__ import annotations
@@ -18,24 +21,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attacks import ATTACKS
+
 #: Work expected to take longer than this gets a warning before it starts.
 PATIENCE_S = 60.0
 
-#: Gradient passes (forward and backward) and forward-only passes of pyautoattack's standard
-#: AutoAttack on one image it never fools: APGD-CE (100 steps), APGD-T and FAB-T (100 steps for
-#: each of 9 target classes), then Square (5,000 queries). It stops at the first success.
-AUTOATTACK_PASSES = (100 + 9 * 100 + 9 * 100, 5000)
+#: Work expected to take longer than this is not quick: a shared server runs it in its job queue
+#: rather than in the thread that draws a user's page.
+QUICK_S = 1.5
 
+#: The attack's own work besides the model, per pass on one image: pyautoattack's steps on small
+#: tensors. Measured on a 2-core CPU with the digits demo model (0.3 ms per pass): about 0.5 ms per
+#: pass in Square and AutoAttack, 1 ms in APGD; it is most of the time on a model that small.
+BOOKKEEPING_S = 0.5e-3
 
-def _passes(attack: str, steps: int) -> tuple[int, int]:
-    """(gradient passes, forward-only passes) of one attack on one image, at most."""
-    if attack == "autoattack":
-        return AUTOATTACK_PASSES
-    if attack == "square":
-        return 0, steps
-    if attack == "fgsm":
-        return 1, 0
-    return steps, 0
+#: Timed runs of each pass, at most, and the time they may take together.
+REPEATS, REPEATS_S = 5, 1.0
 
 
 def _duration(seconds: float) -> str:
@@ -58,9 +59,13 @@ class Cost:
     device: str  # "this CPU", "this GPU (NVIDIA H100 ...)"
 
     def seconds(self, attack: str, steps: int, images: int = 1) -> float:
-        """The longest ``attack`` can take on ``images`` images (it runs every step on every image)."""
-        gradient, forward = _passes(attack, steps)
-        return images * (gradient * self.gradient_s + forward * self.forward_s)
+        """The longest ``attack`` can take on ``images`` images, one at a time (it runs every step on every image)."""
+        gradient, forward = ATTACKS[attack].passes(steps)
+        return images * (gradient * self.gradient_s + forward * self.forward_s + (gradient + forward) * BOOKKEEPING_S)
+
+    def quick(self, attack: str, steps: int, images: int = 1) -> bool:
+        """Whether the work is expected to take at most ``QUICK_S`` (short enough to wait for on a page)."""
+        return self.seconds(attack, steps, images) <= QUICK_S
 
     def describe(self, attack: str, steps: int, images: int = 1) -> str:
         what = f"{attack.upper()}" if attack in ("fgsm", "autoattack") else f"{attack.upper()}-{steps}"
@@ -84,18 +89,23 @@ def _device_name(device: torch.device) -> str:
 
 
 def _timed(run, device: torch.device) -> float:
-    run()  # warm-up: first calls allocate and pick kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    """The fastest of up to ``REPEATS`` runs taking ``REPEATS_S`` in all, after a warm-up run (first
+    calls allocate and pick kernels); the fastest, because other work on the machine only adds time."""
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    times: list[float] = []
+    while len(times) < REPEATS and sum(times) < REPEATS_S:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
-    """Time one forward and one forward-and-backward pass of one random image through ``model``.
+    """Time a forward and a forward-and-backward pass of one random image through ``model``.
 
     The model is only read: its weights get no gradient and it stays in the mode it was in.
     """

@@ -120,9 +120,13 @@ def evaluate(model: SparseModel | nn.Module, images: Images, labels: torch.Tenso
     size = settings.batch_size
     clean_pred = _clean_predictions(classifier, images, size, group)
     still_correct = (clean_pred == labels).nonzero().flatten()
-    attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed,
-                         settings.step)
     share = group.shard(-(-len(still_correct) // size))
+    # Within the running batch too, at every pass through the model: a long attack shows it moves, and a
+    # progress callback that raises (a cancelled job) stops it at once.
+    within_batch = None if progress is None else (
+        lambda passes, most: progress(first - offset + len(chunk) * passes / most, total))  # noqa: B023
+    attack = make_attack(settings.attack, classifier, settings.eps, settings.steps, settings.targeted, settings.seed,
+                         settings.step, within_batch)
     offset, total = share.start * size, min(share.stop * size, len(still_correct)) - share.start * size
     done: dict[int, list[str]] = {}
     resumed, earlier_seconds = 0, 0.0

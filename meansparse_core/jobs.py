@@ -13,7 +13,11 @@ that never enters the queue. Example::
     job.wait(); job.result()  # the sweep's rows, or the sweep's exception raised again
 
 A job's handle is the only way to its result: the queue lists no jobs, so whoever holds the handle
-(the session that submitted it) is the only one who sees the result.
+(the session that submitted it) is the only one who sees the result. A job stops at its next
+progress report once cancelled or once ``alive()`` says its submitter went away, so long work
+reports often (attacks do at every forward pass: ``attacks.make_attack(..., progress=job.report)``).
+A waiting job whose submitter went away leaves the line as soon as anyone asks for a position. One
+``owner`` (a browser session) has at most ``per_owner`` jobs waiting or running.
 
 Torch threads: ``torch.set_num_threads`` sets the OpenMP thread count of the *calling* thread, and
 also a process-wide count that threads started later read the first time they run an operator.
@@ -31,8 +35,9 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from collections import deque
-from typing import Callable, Generic, Literal, TypeVar
+from typing import Callable, Generic, Hashable, Literal, TypeVar
 
 import torch
 
@@ -47,16 +52,24 @@ class JobCancelled(Exception):
     """Raised inside a job (by ``Job.report``) and by ``Job.result`` once the job was cancelled."""
 
 
+class TooManyJobs(ValueError):
+    """Raised by ``JobQueue.submit`` when the submitter already has ``per_owner`` jobs waiting or running."""
+
+
 class Job(Generic[T]):
     """One piece of heavy work: where it stands, how far it got, and (when finished) its outcome."""
 
     def __init__(self, queue: "JobQueue", work: Callable[["Job[T]"], T], description: str,
-                 alive: Callable[[], bool]) -> None:
+                 alive: Callable[[], bool], owner: Hashable | None = None) -> None:
         self.description = description
+        self.owner = owner
         self.state: State = "queued"
         self.progress = 0.0  # fraction done, as the job last reported it
         self.message = ""
-        self._queue, self._work, self._alive = queue, work, alive
+        self._queue = queue
+        # Dropped when the job ends: the work's closure holds models, images and a page's setup.
+        self._work: Callable[["Job[T]"], T] | None = work
+        self._alive: Callable[[], bool] | None = alive
         self._cancelled, self._finished = threading.Event(), threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
@@ -72,8 +85,9 @@ class Job(Generic[T]):
 
     @property
     def wanted(self) -> bool:
-        """False once cancelled or once its submitter went away: then it is not worth running on."""
-        return not self._cancelled.is_set() and self._alive()
+        """False once cancelled, ended, or once its submitter went away: then it is not worth running on."""
+        alive = self._alive
+        return not self._cancelled.is_set() and alive is not None and alive()
 
     def report(self, done: float, total: float, message: str = "") -> None:
         """Record progress (``done`` of ``total``); raises ``JobCancelled`` when nobody wants the job any more.
@@ -103,24 +117,30 @@ class Job(Generic[T]):
         return self._result  # type: ignore[return-value]
 
     def _run(self) -> None:
-        if not self.wanted:
-            return self._end("cancelled", JobCancelled(f"{self.description} was cancelled."))
-        self.state = "running"
-        log.info("%s: running", self.description)
+        """Run the work and end the job, whatever happens: nothing it raises reaches the worker."""
         try:
+            if not self.wanted:
+                raise JobCancelled(f"{self.description} was cancelled.")
+            self.state = "running"
+            log.info("%s: running", self.description)
             result = self._work(self)
         except JobCancelled as exc:
             return self._end("cancelled", exc)
-        except Exception as exc:  # handed to the submitter, who shows it
+        except BaseException as exc:  # noqa: BLE001 - handed to the submitter, who shows it; the worker goes on
+            # The traceback goes to the log only, as text: its frames hold everything the work held.
+            log.warning("%s failed:\n%s", self.description, "".join(traceback.format_exception(exc)).rstrip())
             return self._end("failed", exc)
         self._result = result
         self._end("done")
 
     def _end(self, state: State, error: BaseException | None = None) -> None:
         log.info("%s: %s%s", self.description, state, f" ({error})" if error else "")
-        self._error, self.state = error, state
+        # Nothing of the work stays: neither its closure nor the frames of the error's traceback.
+        self._error, self.state = error.with_traceback(None) if error else None, state
+        self._work = self._alive = None
         if state == "done":
             self.progress = 1.0
+        self._queue._ended(self)
         self._finished.set()
 
 
@@ -168,13 +188,14 @@ def usable_cores() -> int:
 class JobQueue:
     """A first-in first-out queue of heavy jobs, run by ``workers`` threads of ``threads_per_job`` torch threads each."""
 
-    def __init__(self, workers: int = 1, threads_per_job: int = 1) -> None:
-        if workers < 1 or threads_per_job < 1:
-            raise ValueError("A job queue needs at least one worker and one thread per job.")
-        self.workers, self.threads_per_job = workers, threads_per_job
+    def __init__(self, workers: int = 1, threads_per_job: int = 1, per_owner: int = 3) -> None:
+        if workers < 1 or threads_per_job < 1 or per_owner < 1:
+            raise ValueError("A job queue needs at least one worker, one thread per job and one job per owner.")
+        self.workers, self.threads_per_job, self.per_owner = workers, threads_per_job, per_owner
         self._waiting: deque[Job] = deque()
         self._changed = threading.Condition()
         self._running = 0
+        self._unfinished: dict[Hashable, int] = {}  # per owner: jobs submitted and not yet ended
         self._closed = False
         self._threads = [threading.Thread(target=self._serve, name=f"heavy-job-{i}", daemon=True)
                          for i in range(workers)]
@@ -191,21 +212,50 @@ class JobQueue:
         return cls(workers=workers, threads_per_job=heavy // workers)
 
     def submit(self, work: Callable[[Job[T]], T], description: str = "job",
-               alive: Callable[[], bool] = lambda: True) -> Job[T]:
+               alive: Callable[[], bool] = lambda: True, owner: Hashable | None = None) -> Job[T]:
         """Queue ``work(job)``; ``alive()`` says whether its submitter still wants it (checked before it runs
-        and at each progress report)."""
-        job = Job(self, work, description, alive)
+        and at each progress report). ``owner`` (a session) may have ``per_owner`` jobs unfinished at once."""
+        self._drop_unwanted()
+        job = Job(self, work, description, alive, owner)
         with self._changed:
             if self._closed:
                 raise RuntimeError("This job queue is closed.")
+            if owner is not None:
+                if self._unfinished.get(owner, 0) >= self.per_owner:
+                    raise TooManyJobs(f"You already have {self.per_owner} heavy jobs waiting or running on this "
+                                      "server: wait for one to end, or cancel one, before starting another.")
+                self._unfinished[owner] = self._unfinished.get(owner, 0) + 1
             self._waiting.append(job)
             self._changed.notify()
         log.info("%s: queued at position %d", description, self.position(job))
         return job
 
+    def _ended(self, job: Job) -> None:
+        """Called by a job as it ends: its owner may submit another."""
+        if job.owner is None:
+            return
+        with self._changed:
+            left = self._unfinished.pop(job.owner, 1) - 1
+            if left:
+                self._unfinished[job.owner] = left
+
     def position(self, job: Job) -> int | None:
+        """1 for the next job to run...; None once it runs or ended. Jobs nobody wants any more leave the line first."""
+        self._drop_unwanted()
         with self._changed:
             return self._waiting.index(job) + 1 if job in self._waiting else None
+
+    def _drop_unwanted(self) -> None:
+        """End the waiting jobs whose submitter went away (a closed tab), so that they neither wait nor count."""
+        with self._changed:
+            waiting = list(self._waiting)
+        for job in waiting:
+            try:
+                wanted = job.wanted
+            except Exception:  # noqa: BLE001 - a failing check is the worker's to report, when the job's turn comes
+                continue
+            if not wanted:
+                self.discard(job)
 
     @property
     def waiting(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attack_choice import AttackChoice
-from .attacks import make_attack
+from .attacks import Progress, make_attack
 from .evaluation import predict
 from .operator import GradMode
 from .sparse_model import SparseModel
@@ -34,15 +34,17 @@ def classifier(sparse: SparseModel, alpha: float, grad: GradMode = "exact",
 
 
 def attack_image(sparse: SparseModel, image: torch.Tensor, label: int | None, choice: AttackChoice,
-                 alpha: float = 0.0, layer_alphas: Mapping[str, float] | None = None) -> torch.Tensor:
+                 alpha: float = 0.0, layer_alphas: Mapping[str, float] | None = None,
+                 progress: Progress | None = None) -> torch.Tensor:
     """The adversarial version of one (C, H, W) image, crafted against the base or the sparsified model.
 
     With no ``label`` (a photo whose class nobody named) the attack leads away from the base model's
-    prediction on the clean image.
+    prediction on the clean image. ``progress`` hears of every pass through the model (``attacks.make_attack``).
     """
     target = (sparse.base if choice.target == "base"
               else classifier(sparse, alpha, choice.grad, layer_alphas))
-    attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed)
+    attack = make_attack(choice.attack, target, choice.eps, choice.steps, choice.targeted, choice.seed,
+                         progress=progress)
     device = next(sparse.wrapped.parameters()).device
     if label is None:
         label = int(predict(sparse.base, image[None].to(device))[0])

@@ -85,14 +85,15 @@ class SharedWork:
         self._running_here: dict[Hashable, threading.Lock] = {}
 
     def submit(self, key: Hashable, work: Callable[[Job[T]], T], description: str,
-               alive: Callable[[], bool] = lambda: True) -> Ticket[T]:
-        """A ticket on the job for ``key``: the one running or waiting, a finished one's result, or a new job."""
+               alive: Callable[[], bool] = lambda: True, owner: Hashable | None = None) -> Ticket[T]:
+        """A ticket on the job for ``key``: the one running or waiting, a finished one's result, or a new job
+        (counted against ``owner``'s jobs in the queue: ``JobQueue.per_owner``)."""
         with self._lock:
             self._forget_old_jobs()
             job, tickets = self._jobs.get(key, (None, []))
             if job is None or job.state not in ("queued", "running", "done"):  # none, or it failed or stopped
                 tickets = []
-                job = self.queue.submit(work, description, partial(_anyone_waits, tickets))
+                job = self.queue.submit(work, description, partial(_anyone_waits, tickets), owner)
             ticket = Ticket(self, job, alive)
             tickets.append(ticket)
             self._jobs[key] = (job, tickets)

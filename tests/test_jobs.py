@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from meansparse_core.jobs import JOB_NICENESS, JobCancelled, JobQueue
-from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.attacks import make_attack
+from meansparse_core.data import load_dataset, load_items
+from meansparse_core.jobs import JOB_NICENESS, JobCancelled, JobQueue, TooManyJobs
+from meansparse_core.models import find_model, load_model
 
 WAIT = 60  # seconds: only a hang ever waits this long
 
@@ -193,12 +195,6 @@ def test_a_queue_needs_workers():
         JobQueue(workers=0)
 
 
-@pytest.mark.parametrize("attack, steps, heavy", [("autoattack", 1, True), ("square", 300, False), ("square", 301, True),
-                                                  ("pgd", 200, False), ("apgd-ce", 200, False)])
-def test_autoattack_and_long_square_runs_are_heavy(attack, steps, heavy):
-    assert AttackChoice(attack, steps=steps).heavy is heavy
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
 def test_jobs_run_at_a_lower_cpu_priority_than_the_pages():
     def niceness():
@@ -220,3 +216,133 @@ def test_jobs_run_the_operator_eagerly_so_a_worker_compiles_no_kernel_of_its_own
     fused, x = Fused(torch.neg), torch.zeros(MIN_ELEMENTS)
     assert fused.worth_it(x) or not fused.enabled  # outside a worker this tensor takes the compiled kernel
     assert finished(queue.submit(lambda job: fused.worth_it(x), "operator")).result() is False
+
+
+class Interrupted(BaseException):
+    """Not an ``Exception``: what a worker that catches only those would die of."""
+
+
+def test_a_worker_survives_a_failing_check_of_its_submitter_and_ends_the_job(queue):
+    _, release = blocker(queue)
+    session_store_gone = threading.Event()
+
+    def alive():
+        if session_store_gone.is_set():
+            raise Interrupted("the session store went away")
+        return True
+
+    broken = queue.submit(lambda job: "never", "job of a vanished session", alive)
+    session_store_gone.set()
+    release.set()  # the worker checks the submitter as the job's turn comes
+    assert finished(broken).state == "failed"
+    with pytest.raises(Interrupted):
+        broken.result()
+    assert finished(queue.submit(lambda job: 42, "next job")).result() == 42
+
+
+def test_a_worker_survives_work_that_raises_more_than_an_exception(queue):
+    def work(job):
+        raise Interrupted("stop")
+
+    assert finished(queue.submit(work, "odd job")).state == "failed"
+    assert finished(queue.submit(lambda job: 42, "next job")).result() == 42
+
+
+class Payload:
+    """Stands for what a job's work holds: a model, images, a page's setup."""
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed", "cancelled"])
+def test_an_ended_job_holds_nothing_of_its_work(queue, outcome):
+    import gc
+    import weakref
+
+    payload = Payload()
+    held = weakref.ref(payload)
+
+    def work(job, payload=payload):
+        if outcome == "failed":
+            raise ValueError("bad")
+        if outcome == "cancelled":
+            job.cancel()
+            job.report(0, 1)
+        return None
+
+    job = queue.submit(work, outcome, alive=lambda payload=payload: True)
+    del work, payload
+    assert finished(job).state == outcome
+    gc.collect()
+    assert held() is None, "the ended job still holds what its work and its alive check held"
+
+
+def test_one_owner_cannot_fill_the_queue(queue):
+    _, release = blocker(queue)
+    mine = [queue.submit(lambda job: 1, f"mine {i}", owner="session-a") for i in range(queue.per_owner)]
+    with pytest.raises(TooManyJobs, match="wait for one to end, or cancel one"):
+        queue.submit(lambda job: 1, "one too many", owner="session-a")
+    theirs = queue.submit(lambda job: 2, "theirs", owner="session-b")  # others are not held back
+    mine[0].cancel()  # an ended job frees its place
+    again = queue.submit(lambda job: 3, "mine again", owner="session-a")
+    release.set()
+    assert finished(theirs).result() == 2 and finished(again).result() == 3
+    assert all(finished(job).state in ("done", "cancelled") for job in mine)
+    assert [queue.submit(lambda job: 4, owner="session-a") for _ in range(queue.per_owner)]  # all ended: room again
+
+
+def test_a_waiting_job_of_a_closed_tab_leaves_the_line_as_soon_as_positions_are_asked(queue):
+    _, release = blocker(queue)
+    open_tabs = {"gone", "here"}
+    gone = queue.submit(lambda job: 1, "job of a closed tab", lambda: "gone" in open_tabs)
+    here = queue.submit(lambda job: 1, "job of an open tab", lambda: "here" in open_tabs)
+    assert (gone.position, here.position) == (1, 2)
+    open_tabs.discard("gone")
+    assert here.position == 1 and gone.finished and gone.state == "cancelled"
+    release.set()
+    assert finished(here).state == "done"
+
+
+# --- attacks running in a job report every pass and stop at the next one ------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The digits demo model and a test image it gets right; eps 0.25/255 never fools it, so every attack
+    would run its whole schedule (AutoAttack: seconds, Square with 100,000 queries: about a minute)."""
+    model = load_model(find_model("bundled/digits-cnn"))
+    images, labels = load_items(load_dataset("digits", "test"), range(1))
+    return model, images, labels
+
+
+def attack_job(queue, digits, attack: str, alive=lambda: True):
+    """Submit ``attack`` on the digits image as a job; return it, once it made some passes, with the passes seen."""
+    model, images, labels = digits
+    passes, running = [], threading.Event()
+
+    def work(job):
+        def progress(done, most):
+            passes.append(done)
+            running.set()
+            job.report(done, most, f"pass {done}")
+        return make_attack(attack, model, eps=0.25, steps=100_000, progress=progress)(images, labels)
+
+    job = queue.submit(work, attack, alive)
+    assert running.wait(WAIT)
+    return job, passes
+
+
+@pytest.mark.parametrize("attack", ["autoattack", "square", "apgd-ce", "pgd"])
+def test_cancelling_a_running_attack_stops_it_at_its_next_pass(queue, digits, attack):
+    job, passes = attack_job(queue, digits, attack)
+    assert job.progress > 0 and job.message.startswith("pass ")
+    job.cancel()
+    seen = len(passes)
+    assert finished(job).state == "cancelled"
+    assert len(passes) <= seen + 1, f"{len(passes) - seen} passes after the cancel"
+
+
+def test_closing_the_tab_stops_a_running_attack_at_its_next_pass(queue, digits):
+    tab_open = [True]
+    job, passes = attack_job(queue, digits, "autoattack", alive=lambda: tab_open[0])
+    tab_open[0] = False
+    seen = len(passes)
+    assert finished(job).state == "cancelled" and len(passes) <= seen + 1

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import streamlit as st
 
 from meansparse_core.budget import Cost, measure
 from meansparse_core.models import fits_a_laptop
 from ui.loaders import ModelChoice, cached_model
-from ui.state import Setup
+
+if TYPE_CHECKING:  # ui.state asks this module whether an attack is quick
+    from ui.state import Setup
 
 
 @st.cache_resource(show_spinner="Timing the model on this device...", max_entries=8)

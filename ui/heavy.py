@@ -36,26 +36,30 @@ def shared_work() -> SharedWork:
     return SharedWork(job_queue())
 
 
-def _session_alive() -> Callable[[], bool]:
-    """Whether the session submitting now still has a browser tab open (always True outside a server)."""
+def _session() -> tuple[str | None, Callable[[], bool]]:
+    """The session submitting now, and whether it still has a browser tab open (None and always True
+    outside a server)."""
     context = get_script_run_ctx()
     if context is None or not Runtime.exists():
-        return lambda: True
+        return None, lambda: True
     session, runtime = context.session_id, Runtime.instance()
-    return lambda: runtime.is_active_session(session)
+    return session, lambda: runtime.is_active_session(session)
 
 
 def submit(kind: str, description: str, work: Callable[[Job], T], request: Hashable) -> None:
     """Queue ``work(job)`` for this session, in place of its previous job of the same kind (cancelled), unless
-    that one was for the same ``request``: a form submitted twice runs once.
+    that one was for the same ``request``: a form submitted twice runs once. A session with too many jobs
+    unfinished is told so in one sentence.
 
     ``request`` holds everything that determines the result: identical requests of all sessions share
     one job (a class opening the lecturer's link runs its attack once) and its result, read-only."""
     if st.session_state.get(f"request/{kind}") == request and pending(kind):
         return
     cancel(kind)
-    st.session_state[f"job/{kind}"] = shared_work().submit(request, work, description, _session_alive())
-    st.session_state[f"request/{kind}"] = request
+    session, alive = _session()
+    with shown_errors():
+        st.session_state[f"job/{kind}"] = shared_work().submit(request, work, description, alive, owner=session)
+        st.session_state[f"request/{kind}"] = request
 
 
 def cancel(kind: str) -> None:

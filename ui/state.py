@@ -9,12 +9,14 @@ import torch
 from torch.utils.data import Dataset
 
 from meansparse_core.data import DATASETS, sample_indices
+from meansparse_core.jobs import Job
 from meansparse_core.models import ModelSpec
 from meansparse_core.sparse_model import SparseModel
 from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.live_accuracy import LiveAccuracy
 from meansparse_core.one_image import attack_image, found_adversarial
 from ui import heavy
+from ui.costs import cached_cost
 from ui.loaders import ModelChoice
 
 
@@ -140,19 +142,22 @@ def adversarial(current: Setup, picked: Picked) -> Crafted | None:
 def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | None:
     """Run the attack on the picked image and remember the result for this session.
 
-    A heavy attack (``AttackChoice.heavy``) goes to the server's job queue instead: None now, and
-    ``adversarial`` picks the result up once it is done.
+    An attack this model does not make quickly (``budget.Cost.quick``, measured on this device) goes to
+    the server's job queue instead, where it reports every pass through the model and stops at once when
+    cancelled or when the tab closes: None now, and ``adversarial`` picks the result up once it is done.
     """
     alpha = current.alpha if choice.target == "sparse" else 0.0
     sparse, layer_alphas = require_sparse(current), current.layer_alphas
 
-    def attack(job=None) -> Crafted:
-        image = attack_image(sparse, picked.image, picked.label, choice, alpha, layer_alphas)
+    def attack(job: Job | None = None) -> Crafted:
+        progress = None if job is None else (
+            lambda done, most: job.report(done, most, f"pass {done:,} of at most {most:,} through the model"))
+        image = attack_image(sparse, picked.image, picked.label, choice, alpha, layer_alphas, progress)
         found = found_adversarial(sparse, picked.image, image, picked.label, choice, alpha, layer_alphas)
         return Crafted((current.model_id, picked.key), choice, alpha, image, found)
 
     request = (*computation_key(current), picked.key, choice, alpha, tuple(sorted(layer_alphas.items())))
-    if choice.heavy:
+    if not cached_cost(current.model).quick(choice.attack, choice.steps):
         heavy.submit("attack", f"{choice.attack} ({choice.effort}) on {picked.caption}", attack, request)
         return None
     with st.spinner(f"Running {choice.attack} ({choice.effort})...", show_time=True):

@@ -5,7 +5,7 @@ import streamlit as st
 from meansparse_core.charts import (fraction_replaced_chart, histogram_chart, perturbation_chart,
                                     perturbation_split_chart, same_y_range)
 from meansparse_core.probes import TapProbe, probe
-from ui import layout, links, panels, state, threshold
+from ui import heavy, layout, links, panels, state, threshold
 
 
 def layer_ui(current: state.Setup) -> tuple[str, int]:
@@ -85,6 +85,9 @@ def main() -> None:
     st.title("Layers")
     picked = state.picked_image(current)
     crafted = state.adversarial(current, picked) or state.craft(current, picked, state.default_attack(current))
+    if crafted is None:  # not quick on this model: it is crafted in the server's job queue
+        heavy.status_ui("attack")
+        st.stop()
     st.caption(f"Image: {picked.caption}. Adversarial example: {crafted.description} "
                "(pick the image and run other attacks on the Explore page).")
     stage_ui(current, picked, crafted)
