@@ -12,13 +12,32 @@ import threading
 import pytest
 
 pytest.importorskip("streamlit")
-from test_app import TIMEOUT, chart, check_clean, finish_jobs, start, texts  # noqa: E402
+from test_app import TIMEOUT, chart, check_clean, finish_jobs, open_link, start, texts  # noqa: E402
 
+from meansparse_core import budget  # noqa: E402
+from meansparse_core.budget import Cost  # noqa: E402
 from ui import heavy  # noqa: E402
+
+#: A model as slow as an ImageNet one on a laptop CPU: PGD-10 takes 1 s on one image, PGD-200 20 s.
+SLOW = Cost(forward_s=0.05, gradient_s=0.1, parameters=88_000_000, device="this CPU")
 
 
 @pytest.fixture
-def busy_server():
+def queued_attacks(monkeypatch):
+    """Every attack waits in the queue, however quick (the digits model makes them all quick)."""
+    monkeypatch.setattr(budget, "QUICK_S", 0.0)
+
+
+@pytest.fixture
+def slow_model(monkeypatch):
+    """The page believes the model is ``SLOW``."""
+    import ui.state
+
+    monkeypatch.setattr(ui.state, "cached_cost", lambda choice: SLOW)
+
+
+@pytest.fixture
+def busy_server(queued_attacks):
     """Every worker of the server's queue busy with another session's job until the test ends."""
     queue = heavy.job_queue()
     release = threading.Event()
@@ -31,7 +50,7 @@ def busy_server():
 
 
 def heavy_attack(app):
-    """Square with 400 queries: heavy by ``AttackChoice.heavy``, yet quick on the digits model."""
+    """Square with 400 queries (in the queue: see ``queued_attacks``)."""
     app.selectbox(key="attack_name").set_value("square").run()
     next(n for n in app.number_input if n.label == "Queries").set_value(400)
     return app.button(key="FormSubmitter:attack-Attack").click().run()
@@ -91,7 +110,7 @@ def test_picking_another_image_cancels_the_attack_waiting_for_the_old_one(busy_s
     assert job.state == "cancelled" and "queued" not in texts(app)
 
 
-def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch):
+def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch, queued_attacks):
     import ui.state
 
     def refuse(*args, **kwargs):
@@ -101,6 +120,51 @@ def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch):
     app = finish_jobs(heavy_attack(start()))
     assert [e.value for e in app.error] == ["Square needs at least one query; raise Queries."]
     assert not app.exception and "job/attack" not in app.session_state
+
+
+def pgd(app, steps: int):
+    next(n for n in app.number_input if n.label == "Steps").set_value(steps)
+    return app.button(key="FormSubmitter:attack-Attack").click().run()
+
+
+def test_a_long_pgd_on_a_slow_model_waits_in_the_queue_and_a_short_one_runs_in_the_page(slow_model):
+    app = pgd(start(), 200)  # 20 s on this model: the page would hang
+    check_clean(app)
+    assert "job/attack" in app.session_state and "adversarial" not in app.session_state
+    finish_jobs(app)
+    assert app.session_state["adversarial"].choice.steps == 200
+    pgd(app, 10)  # 1 s: quicker to wait for than to queue
+    assert "job/attack" not in app.session_state and app.session_state["adversarial"].choice.steps == 10
+
+
+def test_on_a_quick_model_a_long_pgd_runs_in_the_page():
+    app = pgd(start(), 200)  # the digits model is tiny: milliseconds
+    assert "job/attack" not in app.session_state and app.session_state["adversarial"].choice.steps == 200
+
+
+def test_a_link_with_a_long_attack_on_a_slow_model_crafts_it_in_the_queue(slow_model):
+    made = pgd(start(), 200)
+    finish_jobs(made)
+    opened = open_link(dict(made.query_params))
+    check_clean(opened)
+    assert "job/attack" in opened.session_state, "the link re-crafted PGD-200 in the page thread"
+    finish_jobs(opened)
+    assert opened.session_state["adversarial"].image.equal(made.session_state["adversarial"].image)
+
+
+def test_cancel_stops_a_running_attack_and_its_progress_moves(queued_attacks):
+    app = start()
+    app.selectbox(key="attack_name").set_value("autoattack").run()
+    next(n for n in app.number_input if n.label == "eps (/255)").set_value(0.5)  # fools nothing: its whole schedule
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    job = app.session_state["job/attack"]
+    while job.progress == 0 and not job.finished:
+        job.wait(0.05)
+    assert job.state == "running" and job.progress > 0, "the attack reports its passes"
+    app.button(key="cancel_job_attack").click().run()
+    assert job.wait(TIMEOUT) and job.state == "cancelled"
+    check_clean(app)
+    assert "job/attack" not in app.session_state
 
 
 def test_the_server_skips_the_full_garbage_collection_after_every_script_run():
@@ -119,3 +183,13 @@ def test_the_server_watches_no_files():
 
     config = streamlit_config()
     assert config["server"]["fileWatcherType"] == "none"
+
+
+def test_sessions_of_closed_tabs_are_kept_a_minute_at_most():
+    """Each kept session holds its images, examples, sweeps and any prepared export (a whole model's weights);
+    Streamlit keeps a disconnected one for 120 s by default."""
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    assert 0 < config["server"]["disconnectedSessionTTL"] <= 60

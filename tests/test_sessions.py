@@ -180,3 +180,31 @@ def test_two_app_sessions_with_different_images_and_alphas_see_their_own_results
     assert first_view[0]["x"] == first_view[1]["x"], "alpha 0: sparsified equals base"
     assert second_view[0]["x"] != second_view[1]["x"]
     assert first.session_state["picked"] != second.session_state["picked"]
+
+
+def test_a_closed_tabs_running_and_queued_jobs_end_and_the_next_tab_gets_the_worker(models, digits_items):
+    """A class closes its tabs while an AutoAttack runs and a sweep waits: both end as cancelled (the
+    running one at its next pass through the model), and another student's job runs next."""
+    from meansparse_core.jobs import JobQueue
+
+    model, _ = models["digits"]
+    images, labels = digits_items
+    open_tabs, running = {"closed", "open"}, threading.Event()
+    queue = JobQueue(workers=1)
+    try:
+        def autoattack(job):
+            def progress(done, most):
+                running.set()
+                job.report(done, most)
+            return make_attack("autoattack", model, eps=0.25, progress=progress)(images[:1], labels[:1])
+
+        attack = queue.submit(autoattack, "AutoAttack of a closed tab", lambda: "closed" in open_tabs)
+        sweep = queue.submit(lambda job: "rows", "sweep of a closed tab", lambda: "closed" in open_tabs)
+        assert running.wait(60)
+        open_tabs.discard("closed")
+        assert attack.wait(60) and attack.state == "cancelled"
+        after = queue.submit(lambda job: "rows", "sweep of an open tab", lambda: "open" in open_tabs)
+        assert after.wait(60) and after.result() == "rows"
+        assert sweep.finished and sweep.state == "cancelled"
+    finally:
+        queue.close()
