@@ -11,9 +11,11 @@ Attack a sparsified model with exact or straight-through (BPDA) gradients by pas
     attack = make_attack("pgd", model, eps=8, steps=10, seed=0)
     adversarial = attack(images, labels)
 
-``progress(done, total)`` is told of every pass through the model (``total`` is the most the attack
-makes, ``Attack.passes``): the one place that sees inside pyautoattack's loops, so a caller can follow
-any attack, and stop it by raising from ``progress`` (``jobs.Job.report`` does when a job is cancelled).
+``progress(done, total)`` is told before every pass through the model how many passes it made
+(``total`` is the most the attack makes, ``Attack.passes``; ``done`` stays below it: an attack is
+not over until it returns). It is the one place that sees inside pyautoattack's loops, so a caller
+can follow any attack, and stop it by raising from ``progress`` (``jobs.Job.report`` does when a job
+is cancelled).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ class _Reporting(nn.Module):
         self.model, self.progress, self.most, self.passes = model, progress, most, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.progress(min(self.passes, self.most - 1), self.most)
         self.passes += 1
-        self.progress(min(self.passes, self.most), self.most)
         return self.model(x)
 
 

@@ -2,7 +2,7 @@
 
 On a laptop CPU, PGD on one 224x224 photo takes seconds for a ResNet-18 and minutes for a
 ConvNeXt-L; AutoAttack on the same photo can take an hour. ``measure`` times one forward pass and
-one forward-and-backward pass of one image (the fastest of a few, after a warm-up pass: a single
+one forward-and-backward pass of one image (the fastest of up to ten, after a warm-up pass: a single
 timing on a busy machine can be several times too slow), and ``Cost`` turns them, with each attack's
 count of passes (``attacks.Attack.passes``), into the time of an attack, so a page can say so before
 anyone presses a button, and a server can send work that is not quick to its job queue. Example::
@@ -35,8 +35,9 @@ QUICK_S = 1.5
 #: pass in Square and AutoAttack, 1 ms in APGD; it is most of the time on a model that small.
 BOOKKEEPING_S = 0.5e-3
 
-#: Timed runs of each pass, at most, and the time they may take together.
-REPEATS, REPEATS_S = 5, 1.0
+#: Timed runs of each pass, at most, and the time they may take together: on a busy machine one run
+#: can take ten times the next (threads waiting for a core), and a quick model's runs cost nothing.
+REPEATS, REPEATS_S = 10, 1.0
 
 
 def _duration(seconds: float) -> str:

@@ -173,6 +173,15 @@ def attacked_batches(monkeypatch) -> list[int]:
     return seen
 
 
+def test_evaluation_reports_progress_within_each_batch(digits_model):
+    """A batch of a long attack takes minutes on a CPU: its progress moves at every pass through the model."""
+    model, _, images, labels = digits_model
+    reports = []
+    evaluate(model, images[:40], labels[:40], EvalSettings(attack="pgd", eps=8, steps=4, batch_size=40),
+             lambda done, total: reports.append(done))
+    assert 0 < min(r for r in reports if r) < reports[-1] and reports == sorted(reports)
+
+
 def test_robust_accuracy_attacks_only_correct_items(digits_model, monkeypatch):
     model, _, images, labels = digits_model
     wrong = labels.clone()
@@ -217,8 +226,9 @@ def test_a_damaged_journal_is_discarded_and_the_evaluation_runs_whole(digits_mod
     whole = evaluate(model, images, labels, settings)
     cache, seen = ResultCache(tmp_path), attacked_batches(monkeypatch)
 
-    def stop(done, total):
-        raise Interrupted
+    def stop(done, total):  # once the first batch is recorded (progress is also reported within a batch)
+        if done >= settings.batch_size:
+            raise Interrupted
 
     with pytest.raises(Interrupted):
         cache.get_or_run({}, settings, lambda journal: evaluate(model, images, labels, settings, stop, journal))

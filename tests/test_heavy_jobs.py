@@ -137,11 +137,6 @@ def test_a_long_pgd_on_a_slow_model_waits_in_the_queue_and_a_short_one_runs_in_t
     assert "job/attack" not in app.session_state and app.session_state["adversarial"].choice.steps == 10
 
 
-def test_on_a_quick_model_a_long_pgd_runs_in_the_page():
-    app = pgd(start(), 200)  # the digits model is tiny: milliseconds
-    assert "job/attack" not in app.session_state and app.session_state["adversarial"].choice.steps == 200
-
-
 def test_a_link_with_a_long_attack_on_a_slow_model_crafts_it_in_the_queue(slow_model):
     made = pgd(start(), 200)
     finish_jobs(made)

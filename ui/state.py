@@ -151,7 +151,7 @@ def craft(current: Setup, picked: Picked, choice: AttackChoice) -> Crafted | Non
 
     def attack(job: Job | None = None) -> Crafted:
         progress = None if job is None else (
-            lambda done, most: job.report(done, most, f"pass {done:,} of at most {most:,} through the model"))
+            lambda done, most: job.report(done, most, f"{done:,} of at most {most:,} passes through the model"))
         image = attack_image(sparse, picked.image, picked.label, choice, alpha, layer_alphas, progress)
         found = found_adversarial(sparse, picked.image, image, picked.label, choice, alpha, layer_alphas)
         return Crafted((current.model_id, picked.key), choice, alpha, image, found)
