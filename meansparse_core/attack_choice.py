@@ -21,13 +21,6 @@ class AttackChoice:
     seed: int = 0
 
     @property
-    def heavy(self) -> bool:
-        """Whether crafting it on a shared server waits in the job queue (``jobs.JobQueue``): AutoAttack,
-        and Square with more than ``HEAVY_SQUARE_QUERIES`` queries; the other attacks on one image take a
-        second or two."""
-        return self.attack == "autoattack" or (self.attack == "square" and self.steps > HEAVY_SQUARE_QUERIES)
-
-    @property
     def effort(self) -> str:
         """How long the attack searches, in its own units: FGSM takes one step, Square counts queries,
         AutoAttack runs its fixed standard schedule (``steps`` is unused by both of these)."""
@@ -49,10 +42,6 @@ class AttackChoice:
         """What to say when the attack found no adversarial example (see ``found_adversarial``)."""
         return (f"No adversarial example found within {self.effort}: the attacked model still classifies the "
                 "image correctly. Try more " + ("queries" if self.attack == "square" else "steps") + " or a larger eps.")
-
-
-#: Square runs longer than this are heavy jobs (see ``AttackChoice.heavy``).
-HEAVY_SQUARE_QUERIES = 300
 
 
 #: Square's queries by default on one image (its old default was 10, the other attacks' steps).
