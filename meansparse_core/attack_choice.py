@@ -44,6 +44,11 @@ class AttackChoice:
                 "image correctly. Try more " + ("queries" if self.attack == "square" else "steps") + " or a larger eps.")
 
 
+def opening_attack(eps: float) -> AttackChoice:
+    """The attack a page starts with: PGD-10 against the base model, at the dataset's usual ``eps``."""
+    return AttackChoice(attack="pgd", eps=eps, steps=10, target="base")
+
+
 #: Square's queries by default on one image (its old default was 10, the other attacks' steps).
 #: ``python benchmarks/lecture_measurements.py --cifar-n 10 --digits-n 50``, on images the base model
 #: gets right: CIFAR-10 demo (eps 8/255, 10 images) Square fools 0 with 100 queries, 2 with 300 and

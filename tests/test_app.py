@@ -78,6 +78,17 @@ def test_attack_adds_adversarial_predictions_and_a_verdict():
     assert app.session_state["adversarial"].image.equal(crafted)
 
 
+def test_the_app_opens_on_an_image_its_default_attack_fools():
+    """The first attack a class sees found nothing ("No adversarial example found") on the first gallery image."""
+    app = start()
+    app.button(key="FormSubmitter:attack-Attack").click().run()
+    check_clean(app)
+    crafted = app.session_state["adversarial"]
+    assert crafted.choice.target == "base" and crafted.found
+    assert "fools the base model" in texts(app) or "fools both models" in texts(app)
+    assert "No adversarial example found" not in texts(app)
+
+
 def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
     app = start()
     app.slider(key="alpha").set_value(0.6).run()
@@ -384,7 +395,7 @@ def test_the_view_is_written_into_the_link():
     image = app.session_state["picked"].key.split("/")[1]
     assert {k: params[k] for k in ("page", "model", "alpha", "image", "attack", "seed", "target")} == {
         "page": "explore", "model": "bundled/digits-cnn", "alpha": "0.45", "image": image, "attack": "pgd",
-        "seed": "0", "target": "sparse"}
+        "seed": "0", "target": "base"}
     assert f"model=bundled/digits-cnn&data=digits&image={image}&alpha=0.45&attack=pgd" in app.code[0].value
 
 

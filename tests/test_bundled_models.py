@@ -63,3 +63,28 @@ def test_the_gpu_trained_cifar_model_is_preferred_once_its_files_are_in_assets(t
     (tmp_path / "cifar-resnet9-w64.json").write_text(json.dumps({**manifest, "architecture": "cifar-resnet9-w64"}))
     assert models.preferred_bundled("cifar10").name == "cifar-resnet9-w64"
     assert models.preferred_bundled("digits").name == "digits-cnn" and models.preferred_bundled("imagenet") is None
+
+
+@pytest.mark.parametrize("name, data", [("digits-cnn", "digits"), ("cifar-resnet9", "cifar10"),
+                                        ("cifar-resnet9-w64", "cifar10")])
+def test_the_opening_images_default_attack_fools_the_base_model(name, data, request):
+    """A class's first attack must find something: the app opens on the image ``opening_image`` picks from the
+    gallery's first page (the gallery's order, its first eight) for the default attack and alpha."""
+    from meansparse_core.attack_choice import opening_attack
+    from meansparse_core.data import DATASETS
+    from meansparse_core.models import find_model
+    from meansparse_core.one_image import attack_image, opening_image
+
+    root = request.getfixturevalue("shared_cifar10") if data == "cifar10" else None
+    spec = find_model(f"bundled/{name}")
+    sparse = attach(load_model(spec), Statistics.load(bundled_statistics_path(spec)))
+    test = load_dataset(data, "test", root=root)
+    gallery = sample_indices(len(test), len(test), seed=0)[:8]
+    choice = opening_attack(DATASETS[data].linf_eps)
+    opening = opening_image(sparse, [(i, *test[i]) for i in gallery], choice, alpha=0.2)
+    image, label = test[opening.index]
+    adversarial = attack_image(sparse, image, label, choice)
+    assert opening.fools_base and opening.index in gallery
+    assert int(predict(sparse.base, image[None])[0]) == label != int(predict(sparse.base, adversarial[None])[0])
+    rescued = int(predict(sparse.at(0.2), adversarial[None])[0]) == label
+    assert rescued == opening.rescued

@@ -17,7 +17,7 @@ from meansparse_core.photos import PHOTOS, available as photos_available
 from ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
 from ui.layout import presenting
 from ui.loaders import cached_live_figures, cached_live_set
-from ui.state import Picked, Setup, gallery_order, pick, test_image
+from ui.state import Picked, Setup, gallery_order, pick, picked_image, test_image
 
 
 def gallery_ui(current: Setup, count: int = 8) -> None:
@@ -26,7 +26,7 @@ def gallery_ui(current: Setup, count: int = 8) -> None:
         return
     page = st.session_state.get("gallery_page", 0)
     order = gallery_order(len(current.test_set))
-    chosen = getattr(st.session_state.get("picked"), "key", f"test/{order[0]}")  # the page picks the first one
+    chosen = picked_image(current).key
     columns = st.columns(count)
     for column, index in zip(columns, order[page * count:(page + 1) * count]):
         picked = test_image(current, index)

@@ -12,9 +12,9 @@ from meansparse_core.data import DATASETS, sample_indices
 from meansparse_core.jobs import Job
 from meansparse_core.models import ModelSpec
 from meansparse_core.sparse_model import SparseModel
-from meansparse_core.attack_choice import AttackChoice
+from meansparse_core.attack_choice import AttackChoice, opening_attack
 from meansparse_core.live_accuracy import LiveAccuracy
-from meansparse_core.one_image import attack_image, found_adversarial
+from meansparse_core.one_image import Opening, attack_image, found_adversarial, opening_image
 from ui import heavy
 from ui.costs import cached_cost
 from ui.loaders import ModelChoice
@@ -102,15 +102,38 @@ def pick(picked: Picked) -> None:
 
 
 def picked_image(current: Setup) -> Picked:
-    """The session's image; the first gallery image when none is picked yet."""
+    """The session's image; the opening image (``opening``) when none is picked yet."""
     picked = st.session_state.get("picked")
     if picked is not None and picked.image.shape == current.spec.input_size:
         return picked
     if current.test_set is None:
         st.info("No labelled data on this machine: upload an image on the Explore page.")
         st.stop()
-    pick(test_image(current, gallery_order(len(current.test_set))[0]))
+    pick(test_image(current, opening(current).index))
     return st.session_state["picked"]
+
+
+#: The opening image is looked for among the gallery's first page.
+OPENING_CANDIDATES = 8
+
+
+def opening(current: Setup) -> Opening:
+    """The image a session opens on: one of the gallery's first page that the default attack fools
+    (``one_image.opening_image``), searched once per model, data and alpha for every session, and only
+    where those attacks are quick on this device; otherwise the gallery's first image."""
+    order = gallery_order(len(current.test_set))[:OPENING_CANDIDATES]
+    choice = default_attack(current)
+    if current.sparse is None or not cached_cost(current.model).quick(choice.attack, choice.steps, len(order)):
+        return Opening(order[0], fools_base=False, rescued=False)
+    return _opening(current.model_id, current.data, current.data_root, current.stats_origin, current.placement,
+                    current.alpha, choice, tuple(order), current)
+
+
+@st.cache_resource(show_spinner="Looking for an image the default attack fools...", max_entries=16)
+def _opening(model_id: str, data: str, data_root: str, stats_origin: str, placement: str, alpha: float,
+             choice: AttackChoice, order: tuple[int, ...], _current: Setup) -> Opening:
+    items = [(index, *_current.test_set[index]) for index in order]
+    return opening_image(_current.sparse, items, choice, alpha)
 
 
 @dataclass(frozen=True)
@@ -176,4 +199,4 @@ def pick_live_item(current: Setup, live: LiveAccuracy, position: int) -> None:
 
 
 def default_attack(current: Setup) -> AttackChoice:
-    return AttackChoice(attack="pgd", eps=current.eps, steps=10, target="base")
+    return opening_attack(current.eps)

@@ -23,7 +23,7 @@ class TourStep:
     text: str
     page: str  # one of ui.view_link.PAGES
     alpha: float | None = None  # set the slider (and switch MeanSparse on)
-    first_image: bool = False  # pick the gallery's first test image
+    first_image: bool = False  # pick the opening image (one the attack fools: state.opening)
     attack: bool = False  # craft the page's default attack (PGD against the base model)
     last_layer: bool = False  # open the Layers page on the last tap before the classifier
 
@@ -79,7 +79,7 @@ def carry_out(current: Setup) -> None:
     if step is None or current.sparse is None:
         return
     if step.first_image and current.test_set is not None:
-        state.pick(state.test_image(current, state.gallery_order(len(current.test_set))[0]))
+        state.pick(state.test_image(current, state.opening(current).index))
     if step.attack:
         picked = state.picked_image(current)
         state.craft(current, picked, state.default_attack(current))

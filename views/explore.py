@@ -65,8 +65,11 @@ def attack_ui(current: state.Setup) -> AttackChoice | None:
                                         help="FGSM takes one step and AutoAttack its standard schedule: unused there.")
         seed = columns[2].number_input("Seed", 0, 2**31 - 1, 0)
         columns = st.columns(3)
-        target = columns[0].radio("Attack which model", ["sparse", "base"], horizontal=True,
-                                  format_func={"sparse": "MeanSparse (current alpha)", "base": "base"}.get)
+        targets = ["sparse", "base"]
+        target = columns[0].radio("Attack which model", targets, targets.index(state.default_attack(current).target),
+                                  horizontal=True, format_func={"sparse": "MeanSparse (current alpha)", "base": "base"}.get,
+                                  help="The base model first: the page opens on an image this attack fools, and "
+                                       "MeanSparse's verdict on it shows what the operator does to a transferred attack.")
         grad = columns[1].radio("Gradients through MeanSparse", ["exact", "straight-through"], horizontal=True,
                                 help="straight-through is BPDA: the backward pass ignores the operator.")
         targeted = columns[2].checkbox("Targeted (random wrong class)")
