@@ -69,7 +69,9 @@ def test_the_gpu_trained_cifar_model_is_preferred_once_its_files_are_in_assets(t
                                         ("cifar-resnet9-w64", "cifar10")])
 def test_the_opening_images_default_attack_fools_the_base_model(name, data, request):
     """A class's first attack must find something: the app opens on the image ``opening_image`` picks from the
-    gallery's first page (the gallery's order, its first eight) for the default attack and alpha."""
+    gallery (its order, as many as the app searches) for the default attack and alpha."""
+    from ui.state import OPENING_CANDIDATES
+
     from meansparse_core.attack_choice import opening_attack
     from meansparse_core.data import DATASETS
     from meansparse_core.models import find_model
@@ -79,7 +81,7 @@ def test_the_opening_images_default_attack_fools_the_base_model(name, data, requ
     spec = find_model(f"bundled/{name}")
     sparse = attach(load_model(spec), Statistics.load(bundled_statistics_path(spec)))
     test = load_dataset(data, "test", root=root)
-    gallery = sample_indices(len(test), len(test), seed=0)[:8]
+    gallery = sample_indices(len(test), len(test), seed=0)[:OPENING_CANDIDATES]
     choice = opening_attack(DATASETS[data].linf_eps)
     opening = opening_image(sparse, [(i, *test[i]) for i in gallery], choice, alpha=0.2)
     image, label = test[opening.index]

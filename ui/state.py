@@ -113,18 +113,20 @@ def picked_image(current: Setup) -> Picked:
     return st.session_state["picked"]
 
 
-#: The opening image is looked for among the gallery's first page.
-OPENING_CANDIDATES = 8
+#: The opening image is looked for among this many gallery images at most (the digits model resists
+#: PGD-10 on its first 13), and for no longer than ``OPENING_SEARCH_S`` by the cost estimate: the search
+#: runs once per model, data and alpha for the whole server.
+OPENING_CANDIDATES, OPENING_SEARCH_S = 64, 5.0
 
 
 def opening(current: Setup) -> Opening:
-    """The image a session opens on: one of the gallery's first page that the default attack fools
-    (``one_image.opening_image``), searched once per model, data and alpha for every session, and only
-    where those attacks are quick on this device; otherwise the gallery's first image."""
-    order = gallery_order(len(current.test_set))[:OPENING_CANDIDATES]
+    """The image a session opens on: a gallery image the default attack fools (``one_image.opening_image``),
+    among as many as the search's budget allows on this device; the gallery's first image without one."""
     choice = default_attack(current)
-    if current.sparse is None or not cached_cost(current.model).quick(choice.attack, choice.steps, len(order)):
-        return Opening(order[0], fools_base=False, rescued=False)
+    one = cached_cost(current.model).seconds(choice.attack, choice.steps)
+    order = gallery_order(len(current.test_set))[:min(OPENING_CANDIDATES, int(OPENING_SEARCH_S / one))]
+    if current.sparse is None or not order:
+        return Opening(gallery_order(len(current.test_set))[0], fools_base=False, rescued=False)
     return _opening(current.model_id, current.data, current.data_root, current.stats_origin, current.placement,
                     current.alpha, choice, tuple(order), current)
 
