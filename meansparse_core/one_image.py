@@ -69,35 +69,28 @@ def found_adversarial(sparse: SparseModel, image: torch.Tensor, adversarial: tor
 
 @dataclass(frozen=True)
 class Opening:
-    """The image a page opens on, and what the default attack does to it (see ``opening_image``)."""
+    """The image a page opens on (see ``opening_image``)."""
 
     index: int  # in the dataset
-    fools_base: bool  # the attack fools the base model
-    rescued: bool  # ...and MeanSparse at the opening alpha still classifies it correctly
+    fools_base: bool  # the default attack fools the base model on it
 
 
-def opening_image(sparse: SparseModel, images: Sequence[tuple[int, torch.Tensor, int]], choice: AttackChoice,
-                  alpha: float) -> Opening:
+def opening_image(sparse: SparseModel, images: Sequence[tuple[int, torch.Tensor, int]],
+                  choice: AttackChoice) -> Opening:
     """The first of ``images`` ((index, image, label) in gallery order) that the base model gets right and
-    ``choice`` (against the base model) fools, preferring one MeanSparse at ``alpha`` rescues: the first
-    attack a class sees then finds something, and shows MeanSparse at work where it can. The first image
-    when the attack fools none.
+    ``choice`` (against the base model) fools, so that the first attack a class sees finds something; the
+    first image when the attack fools none.
     """
     if choice.target != "base":
         raise ValueError("The opening image is chosen for an attack on the base model.")
     device = next(sparse.model.parameters()).device
-    fooled: list[Opening] = []
     for index, image, label in images:
         if int(predict(sparse.base, image[None].to(device))[0]) != label:
             continue
         adversarial = attack_image(sparse, image, label, choice)
-        if int(predict(sparse.base, adversarial[None].to(device))[0]) == label:
-            continue
-        rescued = int(predict(classifier(sparse, alpha), adversarial[None].to(device))[0]) == label
-        if rescued:
-            return Opening(index, True, True)
-        fooled.append(Opening(index, True, False))
-    return fooled[0] if fooled else Opening(images[0][0], False, False)
+        if int(predict(sparse.base, adversarial[None].to(device))[0]) != label:
+            return Opening(index, fools_base=True)
+    return Opening(images[0][0], fools_base=False)
 
 
 def amplified(perturbation: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -115,7 +115,7 @@ def picked_image(current: Setup) -> Picked:
 
 #: The opening image is looked for among this many gallery images at most (the digits model resists
 #: PGD-10 on its first 13), and for no longer than ``OPENING_SEARCH_S`` by the cost estimate: the search
-#: runs once per model, data and alpha for the whole server.
+#: runs once per model and data for the whole server.
 OPENING_CANDIDATES, OPENING_SEARCH_S = 64, 5.0
 
 
@@ -126,16 +126,16 @@ def opening(current: Setup) -> Opening:
     one = cached_cost(current.model).seconds(choice.attack, choice.steps)
     order = gallery_order(len(current.test_set))[:min(OPENING_CANDIDATES, int(OPENING_SEARCH_S / one))]
     if current.sparse is None or not order:
-        return Opening(gallery_order(len(current.test_set))[0], fools_base=False, rescued=False)
+        return Opening(gallery_order(len(current.test_set))[0], fools_base=False)
     return _opening(current.model_id, current.data, current.data_root, current.stats_origin, current.placement,
-                    current.alpha, choice, tuple(order), current)
+                    choice, tuple(order), current)
 
 
 @st.cache_resource(show_spinner="Looking for an image the default attack fools...", max_entries=16)
-def _opening(model_id: str, data: str, data_root: str, stats_origin: str, placement: str, alpha: float,
+def _opening(model_id: str, data: str, data_root: str, stats_origin: str, placement: str,
              choice: AttackChoice, order: tuple[int, ...], _current: Setup) -> Opening:
     items = [(index, *_current.test_set[index]) for index in order]
-    return opening_image(_current.sparse, items, choice, alpha)
+    return opening_image(_current.sparse, items, choice)
 
 
 @dataclass(frozen=True)
