@@ -83,7 +83,7 @@ def opening_image(sparse: SparseModel, images: Sequence[tuple[int, torch.Tensor,
     """
     if choice.target != "base":
         raise ValueError("The opening image is chosen for an attack on the base model.")
-    device = next(sparse.model.parameters()).device
+    device = next(sparse.wrapped.parameters()).device
     for index, image, label in images:
         if int(predict(sparse.base, image[None].to(device))[0]) != label:
             continue
