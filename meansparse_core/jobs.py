@@ -226,8 +226,11 @@ class JobQueue:
                                       "server: wait for one to end, or cancel one, before starting another.")
                 self._unfinished[owner] = self._unfinished.get(owner, 0) + 1
             self._waiting.append(job)
+            position = len(self._waiting)
             self._changed.notify()
-        log.info("%s: queued at position %d", description, self.position(job))
+        # Not ``position()``: that drops unwanted jobs, and a submitter may make this one wanted only after
+        # this returns (``sharing.SharedWork`` adds the first ticket then).
+        log.info("%s: queued at position %d", description, position)
         return job
 
     def _ended(self, job: Job) -> None:
