@@ -17,7 +17,7 @@ does), and the probes' peak memory: the rise of the process's peak resident set 
 after handing freed memory back to the system) over what was resident before the call, and the
 size of what the probes return.
 
-    python benchmarks/b10_imagenet.py [--rounds 3]
+    python benchmarks/b10_imagenet.py [--rounds 3] [--architectures ResNet-18]
 """
 
 from __future__ import annotations
@@ -108,9 +108,12 @@ def one_architecture(key: str, rounds: int, device: str) -> dict:
 
 
 def main() -> None:
-    args = arguments(__doc__, rounds=3).parse_args()
+    parser = arguments(__doc__, rounds=3)
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES), help="comma-separated, e.g. ResNet-18")
+    args = parser.parse_args()
     load_before = os.getloadavg()[0]  # other work on the machine slows every figure alike
-    rows = {name: one_architecture(key, args.rounds, args.device) for name, key in ARCHITECTURES.items()}
+    rows = {name: one_architecture(ARCHITECTURES[name], args.rounds, args.device)
+            for name in args.architectures.split(",")}
     print(f"load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
     for name, row in rows.items():
         s = row["seconds"]

@@ -15,7 +15,7 @@ from meansparse_core.batchnorm_statistics import without_training_images
 from meansparse_core.paths import cache_folder, data_root, models_root
 from meansparse_core.data import DATASETS, DataUnavailable, load_dataset, load_items, sample_indices
 from meansparse_core.files import file_digest
-from meansparse_core.photos import PhotosUnavailable
+from meansparse_core.photos import PhotosUnavailable, available as photos_available
 from meansparse_core.models import (LAPTOP_PARAMETERS, ModelSpec, bundled_models, fits_a_laptop,
                                     is_local, load_model, preferred_bundled, weight_files)
 from meansparse_core.sparse_model import SparseModel
@@ -134,7 +134,8 @@ def data_ui(spec: ModelSpec) -> tuple[str, str, Dataset | None]:
             with progress_bar("Downloading...") as update:
                 load_dataset(data, "test", root, lambda done, total: update(done / max(total, 1)))
             st.rerun()
-        st.caption("Without data, the pages work on uploaded images only.")
+        st.caption("Without data, the pages work on uploaded images" +
+                   (" and the built-in photos." if data == "imagenet" and photos_available() else " only."))
         return data, root, None
 
 
