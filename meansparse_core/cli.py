@@ -396,6 +396,17 @@ COMMANDS = {"models": cmd_models, "calibrate": cmd_calibrate, "evaluate": cmd_ev
             "reproduce": cmd_reproduce, "export": cmd_export}
 
 
+def _start_app(options: list[str]) -> int:
+    """The app is its own package, installed beside the library; the library never imports Streamlit itself."""
+    try:
+        from meansparse_app.launch import main as serve
+    except ImportError:
+        _error("the app is not installed: install MeanSparse Explorer itself (pip install meansparse-explorer), "
+               "not only its library")
+        return 2
+    return serve(options)
+
+
 def _error(message: str) -> None:
     """One line on stderr. Under torchrun the ranks share stderr, where rank 0's progress bar may stand
     unfinished: the line then starts with a line break, or it would read as the end of the bar."""
@@ -405,6 +416,9 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     global GROUP
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:
+        return _start_app(argv[1:])
     args = build_parser(COMMANDS).parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)

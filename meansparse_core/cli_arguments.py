@@ -156,4 +156,7 @@ def build_parser(run: Mapping[str, Callable[[argparse.Namespace], None]]) -> arg
     ex.add_argument("--out", required=True, help="the file meansparse_core.export.load_sparsified reads")
     ex.add_argument("--program", help="also write a torch.export program (.pt2) that needs only PyTorch")
     ex.set_defaults(run=run["export"])
+
+    # Listed here for --help; cli.main hands the app's options to Streamlit untouched.
+    commands.add_parser("app", help="start the web app (meansparse app [streamlit options], e.g. --server.port 8502)")
     return parser
