@@ -6,6 +6,7 @@ and later), so the app's own settings travel with it; options given here go afte
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ def command(options: list[str]) -> list[str]:
 
 
 def main(options: list[str] | None = None) -> int:
-    """Serve the app until interrupted; returns Streamlit's exit status."""
-    try:
-        return subprocess.call(command(sys.argv[1:] if options is None else options))
-    except KeyboardInterrupt:  # Ctrl+C reaches Streamlit too, which shuts down cleanly
-        return 0
+    """Become the Streamlit server (same process, so Ctrl+C and a service manager's signals reach it)."""
+    argv = command(sys.argv[1:] if options is None else options)
+    if os.name == "posix":
+        os.execv(argv[0], argv)
+    return subprocess.call(argv)  # Windows has no exec that keeps the process: wait for the server instead
