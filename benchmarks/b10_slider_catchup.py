@@ -1,6 +1,6 @@
 """B10: how long the Explore page takes to catch up after quick slider key presses.
 
-Serves the app (``streamlit run app.py`` in a scratch folder), opens Explore in Chromium, attacks the
+Serves the app (``streamlit run meansparse_app/app.py`` in a scratch folder), opens Explore in Chromium, attacks the
 first image (so all four prediction panels are drawn), then, ``--rounds`` times, presses the arrow key
 ``--presses`` times as fast as Playwright can and records the seconds from the last press until the
 page shows the final alpha. One browser session; nothing else of this benchmark runs meanwhile (other

@@ -1,6 +1,6 @@
 """B15: a class on one server, each student a protocol client (no browser): how many students it carries.
 
-Starts ``streamlit run app.py`` on a free port in a scratch folder (B9's server), then simulates
+Starts ``streamlit run meansparse_app/app.py`` on a free port in a scratch folder (B9's server), then simulates
 students with ``protocol_client.ProtocolClient``, which speaks Streamlit's websocket protocol as
 the browser does, so that the load measured is the server's alone (in a class, each student's
 browser runs on their own laptop). First ``--heavy`` sessions each start an accuracy sweep as large

@@ -72,7 +72,7 @@ def extract(commit: str, folder: Path) -> Path:
 
 
 def measure(library: Path, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(library), "MEANSPARSE_ASSETS": str(ROOT / "assets")}
+    env = {**os.environ, "PYTHONPATH": str(library), "MEANSPARSE_ASSETS": str(ROOT / "meansparse_core" / "assets")}
     code = (f"import sys, json; sys.path.insert(0, {str(library)!r}); sys.path.insert(1, {str(ROOT / 'benchmarks')!r});"
             f"from b1_before_after import child; print(json.dumps(child({args.threads}, {args.blocks}, "
             f"{args.forwards}, {args.alpha})))")

@@ -11,7 +11,7 @@ For each demo model, medians over ``--rounds`` repeats of:
 * ``pgd10``: one PGD-10 attack on one image against the sparsified model;
 * ``app_rerun_explore`` / ``app_rerun_layers``: a slider move in the real app (Streamlit's AppTest:
   the whole script rerun, server side, charts serialised), so Streamlit's own cost is included;
-* ``startup``: ``streamlit run app.py`` until a browser (Debian's chromium via Playwright, when
+* ``startup``: ``streamlit run meansparse_app/app.py`` until a browser (Debian's chromium via Playwright, when
   installed) shows the first interactive Explore page, and the server's peak memory (VmHWM) then.
 
 Test images are random (timings do not depend on content; no dataset is needed).
@@ -87,7 +87,7 @@ def app_rerun_timings(rounds: int) -> dict:
     """Slider moves in the running app on its default model (the CIFAR-10 demo when CIFAR-10 is found), page by page."""
     from streamlit.testing.v1 import AppTest
 
-    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    app = AppTest.from_file(str(ROOT / "meansparse_app" / "app.py"), default_timeout=300).run()
     app.button(key="FormSubmitter:attack-Attack").click().run()
     timings = {}
     for page, path in (("explore", None), ("layers", "views/layers.py")):
@@ -107,7 +107,7 @@ def startup_timing(chromium: str = "/usr/bin/chromium", port: int = 8765) -> dic
     from playwright.sync_api import sync_playwright
 
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "meansparse_app" / "app.py"), "--server.headless",
                                "true", "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:

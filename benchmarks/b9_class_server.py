@@ -1,6 +1,6 @@
 """B9: a class on one server: N students in their own browser sessions while two heavy jobs run.
 
-Starts ``streamlit run app.py`` on a free port (in a scratch folder, so nothing cached is reused),
+Starts ``streamlit run meansparse_app/app.py`` on a free port (in a scratch folder, so nothing cached is reused),
 opens one Chromium (Playwright) and, in separate browser contexts (separate app sessions):
 
 1. two "heavy" sessions that each start an accuracy sweep on the Accuracy page (every test image,
@@ -76,11 +76,10 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, model: str, archive: Path) -> tuple[subprocess.Popen, str]:
-    """``streamlit run app.py`` in ``folder``, serving the digits model, or the CIFAR-10 demo model with CIFAR-10 data.
+    """``streamlit run meansparse_app/app.py`` in ``folder``, serving the digits model, or the CIFAR-10 demo model with CIFAR-10 data.
 
-    ``folder`` gets the project's ``.streamlit`` settings: Streamlit reads them from the working folder.
+    The server reads the app's own settings (``meansparse_app/.streamlit``, beside the script it runs).
     """
-    shutil.copytree(ROOT / ".streamlit", folder / ".streamlit")
     data = folder / "data"
     data.mkdir()
     if model == "cifar":
@@ -91,7 +90,7 @@ def start_server(folder: Path, model: str, archive: Path) -> tuple[subprocess.Po
     env = {**os.environ, "MEANSPARSE_DATA": str(data), "MEANSPARSE_MODELS": str(folder / "models"),
            "MEANSPARSE_CACHE": str(folder / ".cache")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "meansparse_app" / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
         cwd=folder, env=env, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

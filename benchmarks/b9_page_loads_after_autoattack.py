@@ -1,6 +1,6 @@
 """B9b: does one session's AutoAttack hold up other sessions' page loads, while it runs and after?
 
-Serves the app (``streamlit run app.py`` in a scratch folder, CIFAR-10 demo model), opens Explore in
+Serves the app (``streamlit run meansparse_app/app.py`` in a scratch folder, CIFAR-10 demo model), opens Explore in
 Chromium and runs AutoAttack on the first image (a heavy job: the server's job queue). Meanwhile a
 thread asks the server's health endpoint once a second; a new browser session loads the page while
 the attack runs and ``--after`` times once it is shown. Page load: from ``goto`` until the page shows

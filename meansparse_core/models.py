@@ -3,7 +3,7 @@
 Every model takes images in [0, 1] (normalisation lives inside the model, as in RobustBench) and
 is returned in eval mode. A ``ModelSpec`` says what a model expects; ``load_model`` builds it.
 
-- ``bundled/<name>``: the project's own models in ``assets/`` (``<name>.json`` describes each one),
+- ``bundled/<name>``: the project's own models in ``meansparse_core/assets/`` (``<name>.json`` describes each one),
   usable with no network;
 - ``robustbench/<dataset>/<threat>/<name>``: any RobustBench entry, read from a local model folder
   in RobustBench's layout (``<dir>/<dataset>/<threat>/<name>.pt``) or downloaded there first;
@@ -35,9 +35,9 @@ from .data import DATASETS, DataUnavailable, Preparation, Progress, download
 from .robustbench_compat import import_robustbench
 
 #: The bundled demo models; MEANSPARSE_ASSETS points elsewhere (a training session's own bundle, say).
-ASSETS = Path(os.environ.get("MEANSPARSE_ASSETS") or Path(__file__).resolve().parent.parent / "assets")
+ASSETS = Path(os.environ.get("MEANSPARSE_ASSETS") or Path(__file__).resolve().parent / "assets")
 #: Which bundled model stands for its dataset, best first: the GPU-trained CIFAR-10 model once its
-#: files are in assets/, else the CPU-trained one (which stays as the small option).
+#: files are in meansparse_core/assets/, else the CPU-trained one (which stays as the small option).
 PREFERRED_BUNDLED = ("cifar-resnet9-w64", "cifar-resnet9", "digits-cnn")
 GDRIVE_URL = "https://drive.google.com/uc?export=download&confirm=t&id={}"
 _ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}

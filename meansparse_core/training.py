@@ -32,7 +32,7 @@ Two named recipes (``--recipe``):
 them after every epoch (clean and PGD-10): the training curve, free of the test set.
 
     python -m meansparse_core.training --arch digits-cnn --data digits --eps 32 --epochs 30 \\
-        --run-dir runs/digits --out assets/digits-cnn
+        --run-dir runs/digits --out meansparse_core/assets/digits-cnn
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--run-dir", required=True, help="checkpoints for resuming")
-    parser.add_argument("--out", required=True, help="bundle path without suffix, e.g. assets/digits-cnn")
+    parser.add_argument("--out", required=True, help="bundle path without suffix, e.g. meansparse_core/assets/digits-cnn")
     parser.add_argument("--label")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 mixed precision for training (weights stay float32)")

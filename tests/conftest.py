@@ -52,9 +52,9 @@ def own_cache_folder(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_shared_work_between_tests():
-    """A test's app sessions share computations with one another (ui.heavy.shared_work), never with another test's."""
+    """A test's app sessions share computations with one another (meansparse_app.ui.heavy.shared_work), never with another test's."""
     yield
-    heavy = sys.modules.get("ui.heavy")
+    heavy = sys.modules.get("meansparse_app.ui.heavy")
     if heavy is not None:
         heavy.shared_work.clear()
 
@@ -120,4 +120,4 @@ def streamlit_config() -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10, which pyproject.toml still supports
         import tomli as tomllib
-    return tomllib.loads((Path(__file__).parents[1] / ".streamlit" / "config.toml").read_text())
+    return tomllib.loads((Path(__file__).parents[1] / "meansparse_app" / ".streamlit" / "config.toml").read_text())

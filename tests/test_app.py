@@ -13,7 +13,7 @@ TIMEOUT = 120
 
 
 def start() -> AppTest:
-    app = AppTest.from_file("../app.py", default_timeout=TIMEOUT).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=TIMEOUT).run()
     assert not app.exception, app.exception
     return app
 
@@ -106,7 +106,7 @@ def test_one_click_finds_an_image_meansparse_rescues_and_one_it_breaks():
 def test_the_rescue_buttons_use_the_live_set_of_the_chosen_placement(monkeypatch):
     """The buttons built their live set without the placement: under "released" a second one, a second
     PGD on the whole live set in the page's thread."""
-    from ui import loaders
+    from meansparse_app.ui import loaders
 
     asked = []
     real = loaders.cached_live_set
@@ -207,7 +207,7 @@ def test_two_sessions_keep_their_own_alpha_and_results():
 
 
 def test_a_model_without_statistics_is_calibrated_from_the_sidebar(tmp_path, monkeypatch):
-    from ui import loaders
+    from meansparse_app.ui import loaders
     import meansparse_core.statistics_lookup as statistics_lookup
 
     monkeypatch.chdir(tmp_path)  # statistics are cached under ./.cache
@@ -249,7 +249,7 @@ def test_a_released_model_starts_at_its_published_alpha_and_its_base_has_the_lay
     from meansparse_core.statistics import embedded_statistics
     from meansparse_core.attack_choice import AttackChoice
     from meansparse_core.one_image import attack_image, top_k
-    from ui import loaders
+    from meansparse_app.ui import loaders
 
     released = released_digits()
     monkeypatch.setattr(loaders, "load_model", lambda spec, model_dir=None, progress=None: released)
@@ -307,7 +307,8 @@ def test_a_zoo_model_without_weights_says_so_in_the_main_pane(tmp_path):
 
 
 def test_a_failed_download_leaves_no_progress_bar(tmp_path, monkeypatch):
-    import ui.sidebar
+    import meansparse_app.ui.sidebar
+    from meansparse_app import ui
     from meansparse_core.models import ModelUnavailable
 
     def failing_download(spec, model_dir, progress):
@@ -356,7 +357,7 @@ def test_alpha_survives_a_page_switch_that_drops_the_widget_values():
     """In the browser a page switch drops the values of the widgets the old page drew (AppTest keeps
     them, and offers no way to drop them): alpha moved on Explore came back as 0.2 on Layers."""
     import streamlit as st
-    from ui import threshold
+    from meansparse_app.ui import threshold
 
     app = start()
     app.slider(key="alpha").set_value(0.4).run()
@@ -400,7 +401,7 @@ def test_the_view_is_written_into_the_link():
 
 
 def open_link(params: dict[str, str]) -> AppTest:
-    app = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=TIMEOUT)
     app.query_params.update(params)
     return app.run()
 
@@ -490,7 +491,7 @@ def test_two_alphas_side_by_side_on_explore():
 
 
 def test_the_guided_tour_drives_the_pages():
-    from ui.tour import TOUR
+    from meansparse_app.ui.tour import TOUR
 
     app = start()
     app.sidebar.button(key="tour_start").click().run()

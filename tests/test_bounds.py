@@ -34,7 +34,7 @@ def test_the_app_caps_images_steps_and_queries():
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    app = AppTest.from_file("../app.py", default_timeout=120).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=120).run()
     assert {n.label: n for n in app.number_input}["Steps"].max == LIMITS.steps
     app.selectbox(key="attack_name").set_value("square").run()
     assert {n.label: n for n in app.number_input}["Queries"].max == LIMITS.square_queries

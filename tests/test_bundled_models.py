@@ -70,7 +70,7 @@ def test_the_gpu_trained_cifar_model_is_preferred_once_its_files_are_in_assets(t
 def test_the_opening_images_default_attack_fools_the_base_model(name, data, request):
     """A class's first attack must find something: the app opens on the image ``opening_image`` picks from the
     gallery (its order, as many as the app searches) for the default attack."""
-    from ui.state import OPENING_CANDIDATES
+    from meansparse_app.ui.state import OPENING_CANDIDATES
 
     from meansparse_core.attack_choice import opening_attack
     from meansparse_core.data import DATASETS

@@ -179,7 +179,7 @@ def test_a_process_spawned_after_the_app_ran_does_its_own_work(monkeypatch, capf
     ``sys.modules["__main__"]``, and a "spawn" child re-runs that file before its target: the app
     must not start there (it did, failed, and killed the two-writer test above in whole-suite runs)."""
     app = types.ModuleType("__main__")
-    app.__file__ = str(Path(__file__).parents[1] / "app.py")
+    app.__file__ = str(Path(__file__).parents[1] / "meansparse_app" / "app.py")
     monkeypatch.setitem(sys.modules, "__main__", app)
     child = multiprocessing.get_context("spawn").Process(target=_exit_quietly)
     child.start()
@@ -191,7 +191,7 @@ def test_the_app_warns_about_a_damaged_statistics_cache_and_keeps_working(tmp_pa
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from ui import loaders
+    from meansparse_app.ui import loaders
 
     monkeypatch.chdir(tmp_path)  # the app caches statistics under ./.cache
     damaged = statistics_path(DIGITS, "digits")
@@ -201,7 +201,7 @@ def test_the_app_warns_about_a_damaged_statistics_cache_and_keeps_working(tmp_pa
     loaders.cached_sparse.clear()
     try:
         with pytest.warns(CacheWarning):
-            app = AppTest.from_file(str(Path(__file__).parents[1] / "app.py"), default_timeout=120).run()
+            app = AppTest.from_file(str(Path(__file__).parents[1] / "meansparse_app" / "app.py"), default_timeout=120).run()
         assert not app.exception and not app.error
         assert "Discarded the cache file" in "\n".join(w.value for w in app.sidebar.warning)
         assert "shipped with the model" in "\n".join(c.value for c in app.sidebar.caption)

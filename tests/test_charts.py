@@ -10,7 +10,7 @@ from meansparse_core.models import bundled_models, load_model
 from meansparse_core.one_image import TopK
 from meansparse_core.probes import Sample, probe
 from meansparse_core.statistics_lookup import find_statistics
-from ui.chart_style import download_config, in_large_type
+from meansparse_app.ui.chart_style import download_config, in_large_type
 
 
 @pytest.fixture(scope="module", params=["cifar-resnet9", "digits-cnn"])

@@ -16,7 +16,7 @@ from test_app import TIMEOUT, chart, check_clean, finish_jobs, open_link, start,
 
 from meansparse_core import budget  # noqa: E402
 from meansparse_core.budget import Cost  # noqa: E402
-from ui import heavy  # noqa: E402
+from meansparse_app.ui import heavy  # noqa: E402
 
 #: A model as slow as an ImageNet one on a laptop CPU: PGD-10 takes 1 s on one image, PGD-200 20 s.
 SLOW = Cost(forward_s=0.05, gradient_s=0.1, parameters=88_000_000, device="this CPU")
@@ -31,7 +31,8 @@ def queued_attacks(monkeypatch):
 @pytest.fixture
 def slow_model(monkeypatch):
     """The page believes the model is ``SLOW``."""
-    import ui.state
+    import meansparse_app.ui.state
+    from meansparse_app import ui
 
     monkeypatch.setattr(ui.state, "cached_cost", lambda choice: SLOW)
 
@@ -111,7 +112,8 @@ def test_picking_another_image_cancels_the_attack_waiting_for_the_old_one(busy_s
 
 
 def test_a_failing_heavy_job_is_one_readable_sentence(monkeypatch, queued_attacks):
-    import ui.state
+    import meansparse_app.ui.state
+    from meansparse_app import ui
 
     def refuse(*args, **kwargs):
         raise ValueError("Square needs at least one query; raise Queries.")
@@ -187,5 +189,5 @@ def test_sessions_of_closed_tabs_are_kept_a_minute_at_most():
     import tomllib
     from pathlib import Path
 
-    config = tomllib.loads((Path(__file__).parent.parent / ".streamlit" / "config.toml").read_text())
+    config = tomllib.loads((Path(__file__).parent.parent / "meansparse_app" / ".streamlit" / "config.toml").read_text())
     assert 0 < config["server"]["disconnectedSessionTTL"] <= 60

@@ -13,7 +13,7 @@ from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.limits import LIMITS
 from meansparse_core.models import find_model, load_model
 from meansparse_core.robustbench_compat import import_robustbench
-from ui.view_link import DECIMALS, MAX_ALPHA, MAX_LAYER_ALPHA, MAX_LINF_EPS, ViewLink, ignored_notice, link_params, parse_link
+from meansparse_app.ui.view_link import DECIMALS, MAX_ALPHA, MAX_LAYER_ALPHA, MAX_LINF_EPS, ViewLink, ignored_notice, link_params, parse_link
 
 FULL = ViewLink(page="layers", model="bundled/cifar10-resnet", data="cifar10", image=17, alpha=0.45,
                 compare_alpha=0.0, layer_alphas=(("3", 0.5), ("8.body.2", 1.25)), layer="8.body.2",

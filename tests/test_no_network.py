@@ -58,7 +58,7 @@ def gives_up_in_time(call, error=DataUnavailable, match: str = "") -> bool:
 
 def test_the_default_timeout_is_15_seconds_and_download_is_the_only_way_out():
     assert data.DOWNLOAD_TIMEOUT_S <= 15
-    sources = [*ROOT.glob("meansparse_core/*.py"), ROOT / "app.py", *ROOT.glob("ui/*.py"), *ROOT.glob("views/*.py")]
+    sources = [*ROOT.glob("meansparse_core/*.py"), ROOT / "meansparse_app" / "app.py", *ROOT.glob("meansparse_app/ui/*.py"), *ROOT.glob("meansparse_app/views/*.py")]
     openers = [p.name for p in sources if any(word in p.read_text() for word in ("urlopen(", "requests.", "http.client"))]
     assert openers == ["data.py"], "every network access must go through data.download"
 
@@ -109,7 +109,7 @@ def test_the_app_reports_a_failed_download_and_keeps_working(tmp_path, monkeypat
 
     monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 1)
     monkeypatch.setattr(models, "GDRIVE_URL", "http://127.0.0.1:9/{}")  # refused at once
-    app = AppTest.from_file("../app.py", default_timeout=120).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=120).run()
     app.sidebar.text_input(key="model_dir").set_value(str(tmp_path))
     app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
     app.main.button(key="download_weights").click().run()

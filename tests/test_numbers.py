@@ -143,7 +143,7 @@ def test_the_app_at_the_extremes_of_the_slider_draws_only_finite_numbers():
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    app = AppTest.from_file("../app.py", default_timeout=120).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=120).run()
     for page in ("views/explore.py", "views/layers.py"):
         app.switch_page(page).run()
         for alpha in (0.0, 2.0):

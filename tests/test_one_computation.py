@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from test_app import TIMEOUT, check_clean, finish_jobs, texts  # noqa: E402
 from test_heavy_jobs import busy_server  # noqa: E402,F401  (a fixture)
 
-from ui import heavy  # noqa: E402
+from meansparse_app.ui import heavy  # noqa: E402
 
 #: The lecturer's link: a test image and an AutoAttack on it (the digits model, the offline default).
 LINK = {"page": "explore", "image": "3", "alpha": "0.25", "attack": "autoattack", "eps": "32", "seed": "0",
@@ -18,7 +18,7 @@ LINK = {"page": "explore", "image": "3", "alpha": "0.25", "attack": "autoattack"
 
 
 def open_link(link: dict) -> AppTest:
-    app = AppTest.from_file("../app.py", default_timeout=TIMEOUT)
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=TIMEOUT)
     for key, value in link.items():
         app.query_params[key] = value
     return app.run()

@@ -201,7 +201,7 @@ def photo_app(tmp_path, monkeypatch):
         return real_uploader(label, *args, key=key, **kwargs)
 
     monkeypatch.setattr(streamlit, "file_uploader", file_uploader)
-    app = AppTest.from_file("../app.py", default_timeout=300).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=300).run()
     app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
     app.sidebar.selectbox(key="zoo_dataset").set_value("imagenet").run()
     return app, uploaded
@@ -266,7 +266,7 @@ def test_an_imagenet_model_with_no_data_at_all_gets_statistics_and_real_photos(t
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MEANSPARSE_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("MEANSPARSE_DATA", str(tmp_path / "data"))
-    app = AppTest.from_file("../app.py", default_timeout=300).run()
+    app = AppTest.from_file("../meansparse_app/app.py", default_timeout=300).run()
     app.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
     app.sidebar.selectbox(key="zoo_dataset").set_value("imagenet").run()
     app.sidebar.selectbox(key="zoo_model").set_value(find_model(R18)).run()

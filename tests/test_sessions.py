@@ -168,8 +168,8 @@ def test_two_app_sessions_with_different_images_and_alphas_see_their_own_results
         chart = next(e for e in app.get("plotly_chart") if "predictions" in e.proto.id)
         return json.loads(chart.proto.spec)["data"]
 
-    first = AppTest.from_file("../app.py", default_timeout=120).run()
-    second = AppTest.from_file("../app.py", default_timeout=120).run()
+    first = AppTest.from_file("../meansparse_app/app.py", default_timeout=120).run()
+    second = AppTest.from_file("../meansparse_app/app.py", default_timeout=120).run()
     first.slider(key="alpha").set_value(0.0).run()
     [b for b in second.button if (b.key or "").startswith("pick_")][1].click().run()  # another gallery image
     second.slider(key="alpha").set_value(1.8).run()

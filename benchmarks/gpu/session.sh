@@ -37,11 +37,11 @@ tiny)
     PYTHONPATH="$work/site" python benchmarks/gpu/session.py --tiny --archive carry/cifar10-jpeg.tar.gz \
         --state "$work/state" --out "$work/out"
     ;;
-unpack)  # what the device sent back (FOLDER): the bundle into assets/, the session into carry/session
+unpack)  # what the device sent back (FOLDER): the bundle into meansparse_core/assets/, the session into carry/session
     python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks/gpu')
-from session import unpack_bundle; unpack_bundle(Path(sys.argv[1]), Path('assets'))" "$2"
+from session import unpack_bundle; unpack_bundle(Path(sys.argv[1]), Path('meansparse_core/assets'))" "$2"
     mkdir -p carry/session && tar -xzf "$2/session.tar.gz" -C carry/session
-    ls -la assets/cifar-preact-resnet18.* carry/session
+    ls -la meansparse_core/assets/cifar-preact-resnet18.* carry/session
     ;;
 device)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -8,10 +8,10 @@ import streamlit as st
 
 from meansparse_core.budget import Cost, measure
 from meansparse_core.models import fits_a_laptop
-from ui.loaders import ModelChoice, cached_model
+from meansparse_app.ui.loaders import ModelChoice, cached_model
 
 if TYPE_CHECKING:  # ui.state asks this module whether an attack is quick
-    from ui.state import Setup
+    from meansparse_app.ui.state import Setup
 
 
 @st.cache_resource(show_spinner="Timing the model on this device...", max_entries=8)

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from ui.state import Setup, layer_overrides
+from meansparse_app.ui.state import Setup, layer_overrides
 
 DEFAULT_ALPHA = 0.2
 DEFAULTS = {"sparsify": True, "alpha": DEFAULT_ALPHA, "compare": False, "alpha2": 0.0}

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from ui import costs, heavy, links, panels, state, threshold
+from meansparse_app.ui import costs, heavy, links, panels, state, threshold
 from meansparse_core.data import load_items, sample_indices
 from meansparse_core.evaluation import EvalSettings, ResultCache
 from meansparse_core.export import save_sparsified

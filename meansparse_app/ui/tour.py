@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from ui import state, threshold
-from ui.state import Setup
+from meansparse_app.ui import state, threshold
+from meansparse_app.ui.state import Setup
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import costs, heavy, layout, links, loaders, panels, state, threshold, uploads
+from meansparse_app.ui import costs, heavy, layout, links, loaders, panels, state, threshold, uploads
 from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import PANEL_WIDTH, top_k_chart
 from meansparse_core.attack_choice import AttackChoice, default_steps

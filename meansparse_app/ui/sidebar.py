@@ -22,12 +22,12 @@ from meansparse_core.sparse_model import SparseModel
 from meansparse_core.taps import own_layers
 from meansparse_core.placement_rules import PLACEMENTS
 from meansparse_core.statistics_lookup import statistics_path
-from ui import heavy
-from ui.loaders import (ModelChoice, cached_dataset, cached_model, cached_sparse, cached_statistics, cached_zoo,
+from meansparse_app.ui import heavy
+from meansparse_app.ui.loaders import (ModelChoice, cached_dataset, cached_model, cached_sparse, cached_statistics, cached_zoo,
                         forget_statistics)
-from ui.panels import progress_bar
-from ui.state import Setup, layer_overrides
-from ui.threshold import chosen, set_controls
+from meansparse_app.ui.panels import progress_bar
+from meansparse_app.ui.state import Setup, layer_overrides
+from meansparse_app.ui.threshold import chosen, set_controls
 
 ALPHA_STARTED_FOR = "alpha_started_for"  # session key: the model whose published alpha the slider started at
 

@@ -6,10 +6,10 @@ statistics), then the page, which reads what the sidebar set up from the session
 
 import streamlit as st
 
-from ui import layout, links, threshold, tour
-from ui.errors import shown_errors
-from ui.sidebar import sidebar_ui
-from ui.view_link import PAGES as PAGE_NAMES
+from meansparse_app.ui import layout, links, threshold, tour
+from meansparse_app.ui.errors import shown_errors
+from meansparse_app.ui.sidebar import sidebar_ui
+from meansparse_app.ui.view_link import PAGES as PAGE_NAMES
 
 PAGES = dict(zip(PAGE_NAMES, [
     st.Page("views/explore.py", title="Explore", icon=":material/image_search:", default=True),

@@ -9,8 +9,8 @@ import streamlit as st
 
 from meansparse_core.data import load_image
 from meansparse_core.limits import LIMITS
-from ui.panels import to_display
-from ui.state import Picked, Setup, pick
+from meansparse_app.ui.panels import to_display
+from meansparse_app.ui.state import Picked, Setup, pick
 
 UNKNOWN_CLASS = "unknown: judge the models against the base model's prediction"
 

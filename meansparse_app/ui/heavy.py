@@ -18,7 +18,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from meansparse_core.jobs import Job, JobQueue
 from meansparse_core.sharing import SharedWork, Ticket
 
-from ui.errors import shown_errors
+from meansparse_app.ui.errors import shown_errors
 
 T = TypeVar("T")
 POLL_S = 1.0

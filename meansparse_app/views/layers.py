@@ -5,7 +5,7 @@ import streamlit as st
 from meansparse_core.charts import (fraction_replaced_chart, histogram_chart, perturbation_chart,
                                     perturbation_split_chart, same_y_range)
 from meansparse_core.probes import TapProbe, probe
-from ui import heavy, layout, links, panels, state, threshold
+from meansparse_app.ui import heavy, layout, links, panels, state, threshold
 
 
 def layer_ui(current: state.Setup) -> tuple[str, int]:

@@ -15,9 +15,9 @@ from meansparse_core.sparse_model import SparseModel
 from meansparse_core.attack_choice import AttackChoice, opening_attack
 from meansparse_core.live_accuracy import LiveAccuracy
 from meansparse_core.one_image import Opening, attack_image, found_adversarial, opening_image
-from ui import heavy
-from ui.costs import cached_cost
-from ui.loaders import ModelChoice
+from meansparse_app.ui import heavy
+from meansparse_app.ui.costs import cached_cost
+from meansparse_app.ui.loaders import ModelChoice
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import torch
 from meansparse_core.accuracy_table import nearest, with_interval
 from meansparse_core.data import Preparation
 from meansparse_core.photos import PHOTOS, available as photos_available
-from ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
-from ui.layout import presenting
-from ui.loaders import cached_live_figures, cached_live_set
-from ui.state import Picked, Setup, gallery_order, pick, picked_image, test_image
+from meansparse_app.ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
+from meansparse_app.ui.layout import presenting
+from meansparse_app.ui.loaders import cached_live_figures, cached_live_set
+from meansparse_app.ui.state import Picked, Setup, gallery_order, pick, picked_image, test_image
 
 
 def gallery_ui(current: Setup, count: int = 8) -> None:

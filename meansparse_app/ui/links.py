@@ -13,9 +13,9 @@ import streamlit as st
 
 from meansparse_core.data import DATASETS
 from meansparse_core.models import find_model
-from ui import state, threshold
-from ui.state import Setup
-from ui.view_link import ViewLink, ignored_notice, link_params, parse_link
+from meansparse_app.ui import state, threshold
+from meansparse_app.ui.state import Setup
+from meansparse_app.ui.view_link import ViewLink, ignored_notice, link_params, parse_link
 
 PENDING, NOTICE = "link_pending", "link_notice"
 
