@@ -186,8 +186,7 @@ def test_the_server_watches_no_files():
 def test_sessions_of_closed_tabs_are_kept_a_minute_at_most():
     """Each kept session holds its images, examples, sweeps and any prepared export (a whole model's weights);
     Streamlit keeps a disconnected one for 120 s by default."""
-    import tomllib
-    from pathlib import Path
+    from conftest import streamlit_config
 
-    config = tomllib.loads((Path(__file__).parent.parent / "meansparse_app" / ".streamlit" / "config.toml").read_text())
+    config = streamlit_config()
     assert 0 < config["server"]["disconnectedSessionTTL"] <= 60
