@@ -47,12 +47,12 @@ def cached_model(choice: ModelChoice) -> torch.nn.Module:
 
 
 @st.cache_resource(show_spinner="Looking for statistics...", max_entries=8)
-def cached_statistics(choice: ModelChoice, data: str, placement: str = "activations"):
+def cached_statistics(choice: ModelChoice, data: str, placement: str):
     return find_statistics(choice.spec, cached_model(choice), data, choice.weights_digest, placement=placement)
 
 
 @st.cache_resource(max_entries=8)
-def cached_sparse(choice: ModelChoice, data: str, placement: str = "activations") -> SparseModel | None:
+def cached_sparse(choice: ModelChoice, data: str, placement: str) -> SparseModel | None:
     """The shared sparsified view of the cached model; it holds no alpha, so sessions cannot collide."""
     found = cached_statistics(choice, data, placement)
     return attach(cached_model(choice), found.stats) if found else None
@@ -71,7 +71,7 @@ def cached_dataset(data: str, root: str, split: str) -> Dataset:
 
 
 @st.cache_resource(show_spinner="Crafting the live evaluation set (once per model)...", max_entries=4)
-def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float, placement: str = "activations") -> LiveAccuracy:
+def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float, placement: str) -> LiveAccuracy:
     dataset = cached_dataset(data, root, "test")
     indices = sample_indices(len(dataset), LIMITS.live_set, seed=0)
     images, labels = load_items(dataset, indices)
@@ -84,8 +84,10 @@ def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float, place
 
 @st.cache_data(show_spinner=False, max_entries=2048)
 def cached_live_figures(choice: ModelChoice, data: str, root: str, eps: float, alpha: float,
-                        layer_alphas: tuple[tuple[str, float], ...], placement: str = "activations") -> tuple[float, float]:
-    """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free."""
+                        layer_alphas: tuple[tuple[str, float], ...], placement: str, statistics: str) -> tuple[float, float]:
+    """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free.
+
+    ``statistics`` (their fingerprint) is part of the key: after a calibration the figures are new ones."""
     live = cached_live_set(choice, data, root, eps, placement)
     return live.at(cached_sparse(choice, data, placement), alpha, dict(layer_alphas))
 

@@ -74,7 +74,8 @@ def accuracy_panel_ui(current: Setup) -> None:
         return
     live = cached_live_set(current.model, current.data, current.data_root, current.eps, current.placement)
     clean, transfer = cached_live_figures(current.model, current.data, current.data_root, current.eps, current.alpha,
-                                          tuple(sorted(current.layer_alphas.items())), current.placement)
+                                          tuple(sorted(current.layer_alphas.items())), current.placement,
+                                          sparse.stats.fingerprint())
     left, middle, right = st.columns(3)
     n = len(live.labels)
     left.metric(f"Clean accuracy ({n} test images, live)", with_interval(clean, n),
