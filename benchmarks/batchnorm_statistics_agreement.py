@@ -1,7 +1,7 @@
 """Statistics read from BatchNorm layers against the exact statistics, on every bundled model.
 
 For each bundled model with BatchNorm layers, two kinds of statistics: the exact ones shipped in
-``assets/`` (over all training images), and those ``calibrate --estimator batchnorm`` makes without
+``meansparse_core/assets/`` (over all training images), and those ``calibrate --estimator batchnorm`` makes without
 the training set (taps no BatchNorm feeds: the built-in photos). Prints
 
 1. per tap, the error of the data-free mean and std relative to the exact sigma, |diff| / sigma,

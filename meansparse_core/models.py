@@ -104,7 +104,7 @@ def _bundled_manifests() -> dict[str, dict]:
 
 
 def bundled_models() -> list[ModelSpec]:
-    """The demo models shipped in ``assets/``."""
+    """The demo models shipped in ``meansparse_core/assets/``."""
     return [
         ModelSpec(f"bundled/{name}", m["label"], "bundled", name, m["dataset"], m["threat_model"])
         for name, m in _bundled_manifests().items()
