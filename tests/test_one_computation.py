@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from test_app import TIMEOUT, check_clean, finish_jobs, texts  # noqa: E402
-from test_heavy_jobs import busy_server  # noqa: E402,F401  (a fixture)
+from test_heavy_jobs import busy_server, queued_attacks  # noqa: E402,F401  (fixtures)
 
 from meansparse_app.ui import heavy  # noqa: E402
 

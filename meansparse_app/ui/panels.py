@@ -24,9 +24,10 @@ def gallery_ui(current: Setup, count: int = 8) -> None:
     """A row of test images with labels; a button under each picks it, and the picked one is marked."""
     if current.test_set is None:
         return
-    page = st.session_state.get("gallery_page", 0)
     order = gallery_order(len(current.test_set))
     chosen = picked_image(current).key
+    # The gallery opens on the page holding the session's image (the opening image may be past the first page).
+    page = st.session_state.get("gallery_page", order.index(int(chosen[5:])) // count if chosen.startswith("test/") else 0)
     columns = st.columns(count)
     for column, index in zip(columns, order[page * count:(page + 1) * count]):
         picked = test_image(current, index)
