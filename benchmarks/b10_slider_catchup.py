@@ -38,7 +38,7 @@ def catch_up(url: str, presses: int, rounds: int) -> list[float]:
         page.set_default_timeout(300_000)
         page.goto(url)
         page.get_by_text(alpha_pattern(0.2)).first.wait_for()
-        page.get_by_role("button", name="Attack").click()
+        page.get_by_role("button", name="Attack", exact=True).click()
         page.get_by_text("True class").first.wait_for()
         # Keys pressed while the attack's page run is still going move the slider back to its old value
         # when that run ends (the page's alpha stays the new one): wait until the page is idle.

@@ -58,7 +58,7 @@ def measure(url: str, after: int) -> dict:
         page.get_by_text(READY).first.wait_for(timeout=TIMEOUT_MS)
         page.get_by_role("combobox", name="Attack").click()
         page.get_by_role("option", name="autoattack", exact=True).click()
-        page.get_by_role("button", name="Attack").click()
+        page.get_by_role("button", name="Attack", exact=True).click()
         started = time.perf_counter()
         during = page_load(browser, url)
         page.get_by_text("Adversarial example: autoattack").wait_for(timeout=TIMEOUT_MS)

@@ -145,7 +145,7 @@ def test_opens_slides_attacks_and_shows_layers(page):
     expect(page.get_by_text("alpha 0.3 says")).to_be_visible()
     page.screenshot(path=SHOTS / "2-slider.png", full_page=True)
 
-    page.get_by_role("button", name="Attack").click()
+    page.get_by_role("button", name="Attack", exact=True).click()
     expect(page.get_by_text(re.compile(r"^True class"))).to_be_visible()
     expect(page.get_by_text("Adversarial example: pgd eps 32/255")).to_be_visible()
     assert "Traceback" not in text_of(page)
@@ -275,7 +275,7 @@ def test_cifar_autoattack_on_explore(cifar_server, cifar_page):
     expect(page.get_by_text("Run an attack to compare")).to_be_visible()
     page.get_by_role("combobox", name="Attack").click()
     page.get_by_role("option", name="autoattack", exact=True).click()
-    page.get_by_role("button", name="Attack").click()
+    page.get_by_role("button", name="Attack", exact=True).click()
     expect(page.get_by_text("Adversarial example: autoattack")).to_be_visible(timeout=600_000)
     no_error_on(page)
     page.screenshot(path=SHOTS / "cifar-1-autoattack.png", full_page=True)
