@@ -299,7 +299,6 @@ def test_cifar_layers_charts_show_every_tap(cifar_page):
     page.screenshot(path=SHOTS / "cifar-2-layers.png", full_page=True)
 
 
-@pytest.mark.xfail(reason="known failure, open: the link's re-crafted attack caption is not shown since attacks are queued by cost", strict=False)
 def test_cifar_shared_link_restores_alpha_and_image(cifar_server, browser):
     page, expect = open_page(browser, f"{cifar_server}/?page=layers&image=17&alpha=0.45&attack=pgd&seed=3"), sync_api.expect
     expect(page.get_by_role("heading", name="Layers")).to_be_visible(timeout=300_000)
@@ -359,7 +358,6 @@ def protocol_client():
     return module
 
 
-@pytest.mark.xfail(reason="known failure, open: the protocol client finds no verdict at alpha 0.25 since the gallery opens on the opening image's page", strict=False)
 def test_protocol_client_sees_the_verdict_the_browser_shows(server, page):
     """B15 measures with protocol clients: the same steps give the same verdict text as in the browser."""
     import asyncio
