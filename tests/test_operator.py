@@ -1,6 +1,8 @@
 """The MeanSparse operator against a NumPy reference, its properties, gradients and RobustBench's layer."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -392,13 +394,23 @@ def test_build_recipes_suit_each_platform(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's loaded libraries (Linux)")
 def test_the_kernel_runs_on_pytorchs_openmp_runtime_not_a_second_one():
+    """In a fresh process (other libraries, such as scikit-learn, bring their own runtime), torch plus the kernel
+    load one OpenMP runtime."""
     from meansparse_core import native
 
     if not native.available():
         pytest.skip("no C kernel here")
-    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-              if re.search(r"/lib(g|i)?omp[^/]*\.so", line)}
-    assert len(loaded) <= 1, f"two OpenMP runtimes in one process: {sorted(loaded)}"
+    script = (
+        "import re, torch\n"
+        "from meansparse_core import native, sparsify\n"
+        "assert native.available()\n"
+        "sparsify(torch.randn(2, 4, 8, 8), torch.zeros(4), torch.ones(4), 0.5)\n"
+        "maps = open('/proc/self/maps').read().splitlines()\n"
+        "print(sorted({l.split()[-1] for l in maps if re.search(r'/lib(g|i)?omp[^/]*\\.so', l)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])
+    assert len(loaded) <= 1, f"two OpenMP runtimes in one process: {loaded}"
 
 
 def test_the_kernel_reads_statistics_that_are_not_contiguous():
