@@ -18,10 +18,16 @@ failed or timed-out steps. Leaks: a run that shows a student an alpha it never c
 test image than its own. Server: processor seconds and resident memory from ``/proc``; the machine's
 load average before and after (other processes share the cores).
 
+``--lecturer-first``: before the class, one session opens the app (the lecturer's, on the projector)
+and the students start once the server has been idle for 5 s, its background work for that page done
+(crafting the live set and scoring the live figures at every slider value); ``warm_up_s`` says how long
+that took.
+
 ``--link N`` measures the lecturer's link instead: N students open one link that carries an
 AutoAttack on one image; it reports when each saw the adversarial example and the server's work.
 
-    python benchmarks/b15_protocol_load.py [--students 20] [--heavy 2] [--moves 10] [--model digits|cifar] [--json]
+    python benchmarks/b15_protocol_load.py [--students 20] [--heavy 2] [--moves 10] [--model digits|cifar]
+        [--lecturer-first] [--json]
     python benchmarks/b15_protocol_load.py --link 20 [--model cifar] [--json]
 """
 
@@ -195,7 +201,26 @@ def percentiles(seconds: list[float]) -> dict:
             "max_s": round(seconds[-1], 3)}
 
 
-async def class_run(url: str, server_pid: int, students: int, moves: int, heavy: int, seed: int) -> dict:
+async def lecturer_opens_the_app(url: str, server_pid: int, quiet_s: int = 5, limit_s: float = 900) -> float:
+    """The lecturer's session opens the app; the seconds until the server had been idle for ``quiet_s``."""
+    start = time.perf_counter()
+    client = await ProtocolClient.connect(url)
+    try:
+        await client.rerun()
+    finally:
+        await client.close()
+    watch, still = ServerWatch(server_pid), 0
+    busy = watch.cpu_seconds()
+    while still < quiet_s and time.perf_counter() - start < limit_s:
+        await asyncio.sleep(1)
+        now = watch.cpu_seconds()
+        still, busy = (still + 1 if now - busy < 0.05 else 0), now
+    return round(time.perf_counter() - start - quiet_s, 1)
+
+
+async def class_run(url: str, server_pid: int, students: int, moves: int, heavy: int, seed: int,
+                    lecturer_first: bool) -> dict:
+    warm_up = await lecturer_opens_the_app(url, server_pid) if lecturer_first else None
     started, done = [asyncio.Event() for _ in range(heavy)], asyncio.Event()
     sweeps = [asyncio.create_task(heavy_session(url, n, started[n], done)) for n in range(heavy)]
     for event in started:
@@ -212,7 +237,8 @@ async def class_run(url: str, server_pid: int, students: int, moves: int, heavy:
     heavy_report = await asyncio.gather(*sweeps)
     latencies = [t for s in everyone for t in s.latencies]
     return {
-        "students": students, "moves": moves, "heavy_jobs": heavy, "slider_moves_measured": len(latencies),
+        "students": students, "moves": moves, "heavy_jobs": heavy, "warm_up_s": warm_up,
+        "slider_moves_measured": len(latencies),
         **percentiles(latencies),
         "errors": len([e for s in everyone for e in s.errors]) + sum("error" in h for h in heavy_report),
         "leaks": len([e for s in everyone for e in s.leaks]),
@@ -268,6 +294,8 @@ def main() -> None:
     parser.add_argument("--cifar-archive", type=Path, default=CIFAR_ARCHIVE)
     parser.add_argument("--link", type=int, default=0, metavar="N",
                         help="instead: N students open one link carrying an AutoAttack")
+    parser.add_argument("--lecturer-first", action="store_true",
+                        help="one session opens the app first; the class starts when the server is idle")
     parser.add_argument("--seed", type=int, default=0, help="seeds the students' pauses")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -280,7 +308,8 @@ def main() -> None:
                          "&seed=0&target=base")
                 results = asyncio.run(link_run(url, server.pid, args.link, query))
             else:
-                results = asyncio.run(class_run(url, server.pid, args.students, args.moves, args.heavy, args.seed))
+                results = asyncio.run(class_run(url, server.pid, args.students, args.moves, args.heavy, args.seed,
+                                                args.lecturer_first))
         finally:
             server.terminate()
             try:
@@ -288,7 +317,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:  # a loaded machine: the figures still count
                 server.kill()
     results["model"] = args.model
-    name = f"b15_{'link' if args.link else 'class'}_{args.model}_{args.link or args.students}_{args.heavy}"
+    name = (f"b15_{'link' if args.link else 'class'}_{args.model}_{args.link or args.students}_{args.heavy}"
+            + ("_lecturer_first" if args.lecturer_first else ""))
     with contextlib.redirect_stdout(sys.stderr):
         save(name, results)
     print(json.dumps(results) if args.json else report(results))
@@ -299,6 +329,8 @@ def report(r: dict) -> str:
                                               if "link" in r else
                                               f"{r['students']} students x {r['moves']} slider moves, "
                                               f"{r['heavy_jobs']} sweeps meanwhile")]
+    if r.get("warm_up_s") is not None:
+        lines.append(f"the lecturer's session opened the app first; the server was idle after {r['warm_up_s']} s")
     if "link" in r:
         lines.append(f"saw the adversarial example: {r['saw_the_result']} of {r['students']}, after p50 "
                      f"{r['p50_s']} s, max {r['max_s']} s; highest queue position shown {r['highest_queue_position_seen']}")

@@ -31,6 +31,7 @@ while every page of the server waits for the lock.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -177,6 +178,44 @@ def yield_to_pages() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, JOB_NICENESS))
 
 
+def as_background_work(work: Callable[[], None], threads: int = 1) -> None:
+    """Run ``work`` in the calling thread as the server's workers run jobs: ``threads`` torch threads, lower
+    CPU priority than the pages, eager operators."""
+    use_torch_threads(threads)
+    yield_to_pages()
+    with eager_in_this_thread():
+        work()
+
+
+#: Background work still running, and how to stop each: torch code still running in a daemon thread
+#: when the interpreter ends aborts the process ("terminate called without an active exception").
+_BACKGROUND: dict[threading.Thread, Callable[[], None]] = {}
+
+
+def start_in_background(work: Callable[[], None], stop: Callable[[], None], name: str) -> threading.Thread:
+    """``work`` on a daemon thread of its own, as background work (see ``as_background_work``); ``stop()``
+    must make it return soon: it is called when the interpreter exits."""
+
+    def run() -> None:
+        try:
+            as_background_work(work)
+        finally:
+            _BACKGROUND.pop(threading.current_thread(), None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    _BACKGROUND[thread] = stop
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _stop_background_work() -> None:
+    for stop in list(_BACKGROUND.values()):
+        stop()
+    for thread in list(_BACKGROUND):
+        thread.join(timeout=30)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and taskset restrict)."""
     try:
@@ -288,10 +327,7 @@ class JobQueue:
             thread.join()
 
     def _serve(self) -> None:
-        use_torch_threads(self.threads_per_job)
-        yield_to_pages()
-        with eager_in_this_thread():
-            self._run_jobs()
+        as_background_work(self._run_jobs, self.threads_per_job)
 
     def _run_jobs(self) -> None:
         while True:

@@ -18,10 +18,16 @@ class Limits:
     steps: int = 200  # iterations of one attack
     square_queries: int = 5000
     image_pixels: int = 40_000_000  # of an uploaded image, checked before it is decoded
-    live_set: int = 50  # test images behind the live figures: 2 x 50 forward passes per slider move
+    live_set: int = 50  # test images behind the live figures: 2 x 50 forward passes per alpha
+    slider_max: float = 2.0  # the alpha slider's range starts at 0
+    slider_step: float = 0.01
 
     def steps_for(self, attack: str) -> int:
         return self.square_queries if attack == "square" else self.steps
+
+    def slider_alphas(self) -> tuple[float, ...]:
+        """Every alpha the slider can stop at."""
+        return tuple(round(i * self.slider_step, 6) for i in range(round(self.slider_max / self.slider_step) + 1))
 
 
 LIMITS = Limits()

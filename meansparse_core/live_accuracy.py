@@ -3,6 +3,7 @@ against the base model, re-scored at each alpha with two forward passes."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -66,3 +67,63 @@ class LiveAccuracy:
         positions = lambda mask: tuple(torch.nonzero(mask).flatten().tolist())  # noqa: E731
         return Turns(rescued=positions(base_clean & ~base_adv & sparse_adv),
                      broken=positions(base_clean & base_adv & ~sparse_adv))
+
+
+class LiveCurve:
+    """The live figures of one live set and sparsified model at every alpha scored so far, for all who ask.
+
+    A slider move to an alpha already scored costs nothing; ``fill`` scores a grid of alphas ahead of
+    the slider (in a background thread), nearest the alpha asked for last first, so that a class moving
+    its sliders soon finds every figure ready. Example::
+
+        curve = LiveCurve(live, sparse)
+        threading.Thread(target=curve.fill, args=([i / 100 for i in range(201)],), daemon=True).start()
+        clean, transfer = curve.at(0.35)  # scored here unless the thread got there first
+        curve.close()  # the thread stops after the alpha it is scoring
+    """
+
+    def __init__(self, live: LiveAccuracy, sparse: SparseModel, layer_alphas: Mapping[str, float] | None = None) -> None:
+        self.live, self.sparse, self.layer_alphas = live, sparse, dict(layer_alphas or {})
+        self._figures: dict[float, tuple[float, float]] = {}
+        self._last_asked: float | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # guards the dictionary only: scoring runs outside it
+
+    def at(self, alpha: float) -> tuple[float, float]:
+        """(clean accuracy, transfer robust accuracy) at ``alpha``, scored now if nobody has yet."""
+        alpha = _grid_key(alpha)
+        with self._lock:
+            self._last_asked = alpha
+            figures = self._figures.get(alpha)
+        return figures if figures is not None else self._score(alpha)
+
+    def scored(self) -> int:
+        """How many alphas have figures."""
+        with self._lock:
+            return len(self._figures)
+
+    def fill(self, alphas: Sequence[float]) -> None:
+        """Score each of ``alphas`` not yet scored, the one nearest the last alpha asked for first, until
+        all are scored or the curve is closed."""
+        wanted = {_grid_key(a) for a in alphas}
+        while not self._closed:
+            with self._lock:
+                todo = wanted - self._figures.keys()
+                here = self._last_asked
+            if not todo:
+                return
+            self._score(min(todo, key=lambda a: (abs(a - here), a) if here is not None else (a, a)))
+
+    def close(self) -> None:
+        """Stop ``fill`` (after the alpha it is scoring); ``at`` keeps working."""
+        self._closed = True
+
+    def _score(self, alpha: float) -> tuple[float, float]:
+        figures = self.live.at(self.sparse, alpha, self.layer_alphas)
+        with self._lock:
+            return self._figures.setdefault(alpha, figures)
+
+
+def _grid_key(alpha: float) -> float:
+    """Slider values computed two ways (0.1 * 3 and 0.3) are one threshold."""
+    return round(float(alpha), 9)

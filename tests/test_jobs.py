@@ -2,6 +2,7 @@
 and torch threads. Threads are synchronised with events, never with sleeps."""
 
 import os
+import subprocess
 import sys
 import threading
 
@@ -347,3 +348,21 @@ def test_closing_the_tab_stops_a_running_attack_at_its_next_pass(queue, digits):
     tab_open[0] = False
     seen = len(passes)
     assert finished(job).state == "cancelled" and len(passes) <= seen + 1
+
+
+def test_background_work_is_stopped_and_awaited_when_the_interpreter_exits():
+    """Torch code still running in a daemon thread at exit aborts the process (seen after the app's tests)."""
+    script = (
+        "import threading, torch\n"
+        "from meansparse_core.jobs import start_in_background\n"
+        "stop, started = threading.Event(), threading.Event()\n"
+        "def work():\n"
+        "    started.set()\n"
+        "    while not stop.is_set():\n"
+        "        torch.randn(300, 300) @ torch.randn(300, 300)\n"
+        "    print('stopped', flush=True)\n"
+        "start_in_background(work, stop.set, 'busy')\n"
+        "started.wait()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr[-2000:]

@@ -14,10 +14,10 @@ def loaders():
     from meansparse_app.ui import loaders
 
     for cached in (loaders.cached_model, loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_set,
-                   loaders.cached_live_figures):
+                   loaders.cached_live_curve):
         cached.clear()
     yield loaders
-    for cached in (loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_figures):
+    for cached in (loaders.cached_statistics, loaders.cached_sparse, loaders.cached_live_curve):
         cached.clear()
 
 
@@ -30,7 +30,7 @@ def test_a_calibration_forgets_only_what_it_replaces_and_the_live_figures_follow
     before = loaders.cached_sparse(digits, "digits", "activations")
 
     def live_figures(sparse):
-        return loaders.cached_live_figures(digits, "digits", "", 32.0, 0.8, (), "activations", sparse.stats.fingerprint())
+        return loaders.cached_live_curve(digits, "digits", "", 32.0, "activations", sparse.stats.fingerprint()).at(0.8)
 
     old_figures = live_figures(before)
     model = loaders.cached_model(digits)

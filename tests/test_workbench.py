@@ -12,7 +12,7 @@ from meansparse_core.models import bundled_statistics_path, find_model, load_mod
 from meansparse_core.statistics import Statistics
 from meansparse_core.accuracy_table import COLUMN_LABELS, accuracy_table, best_alpha, nearest, wilson_interval, with_interval
 from meansparse_core.attack_choice import AttackChoice, default_steps
-from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.live_accuracy import LiveAccuracy, LiveCurve
 from meansparse_core.one_image import Comparison, TopK, amplified, attack_image, compare, found_adversarial, top_k
 from meansparse_core.statistics_lookup import find_statistics, statistics_path
 
@@ -88,6 +88,30 @@ def test_live_accuracy_at_alpha_zero_is_the_base_models(digits):
     assert transfer == pytest.approx((predict(model, live.adversarial) == labels).float().mean().item())
     assert transfer < clean
     assert live.at(sparse, 5.0)[0] < clean  # a huge band erases the features
+
+
+def test_the_live_curve_scores_each_alpha_once_nearest_the_slider_first(digits):
+    """Figures from the curve are the live set's own; a slider move to a scored alpha (even written another
+    way) costs nothing; the fill works outward from the alpha asked for last and stops once closed."""
+    model, sparse, images, labels = digits
+    live = LiveAccuracy.craft(model, images[:16], labels[:16], AttackChoice(eps=32, steps=2, target="base"))
+    scored = []
+
+    class Recording(LiveAccuracy):
+        def at(self, sparse, alpha, layer_alphas=None):
+            scored.append(alpha)
+            return super().at(sparse, alpha, layer_alphas)
+
+    curve = LiveCurve(Recording(live.images, live.labels, live.adversarial, live.attack), sparse)
+    assert curve.at(0.3) == live.at(sparse, 0.3) and curve.at(0.1 * 3) == live.at(sparse, 0.3)
+    assert scored == [0.3]
+    curve.fill([0.0, 0.1, 0.2, 0.3, 0.4, 0.9])
+    assert scored == [0.3, 0.2, 0.4, 0.1, 0.0, 0.9] and curve.scored() == 6
+    assert curve.at(0.9) == live.at(sparse, 0.9) and len(scored) == 6
+    curve.close()
+    curve.fill([0.5, 0.6])
+    assert curve.scored() == 6, "a closed curve scores no more in the background"
+    assert curve.at(0.5) == live.at(sparse, 0.5), "but still answers"
 
 
 def test_accuracy_table_rows_and_cache(tmp_path, digits):

@@ -19,7 +19,8 @@ from meansparse_core.models import ModelSpec, find_model, load_checkpoint, load_
 from meansparse_core.sparse_model import SparseModel
 from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.limits import LIMITS
-from meansparse_core.live_accuracy import LiveAccuracy
+from meansparse_core.jobs import start_in_background
+from meansparse_core.live_accuracy import LiveAccuracy, LiveCurve
 from meansparse_core.statistics_lookup import find_statistics
 
 
@@ -82,14 +83,20 @@ def cached_live_set(choice: ModelChoice, data: str, root: str, eps: float, place
                               AttackChoice(eps=eps, target="base"), indices=indices)
 
 
-@st.cache_data(show_spinner=False, max_entries=2048)
-def cached_live_figures(choice: ModelChoice, data: str, root: str, eps: float, alpha: float,
-                        layer_alphas: tuple[tuple[str, float], ...], placement: str, statistics: str) -> tuple[float, float]:
-    """(clean, transfer) accuracy at one threshold, remembered so that revisiting an alpha is free.
+@st.cache_resource(show_spinner=False, max_entries=16, on_release=LiveCurve.close)
+def cached_live_curve(choice: ModelChoice, data: str, root: str, eps: float, placement: str, statistics: str,
+                      layer_alphas: tuple[tuple[str, float], ...] = ()) -> LiveCurve:
+    """The live figures at every alpha, shared by the whole server.
 
-    ``statistics`` (their fingerprint) is part of the key: after a calibration the figures are new ones."""
-    live = cached_live_set(choice, data, root, eps, placement)
-    return live.at(cached_sparse(choice, data, placement), alpha, dict(layer_alphas))
+    ``statistics`` (their fingerprint) is part of the key: after a calibration the figures are new ones.
+    Without per-layer alphas a background thread scores every slider value ahead of the class (about a
+    minute or two of one core, at lower priority than the pages); with them, each alpha is scored when
+    asked for."""
+    curve = LiveCurve(cached_live_set(choice, data, root, eps, placement), cached_sparse(choice, data, placement),
+                      dict(layer_alphas))
+    if not layer_alphas:
+        start_in_background(lambda: curve.fill(LIMITS.slider_alphas()), curve.close, name="live-curve")
+    return curve
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import streamlit as st
 
+from meansparse_core.limits import LIMITS
 from meansparse_app.ui.state import Setup, layer_overrides
 
 DEFAULT_ALPHA = 0.2
@@ -61,10 +62,10 @@ def threshold_ui(current: Setup) -> Setup:
     toggles, slider, second = st.columns([1.9, 3, 1.6], vertical_alignment="bottom")  # "Compare two alphas" uncut at 1280 px
     toggles.toggle("Sparsify", state["sparsify"], key="sparsify", disabled=current.sparse is None)
     toggles.toggle("Compare two alphas", state["compare"], key="compare")
-    slider.slider(ALPHA_LABEL, 0.0, 2.0, state["alpha"], step=0.01, key="alpha")
+    slider.slider(ALPHA_LABEL, 0.0, LIMITS.slider_max, state["alpha"], step=LIMITS.slider_step, key="alpha")
     if state["compare"]:
         # A short label: a wrapped one pushed the presentation layout's predictions below 720 px.
-        second.slider("second alpha", 0.0, 2.0, state["alpha2"], step=0.01, key="alpha2",
+        second.slider("second alpha", 0.0, LIMITS.slider_max, state["alpha2"], step=LIMITS.slider_step, key="alpha2",
                       help="0 is the base model (MeanSparse off).")
     kept().update({key: state[key] for key in DEFAULTS if key in state})
     on = state["sparsify"] and current.sparse is not None
