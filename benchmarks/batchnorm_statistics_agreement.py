@@ -12,8 +12,11 @@ the training set (taps no BatchNorm feeds: the built-in photos). Prints
    first ``--autoattack-n`` of them.
 
 Results are cached like the CLI's (a rerun resumes finished rows) and written row by row.
+``--evaluations`` picks rows by name (``clean``, ``pgd``, ``bpda``, ``autoattack``) and ``--models`` the
+models, so the long AutoAttack rows can run on their own.
 
     python benchmarks/batchnorm_statistics_agreement.py --data-dir <cifar10-jpeg> [--n 1000 --autoattack-n 200]
+        [--evaluations autoattack] [--models bundled/digits-cnn,bundled/cifar-resnet9]
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class Bundled:
     alpha: float  # the alpha its model card evaluates
 
 
+#: Rows by short name: (what the table calls it, attack, gradients).
+EVALUATIONS = {"clean": ("clean", "fgsm", "exact"), "pgd": ("PGD-20, exact gradients", "pgd", "exact"),
+               "bpda": ("PGD-20, BPDA", "pgd", "straight-through"),
+               "autoattack": ("AutoAttack (standard)", "autoattack", "exact")}
 MODELS = (Bundled("bundled/digits-cnn", 0.1), Bundled("bundled/cifar-resnet9", 0.5),
           Bundled("bundled/cifar-resnet9-w64", 0.4))
 
@@ -79,6 +86,7 @@ def main() -> None:
     parser.add_argument("--autoattack-n", type=int, default=200)
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (python batches or ImageFolder tree)")
     parser.add_argument("--models", default=",".join(m.key for m in MODELS))
+    parser.add_argument("--evaluations", default=",".join(EVALUATIONS), help="rows to run, of: " + ", ".join(EVALUATIONS))
     args = parser.parse_args()
     chosen = [m for m in MODELS if m.key in args.models.split(",")]
     report: dict = {"n": args.n, "autoattack_n": args.autoattack_n, "models": {}}
@@ -97,10 +105,11 @@ def main() -> None:
                   f"{r['std_median']:.1%} | {r['std_worst']:.1%} |", flush=True)
     print("\n| model | alpha | evaluation | N | exact statistics | BatchNorm statistics | difference (points) | seconds |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
-    plans = [(name, attack, grad, args.n) for name, attack, grad in
-             (("clean", "fgsm", "exact"), ("PGD-20, exact gradients", "pgd", "exact"),
-              ("PGD-20, BPDA", "pgd", "straight-through"))]
-    for plan in (plans, [("AutoAttack (standard)", "autoattack", "exact", args.autoattack_n)]):
+    wanted = args.evaluations.split(",")
+    plans = [[(name, attack, grad, args.autoattack_n if attack == "autoattack" else args.n)
+              for short, (name, attack, grad) in EVALUATIONS.items() if short in wanted and (attack == "autoattack") == last]
+             for last in (False, True)]  # AutoAttack last for all models: the others' rows come first
+    for plan in plans:
         for bundled in chosen:
             model, kinds = loaded[bundled.key]
             spec = find_model(bundled.key)
