@@ -135,6 +135,12 @@ def text_of(page) -> str:
     return page.locator("[data-testid='stMain']").inner_text()
 
 
+def no_error_on(page) -> None:
+    text = text_of(page)
+    assert "Traceback" not in text and "Something went wrong" not in text, text[-2000:]
+    assert not page.locator("[data-testid='stException']").count(), text[-2000:]
+
+
 def test_opens_slides_attacks_and_shows_layers(page):
     expect = sync_api.expect
     expect(page.get_by_text("Run an attack to compare")).to_be_visible()
@@ -201,6 +207,56 @@ def test_own_checkpoint_is_calibrated_and_used(page, tmp_path):
     page.screenshot(path=SHOTS / "6-checkpoint.png", full_page=True)
 
 
+def tap_names(statistics: Path) -> list[str]:
+    """The taps of the statistics saved at ``statistics``, in forward order."""
+    from meansparse_core.statistics import Statistics
+
+    return [tap.name for tap in Statistics.load(statistics).tap_list]
+
+
+def chart_categories(page) -> list[list[str]]:
+    """The x values of every trace of every Plotly chart on the page, as text.
+
+    Numeric x values may reach the browser as Plotly's packed typed arrays (an object, not a list);
+    names never do, so only plain lists are read."""
+    return page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(
+        chart => (chart.data || []).map(trace => (Array.isArray(trace.x) ? trace.x : []).map(String)))""")
+
+
+def depth_charts_name(page, taps: list[str]) -> None:
+    """The Layers page's charts across depth are drawn, each with one point per tap, in forward order."""
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4")
+    over_depth = [xs for xs in chart_categories(page) if len(xs) == len(taps)]
+    assert over_depth and all(xs == taps for xs in over_depth), (taps, over_depth)
+
+
+def choose_imagenet_model(page, name: str) -> None:
+    """The sidebar's RobustBench zoo, ImageNet models, the one named ``name``."""
+    expect, sidebar = sync_api.expect, page.locator("[data-testid='stSidebar']")
+    sidebar.get_by_role("radiogroup", name="Source").get_by_text("RobustBench zoo").click()
+    expect(sidebar.get_by_text("Search names")).to_be_visible()
+    sidebar.get_by_role("combobox", name="Dataset").first.click()
+    page.get_by_role("option", name="imagenet", exact=True).click()
+    expect(sidebar.get_by_text("fits a laptop: up to 30M parameters")).to_be_visible()
+    sidebar.get_by_role("combobox", name="Model", exact=True).click()
+    page.get_by_role("option", name=re.compile(name)).click()
+
+
+TOP5_NAMES = ".js-plotly-plot .yaxislayer-above text"  # the class names on every top-5 subplot's axis
+
+
+def top5_names(page, panels: int) -> list[str]:
+    """The class names on the top-5 charts once ``panels`` of them are drawn, whole: long names are cut on
+    the axis ("Greater Swiss M…"), whole on hover."""
+    from meansparse_core.data import imagenet_classes
+
+    ticks = page.locator(TOP5_NAMES)
+    sync_api.expect(ticks.nth(5 * panels - 1)).to_be_attached()
+    names = imagenet_classes()
+    return [next((n for n in names if n.startswith(t[:-1])), t) if t.endswith("…") else t
+            for t in ticks.all_text_contents()]
+
+
 def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder, tmp_path):
     """A 4000x3000 phone photo (EXIF-rotated) on a random-weight ImageNet ResNet-18."""
     from meansparse_core.data import imagenet_classes
@@ -210,15 +266,8 @@ def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder,
     random_imagenet_folder(served_folder)
     photo = tmp_path / "cat.jpg"
     photo.write_bytes(photo_jpeg())
-    sidebar = page.locator("[data-testid='stSidebar']")
     expect(page.get_by_text("Run an attack to compare")).to_be_visible()
-    sidebar.get_by_role("radiogroup", name="Source").get_by_text("RobustBench zoo").click()
-    expect(sidebar.get_by_text("Search names")).to_be_visible()
-    sidebar.get_by_role("combobox", name="Dataset").first.click()
-    page.get_by_role("option", name="imagenet", exact=True).click()
-    expect(sidebar.get_by_text("fits a laptop: up to 30M parameters")).to_be_visible()
-    sidebar.get_by_role("combobox", name="Model", exact=True).click()
-    page.get_by_role("option", name=re.compile("Salman2020Do_R18")).click()
+    choose_imagenet_model(page, "Salman2020Do_R18")
     uploader = page.locator("[data-testid='stMain'] [data-testid='stFileUploader'] input[type=file]")
     expect(uploader).to_be_attached()  # beside the built-in photos: no ImageNet folder is needed
     uploader.set_input_files(str(photo))
@@ -226,17 +275,87 @@ def test_a_photo_on_an_imagenet_model_gets_real_class_names(page, served_folder,
     verdict = page.get_by_text(re.compile("Clean image, true class unknown: the base model says"))
     expect(verdict).to_be_visible()
     said = re.search(r"base model says (.+), MeanSparse at alpha", verdict.inner_text()).group(1)
-    ticks = page.locator(".js-plotly-plot .yaxislayer-above text")  # every subplot's class names
-    expect(ticks.nth(9)).to_be_attached()  # base and MeanSparse, five classes each
-    top5 = ticks.all_text_contents()
+    top5 = top5_names(page, 2)  # base and MeanSparse, clean
     names = set(imagenet_classes())
-    # Long names are cut on the axis ("Greater Swiss M…"), whole on hover.
-    whole = {next((n for n in names if n.startswith(t[:-1])), t) if t.endswith("…") else t for t in top5}
-    assert said in names and len(top5) >= 10 and whole <= names, (said, top5)
-    assert "Traceback" not in text_of(page) and not page.locator("[data-testid='stException']").count()
+    assert said in names and len(top5) >= 10 and set(top5) <= names, (said, top5)
+    no_error_on(page)
     page.screenshot(path=SHOTS / "7-photo-imagenet.png", full_page=True)
-    ticks.first.scroll_into_view_if_needed()
+    page.locator(TOP5_NAMES).first.scroll_into_view_if_needed()
     page.screenshot(path=SHOTS / "8-photo-imagenet-top5.png", full_page=True)
+
+
+# --- an ImageNet model on a machine with no ImageNet data and no statistics --------------------
+
+
+@pytest.fixture(scope="module")
+def bare_folder(tmp_path_factory) -> Path:
+    """A server folder holding a random-weight ImageNet ResNet-18's weights and nothing else: no
+    statistics (the other servers' folders get some) and no data."""
+    from test_photos import random_imagenet_weights
+
+    folder = tmp_path_factory.mktemp("served-bare")
+    random_imagenet_weights(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bare_server(bare_folder):
+    yield from serve(bare_folder, bare_folder / "data")
+
+
+@pytest.fixture
+def bare_page(bare_server, browser, request):
+    yield from saved_session(browser, bare_server, request.node.name)
+
+
+def test_no_data_imagenet_model_estimates_statistics_and_attacks_a_builtin_photo(bare_page, bare_folder):
+    """Statistics from the BatchNorm layers and the built-in photos, a built-in photo attacked, alpha
+    moved, the layers looked at: all with no ImageNet image on the machine."""
+    from meansparse_core.batchnorm_statistics import builtin_source
+    from meansparse_core.data import imagenet_classes
+    from meansparse_core.models import find_model
+    from meansparse_core.photos import PHOTOS
+    from meansparse_core.statistics import Statistics
+    from meansparse_core.statistics_lookup import statistics_path
+    from test_photos import R18
+
+    page, expect = bare_page, sync_api.expect
+    sidebar = page.locator("[data-testid='stSidebar']")
+    expect(page.get_by_text("Run an attack to compare")).to_be_visible()
+    choose_imagenet_model(page, "Salman2020Do_R18")
+    expect(sidebar.get_by_text("has no MeanSparse statistics")).to_be_visible()
+    sidebar.get_by_role("button", name="Estimate without training images").click()
+    expect(sidebar.get_by_text(re.compile("^Statistics: no training images: BatchNorm layers at"))).to_be_visible()
+    saved = statistics_path(find_model(R18), "imagenet", cache=bare_folder / ".cache" / "stats")
+    taps = Statistics.load(saved).taps
+    sources = {"BatchNorm" if t.source.startswith("BatchNorm ") else t.source for t in taps}
+    assert sources == {"BatchNorm", builtin_source(len(PHOTOS))}, sources  # both kinds, nothing else
+    sidebar.get_by_text("Where each layer's statistics come from").click()
+    listed = sidebar.locator("[data-testid='stExpander']").filter(has_text="Where each layer's").inner_text()
+    assert all(f"{t.tap.name}: {t.source}" in listed for t in taps), listed
+    page.screenshot(path=SHOTS / "bare-1-statistics.png", full_page=True)
+
+    coffee = next(p for p in PHOTOS if p.imagenet_class == "espresso")
+    page.locator("[data-testid='stColumn']").filter(has_text=coffee.title).get_by_role("button", name="Pick").click()
+    expect(page.get_by_text(f"clean: {coffee.title} (espresso)")).to_be_visible()
+    page.get_by_role("combobox", name="Attack").click()
+    page.get_by_role("option", name="fgsm", exact=True).click()
+    page.get_by_role("button", name="Attack", exact=True).click()
+    expect(page.get_by_text(re.compile("^Adversarial example: fgsm"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^True class espresso, alpha 0.2: "))).to_be_visible()
+    move_alpha(page, 5)
+    expect(page.get_by_text(re.compile(r"^True class espresso, alpha 0.25: "))).to_be_visible()
+    top5 = top5_names(page, 4)  # base and MeanSparse, clean and adversarial
+    assert len(top5) == 20 and set(top5) <= set(imagenet_classes()), top5
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "bare-2-attack.png", full_page=True)
+
+    page.get_by_role("link", name="Layers").click()
+    expect(page.get_by_text(f"Image: {coffee.title} (espresso)")).to_be_visible()
+    expect(page.get_by_text("Fraction of values replaced").first).to_be_visible()
+    depth_charts_name(page, tap_names(saved))
+    no_error_on(page)
+    page.screenshot(path=SHOTS / "bare-3-layers.png", full_page=True)
 
 
 # --- the CIFAR-10 demo model, as a lecture uses it ----------------------------------------------
@@ -247,26 +366,11 @@ def cifar_page(cifar_server, browser, request):
     yield from saved_session(browser, cifar_server, request.node.name)
 
 
-def no_error_on(page) -> None:
-    text = text_of(page)
-    assert "Traceback" not in text and "Something went wrong" not in text, text[-2000:]
+def cifar_statistics() -> Path:
+    """The statistics shipped with the CIFAR-10 demo model the app opens on."""
+    from meansparse_core.models import bundled_statistics_path, preferred_bundled
 
-
-def tap_names() -> list[str]:
-    from meansparse_core.models import bundled_models, bundled_statistics_path
-    from meansparse_core.statistics import Statistics
-
-    spec = next(s for s in bundled_models() if s.dataset == "cifar10")
-    return [tap.name for tap in Statistics.load(bundled_statistics_path(spec)).tap_list]
-
-
-def chart_categories(page) -> list[list[str]]:
-    """The x values of every trace of every Plotly chart on the page, as text.
-
-    Numeric x values may reach the browser as Plotly's packed typed arrays (an object, not a list);
-    names never do, so only plain lists are read."""
-    return page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(
-        chart => (chart.data || []).map(trace => (Array.isArray(trace.x) ? trace.x : []).map(String)))""")
+    return bundled_statistics_path(preferred_bundled("cifar10"))
 
 
 # First of the CIFAR-10 tests: the others then load pages from a server whose sessions closed after an
@@ -291,10 +395,7 @@ def test_cifar_layers_charts_show_every_tap(cifar_page):
     expect(page.get_by_text("Run an attack to compare")).to_be_visible()
     page.get_by_role("link", name="Layers").click()
     expect(page.get_by_text("Fraction of values").first).to_be_visible(timeout=300_000)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4")
-    names = tap_names()
-    over_depth = [xs for xs in chart_categories(page) if len(xs) == len(names)]
-    assert over_depth and all(xs == names for xs in over_depth), (names, over_depth)
+    depth_charts_name(page, tap_names(cifar_statistics()))
     no_error_on(page)
     page.screenshot(path=SHOTS / "cifar-2-layers.png", full_page=True)
 
