@@ -167,16 +167,32 @@ class Comparison:
                 f"image ({self.label}); alpha {self.alpha:g}: {outcome}.")
 
 
+@dataclass(frozen=True)
+class BasePredictions:
+    """The base model's top-k on a clean image and on its adversarial version (None without one): the
+    same at every alpha, so a slider move need not predict them again."""
+
+    clean: TopK
+    adversarial: TopK | None
+
+
+def base_predictions(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor | None,
+                     class_names: Sequence[str], k: int = 5) -> BasePredictions:
+    return BasePredictions(top_k(sparse.base, clean, class_names, k),
+                           top_k(sparse.base, adversarial, class_names, k) if adversarial is not None else None)
+
+
 def compare(sparse: SparseModel, clean: torch.Tensor, adversarial: torch.Tensor | None, label: int | None,
             alpha: float, class_names: Sequence[str], layer_alphas: Mapping[str, float] | None = None,
-            k: int = 5) -> Comparison:
+            k: int = 5, base: BasePredictions | None = None) -> Comparison:
     """Top-k of the base and the sparsified model on a clean image and its adversarial version.
 
-    ``label`` None (true class unknown) judges both against the base model's clean prediction.
+    ``label`` None (true class unknown) judges both against the base model's clean prediction. ``base``:
+    the base model's predictions on these images, when already made.
     """
     sparsified = classifier(sparse, alpha, layer_alphas=layer_alphas)
-    adv = (lambda m: top_k(m, adversarial, class_names, k)) if adversarial is not None else (lambda m: None)
-    base_clean = top_k(sparse.base, clean, class_names, k)
-    reference = base_clean.best if label is None else class_names[label]
-    return Comparison(reference, alpha, base_clean, top_k(sparsified, clean, class_names, k), adv(sparse.base),
-                      adv(sparsified), label_known=label is not None)
+    base = base or base_predictions(sparse, clean, adversarial, class_names, k)
+    reference = base.clean.best if label is None else class_names[label]
+    return Comparison(reference, alpha, base.clean, top_k(sparsified, clean, class_names, k), base.adversarial,
+                      top_k(sparsified, adversarial, class_names, k) if adversarial is not None else None,
+                      label_known=label is not None)

@@ -13,7 +13,8 @@ from meansparse_core.statistics import Statistics
 from meansparse_core.accuracy_table import COLUMN_LABELS, accuracy_table, best_alpha, nearest, wilson_interval, with_interval
 from meansparse_core.attack_choice import AttackChoice, default_steps
 from meansparse_core.live_accuracy import LiveAccuracy, LiveCurve
-from meansparse_core.one_image import Comparison, TopK, amplified, attack_image, compare, found_adversarial, top_k
+from meansparse_core.one_image import (Comparison, TopK, amplified, attack_image, base_predictions, compare,
+                                       found_adversarial, top_k)
 from meansparse_core.statistics_lookup import find_statistics, statistics_path
 
 SPEC = find_model("bundled/digits-cnn")
@@ -71,6 +72,23 @@ def test_attack_on_one_image_stays_in_budget_and_targets_the_chosen_model(digits
         assert adversarial.min() >= 0 and adversarial.max() <= 1
     comparison = compare(sparse, images[0], adversarial, int(labels[0]), 0.3, SPEC.class_names)
     assert comparison.label == SPEC.class_names[int(labels[0])] and comparison.sparse_adv is not None
+
+
+def test_a_slider_move_reuses_the_base_models_predictions(digits):
+    """The base model's top-5 do not depend on alpha: made once, a comparison at a new alpha runs only the
+    sparsified model, and says the same as one made from scratch."""
+    _, sparse, images, labels = digits
+    adversarial = images[1]
+    base = base_predictions(sparse, images[0], adversarial, SPEC.class_names)
+    calls = []
+    hook = sparse.base.register_forward_hook(lambda *_: calls.append(1))  # the sparsified passes run it too
+    try:
+        reused = compare(sparse, images[0], adversarial, int(labels[0]), 0.3, SPEC.class_names, base=base)
+        passes_reused = len(calls)
+        fresh = compare(sparse, images[0], adversarial, int(labels[0]), 0.3, SPEC.class_names)
+    finally:
+        hook.remove()
+    assert (passes_reused, len(calls) - passes_reused) == (2, 4) and reused == fresh
 
 
 def test_amplified_perturbation_fills_the_range_around_grey():

@@ -7,7 +7,7 @@ from meansparse_core.attacks import ATTACKS
 from meansparse_core.charts import PANEL_WIDTH, top_k_chart
 from meansparse_core.attack_choice import AttackChoice, default_steps
 from meansparse_core.limits import LIMITS
-from meansparse_core.one_image import Comparison, amplified, compare
+from meansparse_core.one_image import BasePredictions, Comparison, amplified, base_predictions, compare
 
 #: Top-5 bars in the presentation layout: short enough that all four stay on a 720-pixel-high screen.
 PRESENTATION_CHART_HEIGHT = 230
@@ -127,8 +127,9 @@ def comparisons_ui(comparisons: list[Comparison], verdicts: bool = True) -> None
 
 
 @st.fragment
-def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None) -> None:
-    """Everything alpha changes, with the controls on top: a slider move reruns only this.
+def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted | None, base: BasePredictions) -> None:
+    """Everything alpha changes, with the controls on top: a slider move reruns only this (with the same
+    arguments: ``base``, the base model's predictions, are made once per image).
 
     Two alphas in the presentation layout: the verdicts beside smaller images (compact), else the
     predictions of both no longer fit a 1280x720 screen under the images.
@@ -136,7 +137,7 @@ def stage_ui(current: state.Setup, picked: state.Picked, crafted: state.Crafted 
     current = threshold.threshold_ui(current)
     alphas = [current.alpha] if current.compare_alpha is None else [current.alpha, current.compare_alpha]
     comparisons = [compare(current.sparse, picked.image, crafted.image if crafted else None, picked.label, alpha,
-                           current.spec.class_names, current.layer_alphas) for alpha in alphas]
+                           current.spec.class_names, current.layer_alphas, base=base) for alpha in alphas]
     compact = layout.presenting() and len(alphas) > 1
     images_ui(picked, crafted, COMPACT_IMAGE_SIZE if compact else IMAGE_SIZE,
               [c.verdict for c in comparisons] if compact else [])
@@ -166,7 +167,9 @@ def main() -> None:
         if not presenting:
             st.subheader("3 · See what each model says")
         heavy.status_ui("attack")
-        stage_ui(current, picked, crafted)
+        adversarial = crafted.image if crafted else None
+        stage_ui(current, picked, crafted,
+                 base_predictions(current.sparse, picked.image, adversarial, current.spec.class_names))
 
 
 main()
