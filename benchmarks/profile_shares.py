@@ -1,8 +1,8 @@
 """Where a slider move's time goes, from a py-spy profile of the app's server.
 
 Reads py-spy's raw output (one folded stack per line, then its sample count), keeps the samples
-inside the Explore page's slider fragment (``stage_ui``: what a slider move reruns) and prints the
-share of them in each part of the page:
+inside the Explore page's slider fragment (``stage_ui`` in ``explore.py``: what a slider move reruns)
+and prints the share of them in each part of the page:
 
     py-spy record --pid <server> --rate 50 --format raw --duration 60 -o profile.txt
     python benchmarks/profile_shares.py profile.txt
@@ -25,11 +25,11 @@ PARTS = {
 
 
 def shares(lines: list[str]) -> tuple[int, Counter]:
-    """Samples inside ``stage_ui`` and how many of them fall in each part."""
+    """Samples inside Explore's ``stage_ui`` and how many of them fall in each part."""
     total, parts = 0, Counter()
     for line in lines:
         stack, _, count = line.rpartition(" ")
-        if "stage_ui" not in stack or not count.isdigit():
+        if "stage_ui (explore.py" not in stack or not count.isdigit():
             continue
         total += int(count)
         part = next((name for name, marks in PARTS.items() if any(m in stack for m in marks)), "other")
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path, help="py-spy record --format raw output")
     total, parts = shares(parser.parse_args().profile.read_text().splitlines())
-    print(f"{total} samples in stage_ui")
+    print(f"{total} samples in Explore's stage_ui")
     for name in [*PARTS, "other"]:
         print(f"| {name} | {parts[name] / max(total, 1):.0%} |")
 
