@@ -3,8 +3,12 @@ against the base model, re-scored at each alpha with two forward passes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -51,6 +55,13 @@ class LiveAccuracy:
                                  for i in range(0, len(labels), batch_size)])
         return cls(images, labels, adversarial, choice.description, tuple(indices), choice)
 
+    def fingerprint(self) -> str:
+        """A short hash of the images, labels and adversarial examples: equal sets score equally."""
+        digest = hashlib.sha256(self.attack.encode())
+        for tensor in (self.images, self.labels, self.adversarial):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def at(self, sparse: SparseModel, alpha: float,
            layer_alphas: Mapping[str, float] | None = None) -> tuple[float, float]:
         """(clean accuracy, transfer robust accuracy) of the model at ``alpha``."""
@@ -80,11 +91,16 @@ class LiveCurve:
         threading.Thread(target=curve.fill, args=([i / 100 for i in range(201)],), daemon=True).start()
         clean, transfer = curve.at(0.35)  # scored here unless the thread got there first
         curve.close()  # the thread stops after the alpha it is scoring
+
+    Given a folder (``keep_in``), the figures outlive the process in a file named by everything they
+    depend on (``key``): a restarted server starts from those scored before.
     """
 
-    def __init__(self, live: LiveAccuracy, sparse: SparseModel, layer_alphas: Mapping[str, float] | None = None) -> None:
+    def __init__(self, live: LiveAccuracy, sparse: SparseModel, layer_alphas: Mapping[str, float] | None = None,
+                 keep_in: Path | None = None) -> None:
         self.live, self.sparse, self.layer_alphas = live, sparse, dict(layer_alphas or {})
-        self._figures: dict[float, tuple[float, float]] = {}
+        self.store = keep_in / f"live-{self.key()}.json" if keep_in is not None else None
+        self._figures: dict[float, tuple[float, float]] = _read(self.store)
         self._last_asked: float | None = None
         self._closed = False
         self._lock = threading.Lock()  # guards the dictionary only: scoring runs outside it
@@ -111,17 +127,43 @@ class LiveCurve:
                 todo = wanted - self._figures.keys()
                 here = self._last_asked
             if not todo:
-                return
+                break
             self._score(min(todo, key=lambda a: (abs(a - here), a) if here is not None else (a, a)))
+        self.save()
+
+    def key(self) -> str:
+        """What the figures depend on: the live set, the statistics and the per-layer alphas."""
+        parts = [self.live.fingerprint(), self.sparse.stats.fingerprint(), sorted(self.layer_alphas.items())]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def save(self) -> None:
+        """Write the figures to ``store`` (whole or not at all: a reader never sees half a file)."""
+        if self.store is None:
+            return
+        with self._lock:
+            payload = json.dumps({repr(alpha): figures for alpha, figures in sorted(self._figures.items())})
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.store.with_name(f"{self.store.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        partial.write_text(payload)
+        os.replace(partial, self.store)
 
     def close(self) -> None:
-        """Stop ``fill`` (after the alpha it is scoring); ``at`` keeps working."""
+        """Stop ``fill`` (after the alpha it is scoring, then it saves); ``at`` keeps working."""
         self._closed = True
 
     def _score(self, alpha: float) -> tuple[float, float]:
         figures = self.live.at(self.sparse, alpha, self.layer_alphas)
         with self._lock:
             return self._figures.setdefault(alpha, figures)
+
+
+def _read(store: Path | None) -> dict[float, tuple[float, float]]:
+    """The figures a store holds; none when there is no store, no file or an unreadable one."""
+    try:
+        return {float(alpha): (float(clean), float(transfer))
+                for alpha, (clean, transfer) in json.loads(store.read_text()).items()} if store else {}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _grid_key(alpha: float) -> float:

@@ -6,7 +6,7 @@ Everything it writes goes under the cache folder: ``MEANSPARSE_CACHE`` if set, e
 - ``kernels/``: the operator's C kernel, built once per machine;
 - ``inductor/``: ``torch.compile``'s caches (unless ``TORCHINDUCTOR_CACHE_DIR`` is set);
 - ``stats/``: calibrated statistics;
-- ``results/``: evaluation results and their journals (what makes a run resumable);
+- ``results/``: evaluation results and their journals (what makes a run resumable), and the app's live figures;
 - ``uploads/``: checkpoints uploaded to the app;
 - ``data/``: downloaded datasets, unless ``MEANSPARSE_DATA`` names another folder;
 - ``models/``: downloaded RobustBench weights (``<dataset>/<threat>/<name>.pt``), unless

@@ -132,6 +132,21 @@ def test_the_live_curve_scores_each_alpha_once_nearest_the_slider_first(digits):
     assert curve.at(0.5) == live.at(sparse, 0.5), "but still answers"
 
 
+def test_the_live_curve_is_kept_for_the_next_server_under_everything_it_depends_on(digits, tmp_path):
+    model, sparse, images, labels = digits
+    live = LiveAccuracy.craft(model, images[:16], labels[:16], AttackChoice(eps=32, steps=2, target="base"))
+    first = LiveCurve(live, sparse, keep_in=tmp_path)
+    first.fill([0.1, 0.2])
+    again = LiveCurve(live, sparse, keep_in=tmp_path)
+    assert again.scored() == 2 and again.at(0.2) == live.at(sparse, 0.2) and again.store == first.store
+    per_layer = LiveCurve(live, sparse, {sparse.stats.taps[0].tap.name: 0.5}, keep_in=tmp_path)
+    other_set = LiveCurve(LiveAccuracy.craft(model, images[16:32], labels[16:32], AttackChoice(eps=32, steps=2)),
+                          sparse, keep_in=tmp_path)
+    assert per_layer.scored() == other_set.scored() == 0, "other per-layer alphas or another live set: other figures"
+    first.store.write_text("{not json")
+    assert LiveCurve(live, sparse, keep_in=tmp_path).scored() == 0, "an unreadable file is scored again"
+
+
 def test_accuracy_table_rows_and_cache(tmp_path, digits):
     _, sparse, images, labels = digits
     settings = EvalSettings(attack="pgd", eps=32, steps=3, batch_size=20)

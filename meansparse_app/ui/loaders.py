@@ -20,6 +20,7 @@ from meansparse_core.sparse_model import SparseModel
 from meansparse_core.attack_choice import AttackChoice
 from meansparse_core.limits import LIMITS
 from meansparse_core.jobs import start_in_background
+from meansparse_core.paths import cache_folder
 from meansparse_core.live_accuracy import LiveAccuracy, LiveCurve
 from meansparse_core.statistics_lookup import find_statistics
 
@@ -91,9 +92,9 @@ def cached_live_curve(choice: ModelChoice, data: str, root: str, eps: float, pla
     ``statistics`` (their fingerprint) is part of the key: after a calibration the figures are new ones.
     Without per-layer alphas a background thread scores every slider value ahead of the class (about a
     minute or two of one core, at lower priority than the pages); with them, each alpha is scored when
-    asked for."""
+    asked for. The figures are kept in the cache folder, so a restarted server has them at once."""
     curve = LiveCurve(cached_live_set(choice, data, root, eps, placement), cached_sparse(choice, data, placement),
-                      dict(layer_alphas))
+                      dict(layer_alphas), keep_in=cache_folder("results"))
     if not layer_alphas:
         start_in_background(lambda: curve.fill(LIMITS.slider_alphas()), curve.close, name="live-curve")
     return curve
