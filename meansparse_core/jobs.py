@@ -209,7 +209,8 @@ def start_in_background(work: Callable[[], None], stop: Callable[[], None], name
 
 
 @atexit.register
-def _stop_background_work() -> None:
+def stop_background_work() -> None:
+    """Stop every piece of background work and wait for each to end (at exit: see ``_BACKGROUND``)."""
     for stop in list(_BACKGROUND.values()):
         stop()
     for thread in list(_BACKGROUND):

@@ -59,6 +59,16 @@ def no_shared_work_between_tests():
         heavy.shared_work.clear()
 
 
+@pytest.fixture(autouse=True)
+def no_background_work_after_a_test():
+    """Background work a test started (an app page's live figures) ends with it: running on, it would build
+    kernels in the next test's cache folder and call the operator in the middle of its counts."""
+    yield
+    from meansparse_core.jobs import stop_background_work
+
+    stop_background_work()
+
+
 @pytest.fixture(scope="session")
 def shared_cifar10(tmp_path_factory) -> Path:
     """The shared CIFAR-10 JPEG archive, extracted once per test run (skips when it is not here)."""
