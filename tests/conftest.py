@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -39,6 +40,14 @@ def device(request) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda: no CUDA device here")
     return torch.device(name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def never_the_users_cache_folder(tmp_path_factory) -> Iterator[None]:
+    """Module- and session-scoped fixtures start before each test's own folder is set: theirs is this one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEANSPARSE_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
