@@ -16,7 +16,7 @@ from meansparse_core.data import Preparation
 from meansparse_core.photos import PHOTOS, available as photos_available
 from meansparse_app.ui.chart_style import EXPORT_FORMATS, download_config, in_large_type
 from meansparse_app.ui.layout import presenting
-from meansparse_app.ui.loaders import cached_live_curve, cached_live_set
+from meansparse_app.ui.loaders import cached_live_curve
 from meansparse_app.ui.state import Picked, Setup, gallery_order, pick, picked_image, test_image
 
 
@@ -73,10 +73,9 @@ def accuracy_panel_ui(current: Setup) -> None:
     sparse = current.sparse
     if sparse is None or current.test_set is None:
         return
-    live = cached_live_set(current.model, current.data, current.data_root, current.eps, current.placement)
     curve = cached_live_curve(current.model, current.data, current.data_root, current.eps, current.placement,
                               sparse.stats.fingerprint(), tuple(sorted(current.layer_alphas.items())))
-    clean, transfer = curve.at(current.alpha)
+    live, (clean, transfer) = curve.live, curve.at(current.alpha)
     left, middle, right = st.columns(3)
     n = len(live.labels)
     left.metric(f"Clean accuracy ({n} test images, live)", with_interval(clean, n),
