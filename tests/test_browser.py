@@ -331,8 +331,9 @@ def test_no_data_imagenet_model_estimates_statistics_and_attacks_a_builtin_photo
     sources = {"BatchNorm" if t.source.startswith("BatchNorm ") else t.source for t in taps}
     assert sources == {"BatchNorm", builtin_source(len(PHOTOS))}, sources  # both kinds, nothing else
     sidebar.get_by_text("Where each layer's statistics come from").click()
-    listed = sidebar.locator("[data-testid='stExpander']").filter(has_text="Where each layer's").inner_text()
-    assert all(f"{t.tap.name}: {t.source}" in listed for t in taps), listed
+    listed = sidebar.locator("[data-testid='stExpander']").filter(has_text="Where each layer's")
+    for tap in taps:  # expect waits: the expander's body is shown a moment after the click
+        expect(listed).to_contain_text(f"{tap.tap.name}: {tap.source}")
     page.screenshot(path=SHOTS / "bare-1-statistics.png", full_page=True)
 
     coffee = next(p for p in PHOTOS if p.imagenet_class == "espresso")
